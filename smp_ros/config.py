@@ -1,0 +1,521 @@
+"""One typed configuration tree for smp_ros.
+
+Every section is a frozen-by-convention dataclass validated in ``__post_init__``; errors name the
+field at fault and say what was expected. The tree round-trips through YAML (``to_yaml`` /
+``from_yaml``) and a few named presets (``tiny``, ``sim``, ``paper``) fix the model and training
+sizes. The nodes turn ROS parameters into this tree; the CLI reads the same YAML.
+
+Dimension letters used project-wide: B batch, T_o observation steps, H planning horizon,
+D action dimension (14 = 2 x (6 joints + gripper)), K experts, S active set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTION_DIM = 14  # D: left joints 1-6, left gripper, right joints 1-6, right gripper
+ARM_JOINTS = 6
+ARMS = ("left", "right")
+CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or of the wrong kind; the message names the field."""
+
+
+def _require(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model (Section 4, Appendix A, B.3 of the SMP paper)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderConfig:
+    """Observation encoder -> state feature s_t (B.3 'Observation encoder')."""
+
+    mode: str = "vision"  # "vision": ResNet-18 per camera + proprio + task; "lowdim": proprio + task only
+    cameras: tuple[str, ...] = CAMERAS
+    image_size: tuple[int, int] = (96, 96)  # (height, width) fed to the ResNet after resize/crop
+    crop_ratio: float = 0.9  # random crop at training, centre crop at inference (Diffusion Policy)
+    group_norm_groups: int = 16  # BatchNorm -> GroupNorm(C // 16 groups) as Diffusion Policy does
+    image_feature_dim: int = 512  # ResNet-18 global-pool width
+    proprio_dim: int = ACTION_DIM
+    proprio_hidden: int = 128
+    num_tasks: int = len(TASKS)
+    task_embed_dim: int = 32
+    state_dim: int = 256  # d_s: width of s_t after the fusion projection
+
+    def __post_init__(self) -> None:
+        w = "model.encoder"
+        _require(self.mode in ("vision", "lowdim"), f"{w}.mode", f"expected 'vision' or 'lowdim', got {self.mode!r}")
+        if self.mode == "vision":
+            _require(len(self.cameras) >= 1, f"{w}.cameras", "vision mode needs at least one camera")
+        _require(len(set(self.cameras)) == len(self.cameras), f"{w}.cameras", f"duplicate names in {self.cameras}")
+        _require(len(self.image_size) == 2 and min(self.image_size) >= 32, f"{w}.image_size",
+                 f"expected (height, width) >= 32 px, got {self.image_size}")
+        _require(0.5 <= self.crop_ratio <= 1.0, f"{w}.crop_ratio", f"expected 0.5..1.0, got {self.crop_ratio}")
+        for name in ("group_norm_groups", "image_feature_dim", "proprio_dim", "proprio_hidden",
+                     "num_tasks", "task_embed_dim", "state_dim"):
+            _require(getattr(self, name) >= 1, f"{w}.{name}", f"expected a positive integer, got {getattr(self, name)}")
+
+
+@dataclass
+class BasisConfig:
+    """State-adaptive skill basis W(s) -> B(s) by signed thin QR (eq. 2, 12-16)."""
+
+    kind: str = "adaptive"  # "adaptive" (SMP), "fixed" (learned global B, Table 7), "pca" (Table 7)
+    hidden: tuple[int, ...] = (256, 256)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("adaptive", "fixed", "pca"), "model.basis.kind",
+                 f"expected 'adaptive', 'fixed' or 'pca', got {self.kind!r}")
+        _require(all(h >= 1 for h in self.hidden), "model.basis.hidden", f"expected positive widths, got {self.hidden}")
+
+
+@dataclass
+class GateConfig:
+    """Dirichlet gates, sticky Dirichlet-Markov prior and router (eq. 3, 8, 37-40; C.1 defaults)."""
+
+    sticky: bool = True  # False: Table 7 'W/o sticky gate' (feed-forward gates, no prior KL terms)
+    alpha: float = 2.0  # global-usage diffuseness, theta ~ Dir(alpha 1)
+    alpha0: float = 0.5  # anchor strength toward theta
+    kappa: float = 20.0  # temporal stickiness
+    kappa_start: float = 1.0  # annealed from this value to kappa (A.4 practical note i)
+    kappa_anneal_steps: int = 2000
+    alpha0_warm_start: float = 2.0  # alpha0 starts here and decays to alpha0 (A.4 practical note ii)
+    alpha0_warm_steps: int = 1000
+    align_temperature: float = 1.0  # < 1 sharpens beta_hat inside L_align (A.4 note iii); 1 = off
+    hidden: tuple[int, ...] = (256, 256)
+    min_concentration: float = 1e-2  # softplus floor keeps every Dirichlet parameter strictly positive
+
+    def __post_init__(self) -> None:
+        w = "model.gate"
+        for name in ("alpha", "alpha0", "kappa_start", "min_concentration"):
+            _require(getattr(self, name) > 0, f"{w}.{name}", f"expected > 0, got {getattr(self, name)}")
+        _require(self.kappa >= 0, f"{w}.kappa", f"expected >= 0, got {self.kappa}")
+        _require(0 < self.align_temperature <= 1.0, f"{w}.align_temperature",
+                 f"expected in (0, 1], got {self.align_temperature}")
+        _require(self.kappa_anneal_steps >= 0 and self.alpha0_warm_steps >= 0, w, "anneal step counts must be >= 0")
+
+
+@dataclass
+class ExpertConfig:
+    """One diffusion expert: a Diffusion-Policy conditional 1-D UNet over its coefficient sequence."""
+
+    down_dims: tuple[int, ...] = (64, 128, 256)
+    kernel_size: int = 5
+    n_groups: int = 8
+    step_embed_dim: int = 64
+
+    def __post_init__(self) -> None:
+        w = "model.expert"
+        _require(len(self.down_dims) >= 1 and all(d >= 1 for d in self.down_dims), f"{w}.down_dims",
+                 f"expected positive widths, got {self.down_dims}")
+        _require(self.kernel_size % 2 == 1, f"{w}.kernel_size", f"expected an odd size, got {self.kernel_size}")
+        _require(all(d % self.n_groups == 0 for d in self.down_dims), f"{w}.n_groups",
+                 f"every width in down_dims {self.down_dims} must be divisible by n_groups={self.n_groups}")
+
+
+@dataclass
+class SchedulerConfig:
+    """DDPM training / DDIM sampling (squared-cosine schedule)."""
+
+    train_steps: int = 100
+    inference_steps: int = 10
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction: str = "epsilon"  # eq. 36 trains epsilon
+    clip_sample: float = 0.0  # 0 = no clipping of the predicted clean sample
+
+    def __post_init__(self) -> None:
+        w = "model.scheduler"
+        _require(self.train_steps >= 2, f"{w}.train_steps", f"expected >= 2, got {self.train_steps}")
+        _require(1 <= self.inference_steps <= self.train_steps, f"{w}.inference_steps",
+                 f"expected 1..train_steps ({self.train_steps}), got {self.inference_steps}")
+        _require(self.beta_schedule in ("squaredcos_cap_v2", "linear"), f"{w}.beta_schedule",
+                 f"expected 'squaredcos_cap_v2' or 'linear', got {self.beta_schedule!r}")
+        _require(self.prediction in ("epsilon", "sample"), f"{w}.prediction",
+                 f"expected 'epsilon' or 'sample', got {self.prediction!r}")
+        _require(self.clip_sample >= 0, f"{w}.clip_sample", f"expected >= 0, got {self.clip_sample}")
+
+
+@dataclass
+class SelectionConfig:
+    """Adaptive expert activation (Section 4.2, Algorithm 2, A.5)."""
+
+    mode: str = "coverage"  # "coverage" (SMP) or "topk" (Table 7 'W/o adaptive expert')
+    tau_m: float = 0.95
+    k: int = 4  # cap on |S| (coverage) or exact |S| (topk)
+    mass: str = "quadratic"  # m_i = g_i^2 (SMP) or "linear" m_i = g_i (Table 7 ablation)
+
+    def __post_init__(self) -> None:
+        w = "model.selection"
+        _require(self.mode in ("coverage", "topk"), f"{w}.mode", f"expected 'coverage' or 'topk', got {self.mode!r}")
+        _require(0.0 < self.tau_m <= 1.0, f"{w}.tau_m", f"expected in (0, 1], got {self.tau_m}")
+        _require(self.k >= 1, f"{w}.k", f"expected >= 1, got {self.k}")
+        _require(self.mass in ("quadratic", "linear"), f"{w}.mass", f"expected 'quadratic' or 'linear', got {self.mass!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the policy. A checkpoint carries this section; it cannot be overridden at load."""
+
+    policy: str = "smp"  # "smp" or "dense_dp" (the Diffusion Policy baseline, one UNet over all D dims)
+    action_dim: int = ACTION_DIM  # D
+    num_experts: int = 8  # K
+    obs_steps: int = 3  # T_o
+    horizon: int = 8  # H
+    sigma_a: float = 0.1  # likelihood scale of eq. 21 / 35 (sigma_a^2 << 1)
+    z_eps: float = 1e-3  # epsilon of eq. 34
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    dense_down_dims: tuple[int, ...] = (256, 512, 1024)  # the dense baseline's UNet widths
+
+    def __post_init__(self) -> None:
+        w = "model"
+        _require(self.policy in ("smp", "dense_dp"), f"{w}.policy", f"expected 'smp' or 'dense_dp', got {self.policy!r}")
+        _require(self.action_dim >= 1, f"{w}.action_dim", f"expected >= 1, got {self.action_dim}")
+        _require(1 <= self.num_experts <= self.action_dim, f"{w}.num_experts",
+                 f"K must satisfy 1 <= K <= D={self.action_dim} (B(s) has K orthonormal columns in R^D), "
+                 f"got {self.num_experts}")
+        _require(self.obs_steps >= 1, f"{w}.obs_steps", f"expected >= 1, got {self.obs_steps}")
+        _require(self.horizon >= 1, f"{w}.horizon", f"expected >= 1, got {self.horizon}")
+        _require(self.sigma_a > 0, f"{w}.sigma_a", f"expected > 0, got {self.sigma_a}")
+        _require(self.z_eps > 0, f"{w}.z_eps", f"expected > 0, got {self.z_eps}")
+        _require(self.selection.k <= self.num_experts, f"{w}.selection.k",
+                 f"expected <= num_experts ({self.num_experts}), got {self.selection.k}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training (B.3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 128  # B.3: 128 for RoboTwin-2 and real-world experiments
+    segment_length: int = 4  # L consecutive control steps per trajectory segment (sticky terms need t-1)
+    lr: float = 1e-5  # B.3 AdamW learning rate
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    val_fraction: float = 0.05
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    num_workers: int = 0
+    mixed_precision: bool = True  # bf16 autocast on CUDA only
+
+    def __post_init__(self) -> None:
+        w = "train"
+        for name in ("steps", "batch_size", "segment_length", "checkpoint_every", "log_every"):
+            _require(getattr(self, name) >= 1, f"{w}.{name}", f"expected >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"{w}.lr", f"expected > 0, got {self.lr}")
+        _require(0 <= self.val_fraction < 1, f"{w}.val_fraction", f"expected in [0, 1), got {self.val_fraction}")
+        _require(0 <= self.ema_decay < 1, f"{w}.ema_decay", f"expected in [0, 1), got {self.ema_decay}")
+        _require(self.grad_clip > 0, f"{w}.grad_clip", f"expected > 0, got {self.grad_clip}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data (rosbag2 ingest)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TopicMap:
+    """Which bag topics feed which inputs (defaults follow the house topic conventions)."""
+
+    cameras: dict[str, str] = field(default_factory=lambda: {c: f"/cameras/{c}/image_raw" for c in CAMERAS})
+    joint_states: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_states" for a in ARMS})
+    action: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_cmd" for a in ARMS})
+    action_source: str = "command"  # "command" | "leader" | "next_state"
+    task_topic: str = "/smp/task"
+    task_source: str = "topic"  # "topic" | "metadata" | "cli"
+
+    def __post_init__(self) -> None:
+        w = "data.topics"
+        _require(self.action_source in ("command", "leader", "next_state"), f"{w}.action_source",
+                 f"expected 'command', 'leader' or 'next_state', got {self.action_source!r}")
+        _require(self.task_source in ("topic", "metadata", "cli"), f"{w}.task_source",
+                 f"expected 'topic', 'metadata' or 'cli', got {self.task_source!r}")
+        _require(set(self.joint_states) == set(ARMS), f"{w}.joint_states", f"expected keys {ARMS}")
+        _require(set(self.action) == set(ARMS), f"{w}.action", f"expected keys {ARMS}")
+
+
+@dataclass
+class DataConfig:
+    control_rate_hz: float = 20.0
+    max_gap_s: float = 0.25  # a stream gap longer than this flags the episode
+    on_bad_episode: str = "skip"  # "skip" (with a warning) or "error"
+    topics: TopicMap = field(default_factory=TopicMap)
+    tasks: tuple[str, ...] = TASKS
+
+    def __post_init__(self) -> None:
+        w = "data"
+        _require(self.control_rate_hz > 0, f"{w}.control_rate_hz", f"expected > 0, got {self.control_rate_hz}")
+        _require(self.max_gap_s > 0, f"{w}.max_gap_s", f"expected > 0, got {self.max_gap_s}")
+        _require(self.on_bad_episode in ("skip", "error"), f"{w}.on_bad_episode",
+                 f"expected 'skip' or 'error', got {self.on_bad_episode!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimConfig:
+    image_size: tuple[int, int] = (128, 128)  # (height, width) of every rendered camera
+    cameras: tuple[str, ...] = CAMERAS
+    physics_dt: float = 0.002
+    control_rate_hz: float = 20.0
+    feedback_rate_hz: float = 200.0  # emulated CAN feedback rate, in simulated time
+    episode_steps: int = 300
+    gl_backend: str = "egl"  # "egl" or "osmesa"
+
+    def __post_init__(self) -> None:
+        w = "sim"
+        _require(len(self.image_size) == 2 and min(self.image_size) >= 16, f"{w}.image_size",
+                 f"expected (height, width) >= 16, got {self.image_size}")
+        _require(self.physics_dt > 0, f"{w}.physics_dt", f"expected > 0, got {self.physics_dt}")
+        _require(self.control_rate_hz > 0 and self.feedback_rate_hz > 0, w, "rates must be > 0")
+        _require(self.gl_backend in ("egl", "osmesa"), f"{w}.gl_backend",
+                 f"expected 'egl' or 'osmesa', got {self.gl_backend!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime (inference engine, chunk execution, safety)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SafetyConfig:
+    """Limits every command passes before it reaches an arm (PiPER limits from piper_sdk)."""
+
+    joint_lower: tuple[float, ...] = (-2.6179, 0.0, -2.967, -1.745, -1.22, -2.0944)
+    joint_upper: tuple[float, ...] = (2.6179, 3.14, 0.0, 1.745, 1.22, 2.0944)
+    gripper_range: tuple[float, float] = (0.0, 0.07)
+    max_joint_speed: float = 3.0  # rad/s
+    max_joint_step: float = 0.05  # rad per command tick
+    max_gripper_speed: float = 0.2  # m/s
+    stale_after_s: float = 0.2  # an observation older than this is stale
+
+    def __post_init__(self) -> None:
+        w = "runtime.safety"
+        _require(len(self.joint_lower) == ARM_JOINTS and len(self.joint_upper) == ARM_JOINTS, w,
+                 f"joint_lower/joint_upper need {ARM_JOINTS} values")
+        _require(all(lo < hi for lo, hi in zip(self.joint_lower, self.joint_upper)), w,
+                 "every joint_lower must be below its joint_upper")
+        _require(self.gripper_range[0] < self.gripper_range[1], f"{w}.gripper_range", "expected (min, max), min < max")
+        for name in ("max_joint_speed", "max_joint_step", "max_gripper_speed", "stale_after_s"):
+            _require(getattr(self, name) > 0, f"{w}.{name}", f"expected > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "compiled"  # "eager" | "compiled" | "tensorrt"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    policy_rate_hz: float = 10.0
+    command_rate_hz: float = 100.0
+    chunk_blend: str = "ensemble"  # how consecutive chunks are joined: "ensemble" | "splice" | "none"
+    ensemble_decay: float = 0.5
+    sync_slop_s: float = 0.05
+    task: str = TASKS[0]
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def __post_init__(self) -> None:
+        w = "runtime"
+        _require(self.backend in ("eager", "compiled", "tensorrt"), f"{w}.backend",
+                 f"expected 'eager', 'compiled' or 'tensorrt', got {self.backend!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{w}.device",
+                 f"expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.policy_rate_hz > 0 and self.command_rate_hz >= self.policy_rate_hz, w,
+                 "need command_rate_hz >= policy_rate_hz > 0")
+        _require(self.chunk_blend in ("ensemble", "splice", "none"), f"{w}.chunk_blend",
+                 f"expected 'ensemble', 'splice' or 'none', got {self.chunk_blend!r}")
+        _require(self.sync_slop_s > 0, f"{w}.sync_slop_s", f"expected > 0, got {self.sync_slop_s}")
+        _require(self.task in TASKS, f"{w}.task", f"expected one of {TASKS}, got {self.task!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Root
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SMPConfig:
+    preset: str = "sim"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SMPConfig":
+        return _from_plain(cls, data, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SMPConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data, where=str(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(hint)
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny() -> SMPConfig:
+    """Seconds on a CPU: the unit tests' model."""
+    model = ModelConfig(
+        num_experts=4, obs_steps=2, horizon=8,
+        encoder=EncoderConfig(mode="lowdim", proprio_hidden=32, task_embed_dim=8, state_dim=32),
+        basis=BasisConfig(hidden=(32,)),
+        gate=GateConfig(hidden=(32,), kappa_anneal_steps=50, alpha0_warm_steps=25),
+        expert=ExpertConfig(down_dims=(16, 32), n_groups=4, step_embed_dim=16),
+        scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
+        selection=SelectionConfig(k=3),
+        dense_down_dims=(32, 64),
+    )
+    train = TrainConfig(steps=300, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=100,
+                        log_every=10, ema_decay=0.9)
+    return SMPConfig(preset="tiny", model=model, train=train)
+
+
+def _sim() -> SMPConfig:
+    """The CPU demo model shipped in models/ (<= 25 MB of weights)."""
+    model = ModelConfig(
+        num_experts=8, obs_steps=2, horizon=16,
+        encoder=EncoderConfig(mode="vision", image_size=(96, 96), state_dim=256),
+        basis=BasisConfig(hidden=(256,)),
+        gate=GateConfig(hidden=(256,)),
+        expert=ExpertConfig(down_dims=(32, 64, 128), n_groups=8, step_embed_dim=64),
+        scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
+        dense_down_dims=(96, 192, 384),
+    )
+    train = TrainConfig(steps=20_000, batch_size=64, lr=3e-4, warmup_steps=200)
+    return SMPConfig(preset="sim", model=model, train=train)
+
+
+def _paper() -> SMPConfig:
+    """Table 2 / B.3 scale: K=8, T_o=3, H=8, ResNet-18 per camera, about 259 M parameters."""
+    model = ModelConfig(
+        num_experts=8, obs_steps=3, horizon=8,
+        encoder=EncoderConfig(mode="vision", image_size=(96, 96), state_dim=512),
+        basis=BasisConfig(hidden=(2048, 2048)),
+        gate=GateConfig(hidden=(1024, 1024)),
+        expert=ExpertConfig(down_dims=(256, 512, 1024), n_groups=8, step_embed_dim=128),
+        scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
+        dense_down_dims=(512, 1024, 2048),
+    )
+    train = TrainConfig(steps=300_000, batch_size=128, lr=1e-5)
+    return SMPConfig(preset="paper", model=model, train=train)
+
+
+PRESETS = {"tiny": _tiny, "sim": _sim, "paper": _paper}
+
+
+def preset(name: str) -> SMPConfig:
+    """A fresh config tree for a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
