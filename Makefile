@@ -1,0 +1,24 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up the environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all bench clean
+
+venv:
+	@tools/bootstrap.sh
+
+demo: venv
+	$(VENV)/bin/smp-ros demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: venv
+	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json
+
+clean:
+	rm -rf $(VENV) build install log runs

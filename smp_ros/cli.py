@@ -1,0 +1,55 @@
+"""The `smp-ros` command. Each subcommand lives next to the core code it drives.
+
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+maps names to modules, so ``smp-ros --help`` stays fast (modules are imported on use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("smp_ros.model.info", "print a preset's parameter table (N_p, N_p^act, per-module counts)"),
+    "sim-demos": ("smp_ros.sim.demos", "run scripted experts in the simulator and record rosbag2 demonstrations"),
+    "eval": ("smp_ros.sim.evaluate", "run a policy closed-loop against the simulated arms and report success"),
+    "train": ("smp_ros.train.cli", "train a model from rosbag2 demonstrations or a dataset cache"),
+    "diagnose": ("smp_ros.train.diagnose_cli", "write gate traces and skill diagnostics for a model on data"),
+    "bench": ("smp_ros.runtime.bench", "latency benchmark of the inference engine against the dense baseline"),
+    "export": ("smp_ros.runtime.export", "export compiled inference engines next to a model"),
+    "bringup": ("smp_ros.nodes.bringup", "start the bimanual ROS 2 system in one process (no ROS install needed)"),
+    "record": ("smp_ros.nodes.record", "record the demonstration topics to rosbag2 (no ROS install needed)"),
+    "demo": ("smp_ros.demo", "the main job: the simulated bimanual PiPER driven by the shipped model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smp-ros", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        build_parser().print_usage(sys.stderr)
+        print(f"smp-ros: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"smp-ros {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
