@@ -49,7 +49,8 @@ class EncoderConfig:
     image_size: tuple[int, int] = (96, 96)  # (height, width) fed to the ResNet after resize/crop
     crop_ratio: float = 0.9  # random crop at training, centre crop at inference (Diffusion Policy)
     group_norm_groups: int = 16  # BatchNorm -> GroupNorm(C // 16 groups) as Diffusion Policy does
-    image_feature_dim: int = 512  # ResNet-18 global-pool width
+    backbone_width: int = 64  # ResNet-18 stage widths (w, 2w, 4w, 8w); 64 is torchvision's resnet18,
+    #                           smaller widths keep the CPU demo model small; features are 8w wide
     proprio_dim: int = ACTION_DIM
     proprio_hidden: int = 128
     num_tasks: int = len(TASKS)
@@ -65,7 +66,7 @@ class EncoderConfig:
         _require(len(self.image_size) == 2 and min(self.image_size) >= 32, f"{w}.image_size",
                  f"expected (height, width) >= 32 px, got {self.image_size}")
         _require(0.5 <= self.crop_ratio <= 1.0, f"{w}.crop_ratio", f"expected 0.5..1.0, got {self.crop_ratio}")
-        for name in ("group_norm_groups", "image_feature_dim", "proprio_dim", "proprio_hidden",
+        for name in ("group_norm_groups", "backbone_width", "proprio_dim", "proprio_hidden",
                      "num_tasks", "task_embed_dim", "state_dim"):
             _require(getattr(self, name) >= 1, f"{w}.{name}", f"expected a positive integer, got {getattr(self, name)}")
 
@@ -198,6 +199,17 @@ class ModelConfig:
         _require(self.z_eps > 0, f"{w}.z_eps", f"expected > 0, got {self.z_eps}")
         _require(self.selection.k <= self.num_experts, f"{w}.selection.k",
                  f"expected <= num_experts ({self.num_experts}), got {self.selection.k}")
+        levels = len(self.expert.down_dims if self.policy == "smp" else self.dense_down_dims)
+        _require(self.horizon % 2 ** (levels - 1) == 0, f"{w}.horizon",
+                 f"the UNet halves the horizon {levels - 1} time(s), so H must be divisible by {2 ** (levels - 1)}, "
+                 f"got {self.horizon}")
+        _require(all(d % self.expert.n_groups == 0 for d in self.dense_down_dims), f"{w}.dense_down_dims",
+                 f"every width in {self.dense_down_dims} must be divisible by model.expert.n_groups="
+                 f"{self.expert.n_groups}")
+        if self.encoder.mode == "vision":
+            _require(self.encoder.backbone_width % self.encoder.group_norm_groups == 0, f"{w}.encoder.backbone_width",
+                     f"must be divisible by group_norm_groups={self.encoder.group_norm_groups} (GroupNorm(C // groups)), "
+                     f"got {self.encoder.backbone_width}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +260,14 @@ class TopicMap:
     action_source: str = "command"  # "command" | "leader" | "next_state"
     task_topic: str = "/smp/task"
     task_source: str = "topic"  # "topic" | "metadata" | "cli"
+    task_metadata_key: str = "smp_task"  # custom_data key in metadata.yaml when task_source is "metadata"
+    # Per-arm joint order; a message may name them bare ("joint1") or arm-prefixed ("left_joint1").
+    joint_names: tuple[str, ...] = tuple(f"joint{i}" for i in range(1, ARM_JOINTS + 1)) + ("gripper",)
 
     def __post_init__(self) -> None:
         w = "data.topics"
+        _require(len(self.joint_names) == ARM_JOINTS + 1, f"{w}.joint_names",
+                 f"expected {ARM_JOINTS + 1} names (6 joints + gripper), got {self.joint_names}")
         _require(self.action_source in ("command", "leader", "next_state"), f"{w}.action_source",
                  f"expected 'command', 'leader' or 'next_state', got {self.action_source!r}")
         _require(self.task_source in ("topic", "metadata", "cli"), f"{w}.task_source",
@@ -266,10 +283,17 @@ class DataConfig:
     on_bad_episode: str = "skip"  # "skip" (with a warning) or "error"
     topics: TopicMap = field(default_factory=TopicMap)
     tasks: tuple[str, ...] = TASKS
+    image_size: tuple[int, int] = (128, 128)  # (height, width) frames are resized to in the cache
+    min_episode_steps: int = 8  # shorter episodes (in control steps) count as bad
 
     def __post_init__(self) -> None:
         w = "data"
         _require(self.control_rate_hz > 0, f"{w}.control_rate_hz", f"expected > 0, got {self.control_rate_hz}")
+        _require(len(self.image_size) == 2 and min(self.image_size) >= 8, f"{w}.image_size",
+                 f"expected (height, width) >= 8 px, got {self.image_size}")
+        _require(self.min_episode_steps >= 2, f"{w}.min_episode_steps",
+                 f"expected >= 2, got {self.min_episode_steps}")
+        _require(len(self.tasks) >= 1, f"{w}.tasks", "expected at least one task name")
         _require(self.max_gap_s > 0, f"{w}.max_gap_s", f"expected > 0, got {self.max_gap_s}")
         _require(self.on_bad_episode in ("skip", "error"), f"{w}.on_bad_episode",
                  f"expected 'skip' or 'error', got {self.on_bad_episode!r}")
@@ -335,7 +359,9 @@ class RuntimeConfig:
     policy_rate_hz: float = 10.0
     command_rate_hz: float = 100.0
     chunk_blend: str = "ensemble"  # how consecutive chunks are joined: "ensemble" | "splice" | "none"
-    ensemble_decay: float = 0.5
+    ensemble_decay: float = 0.5  # ACT weight exp(-decay * n) per chunk; > 0 favours older plans
+    blend_window_s: float = 0.1  # fade-in / cross-fade window of a new chunk (BENCHMARKS.md)
+    threads: int = 0  # torch intra-op threads on the CPU; 0 = all cores the process may use
     sync_slop_s: float = 0.05
     task: str = TASKS[0]
     safety: SafetyConfig = field(default_factory=SafetyConfig)
@@ -351,6 +377,8 @@ class RuntimeConfig:
         _require(self.chunk_blend in ("ensemble", "splice", "none"), f"{w}.chunk_blend",
                  f"expected 'ensemble', 'splice' or 'none', got {self.chunk_blend!r}")
         _require(self.sync_slop_s > 0, f"{w}.sync_slop_s", f"expected > 0, got {self.sync_slop_s}")
+        _require(self.blend_window_s >= 0, f"{w}.blend_window_s", f"expected >= 0, got {self.blend_window_s}")
+        _require(self.threads >= 0, f"{w}.threads", f"expected >= 0 (0 = all cores), got {self.threads}")
         _require(self.task in TASKS, f"{w}.task", f"expected one of {TASKS}, got {self.task!r}")
 
 
@@ -482,28 +510,38 @@ def _tiny() -> SMPConfig:
 
 
 def _sim() -> SMPConfig:
-    """The CPU demo model shipped in models/ (<= 25 MB of weights)."""
+    """The CPU demo model shipped in models/ (<= 25 MB of weights, about 19 MB).
+
+    Two cameras at 64x64 through quarter-width ResNet-18s (w = 16, 128-d features each) and
+    quarter-width experts keep a training step at batch 32 practical on two CPU cores.
+    """
     model = ModelConfig(
         num_experts=8, obs_steps=2, horizon=16,
-        encoder=EncoderConfig(mode="vision", image_size=(96, 96), state_dim=256),
+        encoder=EncoderConfig(mode="vision", cameras=("cam_high", "cam_left_wrist"), image_size=(64, 64),
+                              backbone_width=16, proprio_hidden=64, task_embed_dim=16, state_dim=128),
         basis=BasisConfig(hidden=(256,)),
         gate=GateConfig(hidden=(256,)),
-        expert=ExpertConfig(down_dims=(32, 64, 128), n_groups=8, step_embed_dim=64),
+        expert=ExpertConfig(down_dims=(16, 32, 64), n_groups=8, step_embed_dim=32),
         scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
-        dense_down_dims=(96, 192, 384),
+        dense_down_dims=(64, 128, 256),
     )
     train = TrainConfig(steps=20_000, batch_size=64, lr=3e-4, warmup_steps=200)
     return SMPConfig(preset="sim", model=model, train=train)
 
 
 def _paper() -> SMPConfig:
-    """Table 2 / B.3 scale: K=8, T_o=3, H=8, ResNet-18 per camera, about 259 M parameters."""
+    """B.3 / Table 6 scale: K=8, T_o=3, H=8, about 259 M parameters.
+
+    Table 6's 11.2 M vision encoder is one ResNet-18, so this preset uses one camera; every further
+    camera adds another 11.2 M. Module sizes: encoder 11.8 M, gate 3.6 M, basis 12.5 M, one expert
+    28.9 M (UNet widths 160/320/640: the Diffusion Policy UNet with reduced widths, as B.3 says).
+    """
     model = ModelConfig(
         num_experts=8, obs_steps=3, horizon=8,
-        encoder=EncoderConfig(mode="vision", image_size=(96, 96), state_dim=512),
-        basis=BasisConfig(hidden=(2048, 2048)),
-        gate=GateConfig(hidden=(1024, 1024)),
-        expert=ExpertConfig(down_dims=(256, 512, 1024), n_groups=8, step_embed_dim=128),
+        encoder=EncoderConfig(mode="vision", cameras=("cam_high",), image_size=(96, 96), state_dim=256),
+        basis=BasisConfig(hidden=(3350, 3350)),
+        gate=GateConfig(hidden=(1200, 1200)),
+        expert=ExpertConfig(down_dims=(160, 320, 640), n_groups=8, step_embed_dim=256),
         scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
         dense_down_dims=(512, 1024, 2048),
     )

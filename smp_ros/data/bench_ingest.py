@@ -1,0 +1,68 @@
+"""Ingest benchmark: write about 1 GB of synthetic demonstration bags, ingest them, report the rate.
+
+    python -m smp_ros.data.bench_ingest --dir /tmp/smp_bench [--size-gb 1.0] [--storage mcap] [--workers 2]
+
+Bags hold two 640x480 rgb8 cameras at 30 Hz, joint states at 200 Hz and commands at 20 Hz, the
+shape of a real PiPER recording. Prints a table and writes ``bench_ingest.json`` into ``--dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from smp_ros.config import DataConfig, TopicMap
+from smp_ros.data.cache import prepare_cache
+from smp_ros.data.synthetic import BagSpec, write_bag
+
+FRAME_BYTES = 480 * 640 * 3
+CAMERAS = ("cam_high", "cam_left_wrist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", required=True, help="scratch directory (bags and cache are written here)")
+    p.add_argument("--size-gb", type=float, default=1.0)
+    p.add_argument("--episode-s", type=float, default=5.0)
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    per_episode = args.episode_s * 30 * len(CAMERAS) * FRAME_BYTES
+    n_episodes = max(1, round(args.size_gb * 1e9 / per_episode))
+    t = time.perf_counter()
+    for i in range(n_episodes):
+        spec = BagSpec(storage=args.storage, start_s=100.0 * i, duration_s=args.episode_s, image_hw=(480, 640),
+                       cameras={c: (30.0, "rgb8") for c in CAMERAS}, seed=i)
+        write_bag(root / "bags" / f"ep{i:03d}", spec)
+    write_s = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in (root / "bags").rglob("*") if f.is_file())
+
+    cfg = DataConfig(topics=TopicMap(cameras={c: f"/cameras/{c}/image_raw" for c in CAMERAS}), image_size=(96, 96))
+    t = time.perf_counter()
+    cache = prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
+    ingest_s = time.perf_counter() - t
+    t = time.perf_counter()
+    prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
+    reuse_s = time.perf_counter() - t
+
+    result = {"bags": n_episodes, "bag_bytes": size, "storage": args.storage, "workers": args.workers,
+              "cpu_count": os.cpu_count(), "control_steps": cache.num_steps, "write_s": write_s,
+              "ingest_s": ingest_s, "ingest_mb_per_s": size / 1e6 / ingest_s,
+              "seconds_per_gb": ingest_s / (size / 1e9), "cache_reuse_s": reuse_s}
+    print(f"{'bags':>6} {'size MB':>9} {'steps':>7} {'ingest s':>9} {'MB/s':>7} {'s/GB':>6} {'reuse s':>8}")
+    print(f"{n_episodes:>6} {size / 1e6:>9.0f} {cache.num_steps:>7} {ingest_s:>9.2f} "
+          f"{result['ingest_mb_per_s']:>7.1f} {result['seconds_per_gb']:>6.1f} {reuse_s:>8.3f}")
+    (root / "bench_ingest.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

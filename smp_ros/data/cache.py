@@ -1,0 +1,263 @@
+"""A memory-mapped dataset cache: bags are decoded once, training reads flat arrays.
+
+Layout of a cache directory (all arrays are concatenated episodes, N control steps in total)::
+
+    index.json          format version, ingest config, bag fingerprint, episodes, stats, skipped bags
+    qpos.f32            (N, D) float32 joint positions
+    action.f32          (N, D) float32 action targets
+    images_<cam>.u8     (N, H, W, 3) uint8 RGB, one file per camera
+
+``index.json`` is written last and the directory is built under a temporary name and renamed into
+place, so a cache that exists is complete. ``prepare_cache`` re-ingests when the bags (paths,
+sizes, modification times) or the ingest config change; ``DatasetCache.open(..., expect=cfg)``
+refuses a cache built with another config and names the fields that differ.
+
+Statistics (``index["stats"]``, also the policy's normalizer input)::
+
+    {"qpos": {"min": [D], "max": [D], "mean": [D], "std": [D]}, "action": {...}, "num_steps": N}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smp_ros.config import ACTION_DIM, DataConfig, SMPConfig
+from smp_ros.data.align import Episode, align_episode
+from smp_ros.data.bag_reader import find_bags, read_bag
+from smp_ros.data.errors import CacheMismatchError, DataError
+
+CACHE_FORMAT = 1
+INDEX = "index.json"
+# on_bad_episode decides what happens to bad bags, not what a good episode looks like.
+_NOT_INGEST_KEYS = ("on_bad_episode",)
+
+
+def ingest_config(cfg: DataConfig, task: str | None) -> dict:
+    """The part of the config that determines cache contents (compared on reuse)."""
+    plain = SMPConfig(data=cfg).to_dict()["data"]
+    for key in _NOT_INGEST_KEYS:
+        plain.pop(key)
+    plain["task_override"] = task
+    return plain
+
+
+def bag_fingerprint(bags: list[Path]) -> dict:
+    """Paths, sizes and mtimes of every file of every bag, plus a digest of all of it."""
+    entries = []
+    for bag in bags:
+        files = [{"name": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                 for f in sorted(bag.iterdir()) if f.is_file()]
+        entries.append({"bag": str(bag), "files": files})
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "bags": entries}
+
+
+def _diff(a: object, b: object, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [f"{prefix}: cache has {a!r}, config has {b!r}"]
+
+
+@dataclass
+class EpisodeInfo:
+    bag: str
+    task: str
+    task_id: int
+    start: int  # first row in the flat arrays
+    length: int  # control steps
+    t0_ns: int
+
+
+class DatasetCache:
+    """Read side of a cache: memmapped arrays plus the episode table."""
+
+    def __init__(self, root: Path, index: dict):
+        self.root = root
+        self.index = index
+        self.episodes = [EpisodeInfo(**e) for e in index["episodes"]]
+        n = index["num_steps"]
+        self.cameras: tuple[str, ...] = tuple(index["cameras"])
+        h, w = index["image_size"]
+        self.qpos = np.memmap(root / "qpos.f32", dtype=np.float32, mode="r", shape=(n, ACTION_DIM))
+        self.action = np.memmap(root / "action.f32", dtype=np.float32, mode="r", shape=(n, ACTION_DIM))
+        self.images = {c: np.memmap(root / f"images_{c}.u8", dtype=np.uint8, mode="r", shape=(n, h, w, 3))
+                       for c in self.cameras}
+
+    @property
+    def stats(self) -> dict:
+        return self.index["stats"]
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.index["skipped"]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.index["num_steps"])
+
+    @classmethod
+    def open(cls, root: str | Path, expect: DataConfig | None = None, task: str | None = None) -> "DatasetCache":
+        root = Path(root)
+        path = root / INDEX
+        if not path.is_file():
+            raise DataError(f"{root}: not a dataset cache (no {INDEX})")
+        index = json.loads(path.read_text())
+        if index.get("format") != CACHE_FORMAT:
+            raise CacheMismatchError(f"{root}: cache format {index.get('format')!r}, this version reads "
+                                     f"{CACHE_FORMAT}; re-ingest the bags")
+        if expect is not None:
+            want = ingest_config(expect, task if task is not None else index["ingest_config"]["task_override"])
+            diffs = _diff(index["ingest_config"], want)
+            if diffs:
+                raise CacheMismatchError(f"{root}: cache was built with another data config; differing fields: "
+                                         + "; ".join(diffs) + ". Re-ingest from the bags or use the cache's config")
+        return cls(root, index)
+
+
+def _load(job: tuple[str, dict, str | None]) -> tuple[str, Episode | None, str | None]:
+    bag, cfg_plain, task = job
+    cfg = SMPConfig.from_dict({"data": cfg_plain}).data
+    try:
+        return bag, align_episode(read_bag(bag, cfg, task), cfg), None
+    except DataError as exc:
+        return bag, None, str(exc)
+
+
+def _episodes(bags: list[Path], cfg: DataConfig, task: str | None, workers: int) -> Iterator[tuple]:
+    plain = SMPConfig(data=cfg).to_dict()["data"]
+    jobs = [(str(b), plain, task) for b in bags]
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_load, jobs)
+        return
+    # spawn: the parent may hold torch threads, which fork does not copy safely.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_load, jobs)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum = {k: np.zeros(ACTION_DIM) for k in ("qpos", "action")}
+        self.sq = {k: np.zeros(ACTION_DIM) for k in ("qpos", "action")}
+        self.min = {k: np.full(ACTION_DIM, np.inf) for k in ("qpos", "action")}
+        self.max = {k: np.full(ACTION_DIM, -np.inf) for k in ("qpos", "action")}
+
+    def add(self, ep: Episode) -> None:
+        self.n += len(ep)
+        for k, v in (("qpos", ep.qpos), ("action", ep.action)):
+            v = v.astype(np.float64)
+            self.sum[k] += v.sum(0)
+            self.sq[k] += (v * v).sum(0)
+            self.min[k] = np.minimum(self.min[k], v.min(0))
+            self.max[k] = np.maximum(self.max[k], v.max(0))
+
+    def result(self) -> dict:
+        out: dict = {"num_steps": self.n}
+        for k in ("qpos", "action"):
+            mean = self.sum[k] / self.n
+            var = np.maximum(self.sq[k] / self.n - mean * mean, 0.0)
+            out[k] = {"min": self.min[k].tolist(), "max": self.max[k].tolist(), "mean": mean.tolist(),
+                      "std": np.sqrt(var).tolist()}
+        return out
+
+
+def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None = None,
+           unreadable: list[tuple[Path, str]] = (), workers: int | None = None,
+           progress: bool = True) -> DatasetCache:
+    """Decode and align every bag into a new cache at ``root`` (replacing an old one).
+
+    Bad bags are skipped with a warning (``cfg.on_bad_episode == "skip"``) and listed in
+    ``index["skipped"]``, or raise (``"error"``). ``unreadable`` lists bags found without metadata.
+    """
+    root = Path(root)
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cameras = tuple(cfg.topics.cameras)
+    skipped = []
+    for bag, reason in unreadable:
+        _bad(cfg, str(bag), reason if str(bag) in reason else f"{bag}: {reason}", skipped)
+    stats = _Stats()
+    episodes: list[dict] = []
+    start = 0
+    files = {"qpos": open(tmp / "qpos.f32", "wb"), "action": open(tmp / "action.f32", "wb")}
+    files.update({c: open(tmp / f"images_{c}.u8", "wb") for c in cameras})
+    try:
+        stream = _episodes(bags, cfg, task, workers)
+        if progress:
+            from tqdm import tqdm
+            stream = tqdm(stream, total=len(bags), desc="ingest", unit="bag")
+        for bag, ep, error in stream:
+            if ep is None:
+                _bad(cfg, bag, error, skipped)
+                continue
+            files["qpos"].write(ep.qpos.tobytes())
+            files["action"].write(ep.action.tobytes())
+            for c in cameras:
+                files[c].write(ep.images[c].tobytes())
+            stats.add(ep)
+            episodes.append({"bag": bag, "task": ep.task, "task_id": ep.task_id, "start": start,
+                             "length": len(ep), "t0_ns": ep.t0_ns})
+            start += len(ep)
+    finally:
+        for f in files.values():
+            f.close()
+    if not episodes:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reasons = "; ".join(s["reason"] for s in skipped[:5]) or "no bags found"
+        raise DataError(f"no usable episodes in {len(bags)} bag(s) ({len(skipped)} skipped): {reasons}")
+    index = {"format": CACHE_FORMAT, "ingest_config": ingest_config(cfg, task), "fingerprint": bag_fingerprint(bags),
+             "cameras": list(cameras), "image_size": list(cfg.image_size), "control_rate_hz": cfg.control_rate_hz,
+             "tasks": list(cfg.tasks), "num_steps": start, "episodes": episodes, "stats": stats.result(),
+             "skipped": skipped}
+    (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return DatasetCache(root, index)
+
+
+def _bad(cfg: DataConfig, bag: str, reason: str, skipped: list[dict]) -> None:
+    if cfg.on_bad_episode == "error":
+        raise DataError(reason)
+    warnings.warn(f"skipping episode: {reason}", stacklevel=3)
+    skipped.append({"bag": bag, "reason": reason})
+
+
+def is_cache(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file() and not (Path(path) / "metadata.yaml").exists()
+
+
+def prepare_cache(data: list[str | Path] | str | Path, cfg: DataConfig, cache_dir: str | Path | None = None,
+                  task: str | None = None, workers: int | None = None, progress: bool = True) -> DatasetCache:
+    """A cache for ``data``: an existing cache directory, or bags (ingested only when needed).
+
+    Bags are cached in ``cache_dir`` (default ``<first data path>/.smp_cache``); the cache is reused
+    when its ingest config and bag fingerprint match, otherwise rebuilt.
+    """
+    paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
+    if len(paths) == 1 and is_cache(paths[0]):
+        return DatasetCache.open(paths[0], expect=cfg, task=task)
+    bags, unreadable = find_bags(paths)
+    if not bags and not unreadable:
+        raise DataError(f"{', '.join(map(str, paths))}: no rosbag2 directories (metadata.yaml) found")
+    root = Path(cache_dir) if cache_dir is not None else (paths[0] if paths[0].is_dir() else paths[0].parent) / ".smp_cache"
+    if (root / INDEX).is_file():
+        index = json.loads((root / INDEX).read_text())
+        if (index.get("format") == CACHE_FORMAT and index.get("ingest_config") == ingest_config(cfg, task)
+                and index.get("fingerprint", {}).get("digest") == bag_fingerprint(bags)["digest"]):
+            return DatasetCache(root, index)
+    return ingest(bags, cfg, root, task=task, unreadable=unreadable, workers=workers, progress=progress)

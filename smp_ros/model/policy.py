@@ -1,0 +1,368 @@
+"""SMP policy (Section 4, Algorithms 1 and 2) and the dense Diffusion Policy baseline.
+
+Notation (code name -> paper symbol, equation)
+
+    s            s_t, state feature (encoder.py)
+    Bm           B(s_t) in R^{D x K}, orthonormal skill basis (eq. 2, 16); one B(s_t) decodes the whole
+                 chunk predicted at t
+    a            a_t: the normalized action chunk (N, H, D), a_h = B (g ⊙ z_h)  (eq. 1)
+    beta_hat     q(g_t | s_t, a_t) = Dir(beta_hat_t) (eq. 8)
+    E_g          E_q[g_t]
+    u            B^T a_h per chunk position (N, H, K)
+    z_sg, z_rec  hat z^sg_{0,t}, hat z^rec_{0,t} (eq. 7, 34), eps = model.z_eps
+    a_rec        hat a^rec_t = B (g ⊙ z_rec) (eq. 7, 35)
+    g_bar        E[g_t | s_t] from the router (Algorithm 2)
+    active       S_t as a (B, K) mask (Section 4.2)
+
+Training objective (Algorithm 1, eq. 6-8, 34-40): L = L_coeff + L_recon + L_gate + L_align with
+    L_coeff = sum_t E ||eps - eps_psi(z^(tau), tau, s_t)||^2 on z_sg          (eq. 36)
+    L_recon = sum_t ||a_t - B (g_t ⊙ z_rec)||^2 / (2 sigma_a^2)               (eq. 35)
+    L_gate, L_align                                                             (eq. 38, 40; gates.py)
+Reduction: each term is summed over its event axes (H, K or H, D) and over the L steps of a segment,
+as the trajectory ELBO (eq. 6) sums over t, then averaged over the B segments. So the terms keep the
+relative weights the ELBO gives them and the loss does not change with batch size.
+
+Choices the paper leaves open, and why:
+ - g in the reconstruction is the posterior mean E_q[g_t] (eq. 7 writes g_t ~ q). With a sample,
+   g_i / (E_q[g_i] + eps) is heavy-tailed when E_q[g_i] is small (a Dirichlet component's relative
+   variance (1 - m)/(m (beta_0 + 1)) grows without bound as its mean m -> 0), which would swamp
+   L_recon with noise from experts that do not matter. With the mean, a_rec = B (E/(E + eps) ⊙ B^T a),
+   i.e. L_recon measures the action energy outside span B(s) and trains B to capture it (A.3).
+ - Gradient isolation: z_sg projects with sg(B), so L_coeff gives exactly zero gradient to the basis
+   network; it does reach the amortizer through E_q[g_t] (A.3). L_recon moves B through both the
+   projection B^T a and the decoder B(.).
+ - Numerical range of z_sg: |z_i| = |b_i^T a| / (E_q[g_i] + eps) reaches |a| / eps ~ 10^3-10^4 for
+   an expert the amortizer switches off. The equations are kept as they are; the diffusion is kept
+   well scaled by (a) epsilon prediction (the default): the regression target eps is unit-variance
+   whatever the scale of z, so the loss itself stays well scaled, and (b) an asinh on the expert's
+   input (experts.py), part of eps_psi, which stops large z from saturating the first layer.
+   Large targets only arise for experts with a small gate; at inference those experts are not
+   selected, and the selected ones (large g_bar_i) have z_i of the order of the actions.
+   Sample prediction (model.scheduler.prediction = "sample") regresses z_sg itself and is only
+   sensible together with a large model.z_eps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from smp_ros.config import ModelConfig, SelectionConfig
+from smp_ros.model import batch as keys
+from smp_ros.model.basis import SkillBasis
+from smp_ros.model.encoder import ObservationEncoder
+from smp_ros.model.experts import StackedUnet1D
+from smp_ros.model.gates import DirichletGates, dirichlet_mean
+from smp_ros.model.normalizer import Normalizer
+from smp_ros.model.scheduler import DiffusionScheduler
+from smp_ros.model.selection import select_experts
+
+
+@dataclass
+class PolicyOutput:
+    action: torch.Tensor  # (B, H, D) raw SI units
+    gate: torch.Tensor  # (B, K) router mean g_bar
+    active: torch.Tensor  # (B, K) bool, the active set S
+    coverage: torch.Tensor  # (B,) mass share of S
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class _Timer:
+    """Wall-clock per stage; synchronizes CUDA first so a stage is charged its own GPU work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+        self._t = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.times[name] = now - self._t
+        self._t = now
+
+
+class _PolicyBase(nn.Module):
+    """Shared input handling: validation, normalization, encoding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.normalizer = Normalizer(cfg.action_dim)
+        self.encoder = ObservationEncoder(cfg)
+        self.scheduler = DiffusionScheduler(cfg.scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_normalizer(self, stats: Mapping[str, Any]) -> None:
+        """Fit the normalizer from dataset statistics (format in normalizer.py)."""
+        self.normalizer.set_stats(stats)
+
+    def set_inference_steps(self, steps: int) -> None:
+        self.scheduler.set_timesteps(steps)
+
+    # ---- validation ------------------------------------------------------------------------------
+
+    def _check(self, data: Mapping[str, torch.Tensor], segment: bool) -> None:
+        cfg, where = self.cfg, ("batch" if segment else "obs")
+        lead = 2 if segment else 1
+        lead_txt = "(B, L, " if segment else "(B, "
+        need = [keys.QPOS, keys.TASK] + ([keys.ACTION] if segment else [])
+        if cfg.encoder.mode == "vision":
+            need.append(keys.IMAGES)
+        for k in need:
+            if k not in data:
+                raise KeyError(f"{where}: missing key {k!r}; expected keys {need}")
+        q = data[keys.QPOS]
+        if q.dim() != lead + 2 or q.shape[lead:] != (cfg.obs_steps, cfg.action_dim):
+            raise ValueError(f"{where}[{keys.QPOS!r}]: expected shape {lead_txt}T_o={cfg.obs_steps}, "
+                             f"D={cfg.action_dim}), got {tuple(q.shape)}")
+        t = data[keys.TASK]
+        if t.dim() != 1 or t.shape[0] != q.shape[0] or t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{where}[{keys.TASK!r}]: expected int64 shape (B,)=({q.shape[0]},), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+        if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= cfg.encoder.num_tasks):
+            raise ValueError(f"{where}[{keys.TASK!r}]: task ids must be in 0..{cfg.encoder.num_tasks - 1}, "
+                             f"got {t.tolist()}")
+        if segment:
+            a = data[keys.ACTION]
+            if a.shape != (*q.shape[:2], cfg.horizon, cfg.action_dim):
+                raise ValueError(f"{where}[{keys.ACTION!r}]: expected shape (B, L, H={cfg.horizon}, "
+                                 f"D={cfg.action_dim}) = {(*q.shape[:2], cfg.horizon, cfg.action_dim)}, "
+                                 f"got {tuple(a.shape)}")
+        if cfg.encoder.mode == "vision":
+            im = data[keys.IMAGES]
+            n_cam = len(cfg.encoder.cameras)
+            if im.dtype != torch.uint8 or im.dim() != lead + 5 or im.shape[:lead + 2] != \
+                    (*q.shape[:lead], cfg.obs_steps, n_cam) or im.shape[-1] != 3:
+                raise ValueError(f"{where}[{keys.IMAGES!r}]: expected uint8 {lead_txt}T_o={cfg.obs_steps}, "
+                                 f"N_cam={n_cam}, H, W, 3) with cameras {cfg.encoder.cameras}, "
+                                 f"got {im.dtype} {tuple(im.shape)}")
+
+    def _require_normalizer(self) -> None:
+        if not self.normalizer.fitted:
+            raise RuntimeError("policy normalizer is not fitted: call set_normalizer(stats) with dataset "
+                               "statistics (or load a model directory with its normalizer.json)")
+
+    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Stage 1: raw observation (B, T_o, ...) -> s (B, d_s)."""
+        qpos = self.normalizer.normalize("qpos", obs[keys.QPOS].float())
+        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long())
+
+    def _flatten_segments(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Training batch (B, L, ...) -> observation dict over N = B*L control steps."""
+        Bn, L = batch[keys.QPOS].shape[:2]
+        obs = {keys.QPOS: batch[keys.QPOS].flatten(0, 1),  # (B*L, T_o, D)
+               keys.TASK: batch[keys.TASK].repeat_interleave(L)}  # (B*L,)
+        if keys.IMAGES in batch and self.cfg.encoder.mode == "vision":
+            obs[keys.IMAGES] = batch[keys.IMAGES].flatten(0, 1)  # (B*L, T_o, N_cam, H, W, 3)
+        return obs, Bn, L
+
+
+class SMPPolicy(_PolicyBase):
+    """Skill Mixture-of-Experts diffusion policy."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.policy != "smp":
+            raise ValueError(f"model.policy: SMPPolicy needs 'smp', got {cfg.policy!r} (use build_policy)")
+        super().__init__(cfg)
+        self.selection: SelectionConfig = cfg.selection
+        self.basis = SkillBasis(cfg)
+        self.gates = DirichletGates(cfg)
+        e = cfg.expert
+        self.experts = StackedUnet1D(cfg.num_experts, 1, cfg.encoder.state_dim, e.down_dims, e.kernel_size,
+                                     e.n_groups, e.step_embed_dim, input_asinh=True)
+
+    # ---- training (Algorithm 1) ------------------------------------------------------------------
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """batch: segments (B, L, ...) raw units (docs/ARCHITECTURE.md) -> {loss, coeff, recon, gate, align}."""
+        self._check(batch, segment=True)
+        self._require_normalizer()
+        cfg = self.cfg
+        obs, Bn, L = self._flatten_segments(batch)
+        s = self.encode(obs)  # (N, d_s), N = B*L
+        a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)  # (N, H, D)
+        Bm = self.basis(s)  # (N, D, K)
+
+        beta_hat = self.gates.posterior(s, a)  # (N, K)
+        E_g = dirichlet_mean(beta_hat)
+        denom = (E_g + cfg.z_eps).unsqueeze(1)  # (N, 1, K)
+        z_sg = (a @ Bm.detach()) / denom  # (N, H, K), eq. 34 with sg(B)
+        z_rec = (a @ Bm) / denom  # (N, H, K), eq. 34
+        a_rec = (E_g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
+        recon = (a - a_rec).pow(2).sum((-1, -2)) / (2 * cfg.sigma_a ** 2)  # (N,)
+
+        x0 = z_sg.transpose(1, 2).unsqueeze(2)  # (N, K, 1, H): expert i sees its own coefficient sequence
+        noise = torch.randn_like(x0)
+        tau = self.scheduler.sample_timesteps(x0.shape[:2], x0.device)  # (N, K): each expert its own tau
+        pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device))
+        coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((1, 2, 3))  # (N,), eq. 36
+
+        K = cfg.num_experts
+        beta_seg = beta_hat.reshape(Bn, L, K)
+        gate = self.gates.gate_loss(beta_seg, step)  # (B,)
+        align = self.gates.align_loss(beta_seg, self.gates.router(s).reshape(Bn, L, K))  # (B,)
+        terms = {"coeff": coeff.reshape(Bn, L).sum(1).mean(), "recon": recon.reshape(Bn, L).sum(1).mean(),
+                 "gate": gate.mean(), "align": align.mean()}
+        return {"loss": terms["coeff"] + terms["recon"] + terms["gate"] + terms["align"], **terms}
+
+    # ---- inference stages (Algorithm 2) ----------------------------------------------------------
+
+    def route(self, s: torch.Tensor) -> torch.Tensor:
+        """Stage 2a: g_bar = E[g | s] from the state-only router, (B, d_s) -> (B, K)."""
+        return dirichlet_mean(self.gates.router(s))
+
+    def select(self, g_bar: torch.Tensor, active: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2b: active set (B, K) bool and its mass coverage (B,). ``active`` forces the set: a (B, K)
+        or (K,) bool mask, or a sequence of expert indices applied to every sample."""
+        if active is None:
+            return select_experts(g_bar, self.selection)
+        mask = _as_mask(active, g_bar.shape, g_bar.device)
+        m = g_bar * g_bar if self.selection.mass == "quadratic" else g_bar
+        return mask, (m * mask).sum(-1) / m.sum(-1)
+
+    def skill_basis(self, s: torch.Tensor) -> torch.Tensor:
+        """Stage 3: B(s) (B, D, K)."""
+        return self.basis(s)
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z^(T) for all K experts (B, K, 1, H). Drawn for every expert so that an expert's sample does not
+        depend on which other experts are active."""
+        return torch.randn((batch_size, self.cfg.num_experts, 1, self.cfg.horizon), generator=generator,
+                           device=self.device)
+
+    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """DDIM over the chosen experts only: x (B, E, 1, H) noise, experts (E,) -> z_0 (B, E, 1, H).
+        Pure tensor ops over the precomputed schedule (capturable)."""
+        Bn = x.shape[0]
+        for i in range(self.scheduler.num_inference_steps):
+            eps = self.experts(x, self.scheduler.timesteps[i].expand(Bn), s, experts)
+            x = self.scheduler.step(i, x, eps)
+        return x
+
+    def denoise(self, s: torch.Tensor, active: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Stage 4: z (B, H, K) with z_S denoised and the other coefficients 0. The experts run are the
+        union of the batch's active sets (one batched call per DDIM step); B = 1 runs exactly |S|."""
+        Bn, K, H = s.shape[0], self.cfg.num_experts, self.cfg.horizon
+        experts = active.any(0).nonzero().flatten()  # (E,)
+        x = self.initial_noise(Bn, generator)[:, experts]  # (B, E, 1, H)
+        x = self.denoise_experts(x, s, experts)
+        z = s.new_zeros(Bn, K, H)
+        z[:, experts] = x[:, :, 0]
+        return (z * active.unsqueeze(-1)).transpose(1, 2)  # (B, H, K)
+
+    def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized: (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
+        a = (g_bar.unsqueeze(1) * z) @ Bm.transpose(-1, -2)  # (B, H, D)
+        return self.normalizer.unnormalize("action", a)
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                       active: Any = None) -> PolicyOutput:
+        """Algorithm 2 on raw observations (B, T_o, ...) -> PolicyOutput (action (B, H, D) raw units)."""
+        self._check(obs, segment=False)
+        self._require_normalizer()
+        timer = _Timer(self.device)
+        s = self.encode(obs)
+        timer.lap("encode")
+        g_bar = self.route(s)
+        mask, coverage = self.select(g_bar, active)
+        timer.lap("route_select")
+        Bm = self.skill_basis(s)
+        timer.lap("basis")
+        z = self.denoise(s, mask, generator)
+        timer.lap("denoise")
+        action = self.decode(Bm, g_bar, z)
+        timer.lap("decode")
+        timer.times["total"] = sum(timer.times.values())
+        return PolicyOutput(action, g_bar, mask, coverage, timer.times)
+
+    @torch.no_grad()
+    def fit_pca_basis(self, actions: torch.Tensor) -> None:
+        """For model.basis.kind = "pca": fix B to the top-K principal directions of the dataset's actions
+        (raw units, (..., D)); call after set_normalizer, since the basis lives in normalized space."""
+        self._require_normalizer()
+        self.basis.fit_pca(self.normalizer.normalize("action", torch.as_tensor(actions, dtype=torch.float32)
+                                                     .to(self.device)).reshape(-1, self.cfg.action_dim))
+
+
+class DensePolicy(_PolicyBase):
+    """Diffusion Policy baseline: one conditional 1-D UNet over the full D-dim action chunk, same encoder
+    and interface (model.policy = "dense_dp"). gate/active/coverage are reported for a single 'expert'."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.policy != "dense_dp":
+            raise ValueError(f"model.policy: DensePolicy needs 'dense_dp', got {cfg.policy!r} (use build_policy)")
+        super().__init__(cfg)
+        e = cfg.expert
+        self.unet = StackedUnet1D(1, cfg.action_dim, cfg.encoder.state_dim, cfg.dense_down_dims, e.kernel_size,
+                                  e.n_groups, e.step_embed_dim)
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        self._check(batch, segment=True)
+        self._require_normalizer()
+        obs, Bn, L = self._flatten_segments(batch)
+        s = self.encode(obs)
+        a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)  # (N, H, D)
+        x0 = a.transpose(1, 2).unsqueeze(1)  # (N, 1, D, H)
+        noise = torch.randn_like(x0)
+        tau = self.scheduler.sample_timesteps((x0.shape[0],), x0.device)
+        pred = self.unet(self.scheduler.add_noise(x0, noise, tau), tau, s, self.unet.all_experts(s.device))
+        coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((1, 2, 3)).reshape(Bn, L).sum(1).mean()
+        zero = coeff.new_zeros(())
+        return {"loss": coeff, "coeff": coeff, "recon": zero, "gate": zero, "align": zero}
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                       active: Any = None) -> PolicyOutput:
+        self._check(obs, segment=False)
+        self._require_normalizer()
+        timer = _Timer(self.device)
+        s = self.encode(obs)
+        timer.lap("encode")
+        Bn = s.shape[0]
+        x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator, device=self.device)
+        experts = self.unet.all_experts(s.device)
+        for i in range(self.scheduler.num_inference_steps):
+            x = self.scheduler.step(i, x, self.unet(x, self.scheduler.timesteps[i].expand(Bn), s, experts))
+        timer.lap("denoise")
+        action = self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (B, H, D)
+        timer.lap("decode")
+        timer.times["total"] = sum(timer.times.values())
+        ones = s.new_ones(Bn, 1)
+        return PolicyOutput(action, ones, ones.bool(), ones[:, 0], timer.times)
+
+
+def build_policy(cfg: ModelConfig) -> SMPPolicy | DensePolicy:
+    """The policy class model.policy names."""
+    return SMPPolicy(cfg) if cfg.policy == "smp" else DensePolicy(cfg)
+
+
+def _as_mask(active: Any, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    Bn, K = shape
+    t = torch.as_tensor(active, device=device)
+    if t.dtype == torch.bool:
+        if t.shape not in ((K,), (Bn, K)):
+            raise ValueError(f"active: a bool mask must have shape ({K},) or ({Bn}, {K}), got {tuple(t.shape)}")
+        mask = t.expand(Bn, K).clone()
+    else:
+        idx = t.long().flatten()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= K):
+            raise ValueError(f"active: expert indices must be in 0..{K - 1}, got {idx.tolist()}")
+        mask = torch.zeros(Bn, K, dtype=torch.bool, device=device)
+        mask[:, idx] = True
+    if not bool(mask.any(-1).all()):
+        raise ValueError("active: every sample needs at least one active expert")
+    return mask

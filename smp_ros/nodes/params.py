@@ -1,0 +1,252 @@
+"""Read config/bimanual.yaml (a ROS 2 parameters file) without ROS, and map it onto the config tree.
+
+The same file is given to the nodes with ``--params-file`` (``ros2 launch``, ``ros2 run``,
+``smp-ros bringup``) and read here by the CLI, so there is one source of truth for every runtime
+setting. The file format is the ROS one::
+
+    /smp/policy:            # a fully qualified node name, or /** for every node
+      ros__parameters:
+        backend: compiled
+        safety:
+          max_joint_step: 0.05
+
+Nested mappings become dotted parameter names (``safety.max_joint_step``), exactly as rcl does.
+This module imports neither rclpy nor message packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig
+
+# Fully qualified names of the nodes the launch files and bringup start.
+POLICY_NODE = "/smp/policy"
+SIM_NODE = "/sim"
+CAMERA_NODE_NAMESPACE = "/cameras"  # camera <name> runs as /cameras/<name>/camera
+WILDCARD = "/**"
+
+ParamValue = bool | int | float | str | list
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: its name, default (which fixes its type) and what it means."""
+
+    name: str
+    default: ParamValue
+    description: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.default, list) and not self.default:
+            raise ValueError(f"{self.name}: a list parameter needs a non-empty default to fix its type")
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = nested
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+class ParamsFile:
+    """A parsed ROS 2 parameters file: node name -> flat {parameter: value}."""
+
+    def __init__(self, nodes: dict[str, dict[str, Any]], path: str = "<memory>") -> None:
+        self.nodes = nodes
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ParamsFile":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: parameters file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of node names at the top level")
+        nodes: dict[str, dict[str, Any]] = {}
+        for key, body in data.items():
+            name = key if str(key).startswith("/") else f"/{key}"
+            if not isinstance(body, dict) or set(body) != {"ros__parameters"}:
+                raise ConfigError(f"{path}: {key}: expected exactly one key 'ros__parameters'")
+            params = body["ros__parameters"]
+            if not isinstance(params, dict):
+                raise ConfigError(f"{path}: {key}.ros__parameters: expected a mapping of parameters")
+            nodes[name] = _flatten(params)
+        return cls(nodes, str(path))
+
+    def for_node(self, fqn: str) -> dict[str, Any]:
+        """The parameters rcl would give node ``fqn``: the ``/**`` block, overridden by the node's own."""
+        merged = dict(self.nodes.get(WILDCARD, {}))
+        merged.update(self.nodes.get(fqn, {}))
+        return merged
+
+
+# --------------------------------------------------------------------------------------------
+# RuntimeConfig <-> policy node parameters
+# --------------------------------------------------------------------------------------------
+
+_RUNTIME_HELP = {
+    "backend": "inference backend: eager | compiled | tensorrt",
+    "device": "inference device: auto | cpu | cuda",
+    "policy_rate_hz": "inference calls per second (a new action chunk each call)",
+    "command_rate_hz": "joint commands published per second to each arm",
+    "chunk_blend": "how consecutive chunks are joined: ensemble | splice | none",
+    "ensemble_decay": "temporal-ensemble weight decay per chunk (chunk_blend=ensemble)",
+    "sync_slop_s": "largest stamp difference (s) between the streams of one observation",
+    "task": "task to execute at activation; also settable with the set_task service",
+    "safety.joint_lower": "lower joint limits j1..j6 (rad)",
+    "safety.joint_upper": "upper joint limits j1..j6 (rad)",
+    "safety.gripper_range": "gripper opening range [min, max] (m)",
+    "safety.max_joint_speed": "largest joint speed a command may ask for (rad/s)",
+    "safety.max_joint_step": "largest joint change between two commands (rad)",
+    "safety.max_gripper_speed": "largest gripper speed a command may ask for (m/s)",
+    "safety.stale_after_s": "an observation older than this (s) is stale: the policy holds",
+}
+
+
+def _specs_of(obj: Any, prefix: str, help_text: dict[str, str], section: str) -> list[ParamSpec]:
+    specs = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            specs += _specs_of(value, f"{name}.", help_text, section)
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        description = help_text.get(name, f"{section}.{name} (see smp_ros.config)")
+        specs.append(ParamSpec(name, value, description))
+    return specs
+
+
+def runtime_param_specs(defaults: RuntimeConfig | None = None) -> list[ParamSpec]:
+    """Every RuntimeConfig field as a node parameter (nested safety fields as ``safety.<field>``)."""
+    return _specs_of(defaults or RuntimeConfig(), "", _RUNTIME_HELP, "runtime")
+
+
+def safety_param_specs(defaults: SafetyConfig | None = None) -> list[ParamSpec]:
+    """SafetyConfig fields as ``safety.<field>`` parameters (the driver's own limits)."""
+    return _specs_of(defaults or SafetyConfig(), "safety.", _RUNTIME_HELP, "runtime")
+
+
+def sim_param_specs(defaults: SimConfig | None = None) -> list[ParamSpec]:
+    """SimConfig fields as ``sim.<field>`` parameters."""
+    return _specs_of(defaults or SimConfig(), "sim.", {}, "")
+
+
+def _section(values: dict[str, Any], names: list[str], strip: str = "") -> dict[str, Any]:
+    return {n[len(strip):]: values[n] for n in names if n in values}
+
+
+def runtime_config(values: dict[str, Any], where: str = "runtime") -> RuntimeConfig:
+    """A validated RuntimeConfig from flat parameter values (unknown names are ignored: they belong
+    to the node, not to the runtime section)."""
+    names = [s.name for s in runtime_param_specs()]
+    return _build(SMPConfig, {"runtime": _unflatten(_section(values, names))}, where).runtime
+
+
+def safety_config(values: dict[str, Any], where: str = "safety") -> SafetyConfig:
+    names = [s.name for s in safety_param_specs()]
+    nested = _unflatten(_section(values, names))
+    return _build(SMPConfig, {"runtime": nested}, where).runtime.safety
+
+
+def sim_config(values: dict[str, Any], where: str = "sim") -> SimConfig:
+    names = [s.name for s in sim_param_specs()]
+    return _build(SMPConfig, {"sim": _section(values, names, strip="sim.")}, where).sim
+
+
+def _build(cls: type[SMPConfig], data: dict[str, Any], where: str) -> SMPConfig:
+    try:
+        return cls.from_dict(data, where=where)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Arm driver
+# --------------------------------------------------------------------------------------------
+
+BUS_TYPES = ("socketcan", "virtual")
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """One PiPER driver's settings, validated; errors name the parameter."""
+
+    side: str
+    can_channel: str
+    bus_type: str
+    enable_on_start: bool
+    command_rate_hz: float
+    speed_percent: int
+    gripper_effort: float
+    enable_timeout_s: float
+    joint_names: tuple[str, ...]
+    safety: SafetyConfig
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, expected: str, got: Any) -> None:
+            if not cond:
+                raise ConfigError(f"parameter {name}: expected {expected}, got {got!r}")
+
+        need(self.side in ("left", "right"), "side", "'left' or 'right' (or run in namespace /left or /right)",
+             self.side)
+        need(bool(self.can_channel), "can_channel", "a CAN interface name such as can_left", self.can_channel)
+        need(self.bus_type in BUS_TYPES, "bus_type", f"one of {BUS_TYPES}", self.bus_type)
+        need(self.command_rate_hz > 0, "command_rate_hz", "> 0", self.command_rate_hz)
+        need(1 <= self.speed_percent <= 100, "speed_percent", "an integer 1..100", self.speed_percent)
+        need(0.0 <= self.gripper_effort <= 5.0, "gripper_effort", "0..5 N*m", self.gripper_effort)
+        need(self.enable_timeout_s > 0, "enable_timeout_s", "> 0 s", self.enable_timeout_s)
+        need(len(self.joint_names) == 7 and len(set(self.joint_names)) == 7 and all(self.joint_names),
+             "joint_names", "7 distinct names (joints 1..6, then the gripper)", list(self.joint_names))
+
+
+def driver_param_specs(side: str) -> list[ParamSpec]:
+    from smp_ros.hardware.arm import element_names
+
+    return [
+        ParamSpec("can_channel", f"can_{side}", "CAN interface of this arm (one USB-CAN adapter per arm)"),
+        ParamSpec("bus_type", "socketcan", "python-can interface: socketcan (hardware) or virtual "
+                  "(an emulator on that channel in the same process)"),
+        ParamSpec("enable_on_start", True, "enable the motors when the node starts"),
+        ParamSpec("command_rate_hz", 200.0, "joint_states publication and command forwarding rate (Hz)"),
+        ParamSpec("speed_percent", 50, "firmware MOVE J speed, percent of the 3 rad/s ceiling (1..100)"),
+        ParamSpec("gripper_effort", 1.0, "gripper torque limit sent with every gripper target (N*m, 0..5)"),
+        ParamSpec("enable_timeout_s", 2.0, "how long the enable service waits for the drivers to confirm (s)"),
+        ParamSpec("joint_names", list(element_names(side)), "JointState names of joints 1..6 and the gripper, "
+                  "used on joint_states and expected on joint_cmd"),
+    ] + safety_param_specs()
+
+
+def driver_settings(side: str, values: dict[str, Any]) -> DriverSettings:
+    return DriverSettings(
+        side=side, can_channel=values["can_channel"], bus_type=values["bus_type"],
+        enable_on_start=values["enable_on_start"], command_rate_hz=values["command_rate_hz"],
+        speed_percent=values["speed_percent"], gripper_effort=values["gripper_effort"],
+        enable_timeout_s=values["enable_timeout_s"], joint_names=tuple(values["joint_names"]),
+        safety=safety_config(values, where="parameters"))

@@ -1,0 +1,244 @@
+"""Simulation node: the MuJoCo bimanual world with both PiPER arms emulated at the CAN level.
+
+It exposes exactly what the real drivers and cameras do, so the policy cannot tell the
+difference: ``/left|right/joint_states``, ``joint_cmd``, ``arm_status`` and the ``enable``,
+``disable``, ``emergency_stop``, ``reset`` services (each arm is the real piper_sdk talking over a
+python-can virtual bus to ``smp_ros.sim.can_emulator``), and ``/cameras/<name>/image_raw`` plus
+``camera_info``. For evaluation it adds ``/smp/task`` (latched), ``/smp/episode``
+(smp_ros/EpisodeStatus, 10 Hz) and the ``/sim/reset_episode`` service (smp_ros/ResetEpisode).
+
+Physics, emulated firmware and rendering run in one simulator thread paced to the wall clock
+(times ``real_time_factor``): an OpenGL context belongs to one thread, and stepping the world from
+executor callbacks would let a slow render stall the arms' feedback. If the machine cannot keep
+up the simulation slows down (with a warning) instead of taking giant steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from functools import partial
+
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+
+from smp_ros.config import TASKS, ConfigError
+from smp_ros.hardware.arm import element_names
+from smp_ros.hardware.piper import PiperArm
+from smp_ros.msg import EpisodeStatus
+from smp_ros.nodes.arm_bridge import ArmBridge
+from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
+from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, declare, now_seconds, run, to_stamp
+from smp_ros.sim.can_emulator import attach, wait_until_parsed
+from smp_ros.sim.world import BimanualWorld
+from smp_ros.srv import ResetEpisode
+
+SIM_SPECS = [
+    ParamSpec("task", TASKS[0], f"task whose scene is simulated, one of {list(TASKS)}"),
+    ParamSpec("seed", 0, "seed of the first episode's scene; later episodes count up from it"),
+    ParamSpec("real_time_factor", 1.0, "simulated seconds per wall-clock second"),
+    ParamSpec("camera_rate_hz", 20.0, "rendered frames per second per camera (simulated time)"),
+    ParamSpec("command_rate_hz", 200.0, "joint_states rate and command forwarding rate per arm (Hz)"),
+    ParamSpec("episode_status_rate_hz", 10.0, "rate of /smp/episode (Hz)"),
+    ParamSpec("speed_percent", 100, "emulated firmware MOVE J speed, percent of 3 rad/s (1..100)"),
+    ParamSpec("enable_on_start", True, "enable both emulated arms when the node starts"),
+]
+MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops trying to catch up
+
+
+class SimNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("sim", **kwargs)
+        p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
+        self.cfg = sim_config(p, where="parameters")
+        self.safety = safety_config(p, where="parameters")
+        for name in ("real_time_factor", "camera_rate_hz", "command_rate_hz", "episode_status_rate_hz"):
+            if not p[name] > 0:
+                raise ConfigError(f"parameter {name}: expected > 0, got {p[name]!r}")
+        if p["task"] not in TASKS:
+            raise ConfigError(f"parameter task: expected one of {TASKS}, got {p['task']!r}")
+        self.p = p
+        self.task = p["task"]
+        self.seed = int(p["seed"])
+        self.episode = 0
+        self._requests: queue.Queue[tuple[str, int, Future]] = queue.Queue()
+        self._stop = threading.Event()
+        # Channel names are process-wide in python-can's virtual bus and piper_sdk: make them unique.
+        self.channels = {side: f"smp_sim_{side}_{os.getpid()}_{id(self):x}" for side in ("left", "right")}
+
+        self.world: BimanualWorld | None = None
+        self.emulators = {}
+        self._build_world(self.task, self.seed)
+        self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
+                                    speed_percent=p["speed_percent"], clock=partial(self._emulator_time, side))
+                     for side, ch in self.channels.items()}
+        for arm in self.arms.values():
+            arm.connect()
+        self._settle(enable=p["enable_on_start"])
+
+        self.bridges = [ArmBridge(self, arm, prefix=f"{side}/", command_rate_hz=p["command_rate_hz"],
+                                  joint_names=element_names(side)) for side, arm in self.arms.items()]
+        self.image_pubs = {c: self.create_publisher(Image, f"/cameras/{c}/image_raw", SENSOR_QOS)
+                           for c in self.cfg.cameras}
+        self.info_pubs = {c: self.create_publisher(CameraInfo, f"/cameras/{c}/camera_info", SENSOR_QOS)
+                          for c in self.cfg.cameras}
+        self.task_pub = self.create_publisher(String, "/smp/task", LATCHED_QOS)
+        self.episode_pub = self.create_publisher(EpisodeStatus, "/smp/episode", LATCHED_QOS)
+        self.create_service(ResetEpisode, "~/reset_episode", self._on_reset,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self._begin_episode()
+        self._thread = threading.Thread(target=self._loop, name="simulator", daemon=True)
+        self._thread.start()
+        self.get_logger().info(f"simulating {self.task} (seed {self.seed}) at {p['real_time_factor']:g}x real time, "
+                               f"cameras {list(self.cfg.cameras)}")
+
+    # ------------------------------------------------------------------ public (bringup, services)
+
+    def reset_episode(self, task: str = "", seed: int = -1, timeout: float = 30.0) -> tuple[int, int]:
+        """Start a new episode (thread-safe; runs on the simulator thread). Returns (episode, seed)."""
+        task = task or self.task
+        if task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+        future: Future = Future()
+        self._requests.put((task, int(seed), future))
+        return future.result(timeout=timeout)
+
+    def episode_status(self) -> EpisodeStatus:
+        return self._status
+
+    def destroy_node(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10.0)  # the simulator thread closes the world it rendered with
+        for arm in self.arms.values():
+            arm.disconnect()
+        super().destroy_node()
+
+    # ------------------------------------------------------------------ simulator thread
+
+    def _loop(self) -> None:
+        p, cfg = self.p, self.cfg
+        rtf = p["real_time_factor"]
+        chunk = max(cfg.physics_dt, round(0.005 / cfg.physics_dt) * cfg.physics_dt)  # ~5 ms per step call
+        camera_period, status_period = 1.0 / p["camera_rate_hz"], 1.0 / p["episode_status_rate_hz"]
+        wall0, sim_elapsed = time.monotonic(), 0.0
+        next_camera = next_status = 0.0
+        warned = False
+        try:
+            while not self._stop.is_set():
+                self._serve_requests()
+                behind = (time.monotonic() - wall0) * rtf - sim_elapsed
+                if behind > MAX_LAG_S:
+                    if not warned:
+                        self.get_logger().warning(f"simulation runs slower than {rtf:g}x real time; "
+                                                  f"slowing down instead of taking large steps")
+                        warned = True
+                    wall0 += (behind - MAX_LAG_S) / rtf
+                    behind = MAX_LAG_S
+                if behind < chunk:
+                    time.sleep(min(chunk - behind, chunk) / rtf)
+                    continue
+                self.world.step(chunk)
+                sim_elapsed += chunk
+                if self.world.time >= next_camera:
+                    next_camera = self.world.time + camera_period
+                    self._publish_cameras()
+                if self.world.time >= next_status:
+                    next_status = self.world.time + status_period
+                    self._publish_status()
+        except Exception as exc:
+            self.get_logger().fatal(f"simulator thread stopped: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            # Here, not in destroy_node: the renderer's OpenGL context is current in this thread only.
+            self._close_world()
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                task, seed, future = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if task != self.task:
+                    self._close_world()
+                    self._build_world(task, self.seed)
+                    self.task = task
+                self.seed = seed if seed >= 0 else self.seed + 1
+                self.world.reset(self.seed)
+                self._settle(enable=True)
+                self._begin_episode()
+                future.set_result((self.episode, self.seed))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _publish_cameras(self) -> None:
+        stamp = to_stamp(now_seconds(self))
+        for name in self.cfg.cameras:
+            frame = self.world.render(name)
+            self.image_pubs[name].publish(rgb_to_msg(frame, stamp, name))
+            cam_id = self.world.model.camera(name).id
+            self.info_pubs[name].publish(camera_info(stamp, name, frame.shape[0], frame.shape[1],
+                                                     float(self.world.model.cam_fovy[cam_id])))
+
+    def _publish_status(self) -> None:
+        world = self.world
+        msg = EpisodeStatus(task=self.task, episode=self.episode, seed=self.seed, sim_time=world.time,
+                            progress=float(world.progress()), success=bool(world.success()))
+        msg.done = msg.success or world.time >= self.cfg.episode_steps / self.cfg.control_rate_hz
+        msg.header.stamp = to_stamp(now_seconds(self))
+        self._status = msg
+        self.episode_pub.publish(msg)
+
+    # ------------------------------------------------------------------ world lifecycle
+
+    def _build_world(self, task: str, seed: int) -> None:
+        self.world = BimanualWorld(self.cfg, task, seed)
+        self.emulators = attach(self.world, self.channels)
+
+    def _close_world(self) -> None:
+        for emu in self.emulators.values():
+            emu.close()
+        if self.world is not None:
+            self.world.close()
+
+    def _emulator_time(self, side: str) -> float:
+        return self.emulators[side].time
+
+    def _settle(self, enable: bool) -> None:
+        """Run 0.1 s of simulated time so the SDK has parsed fresh feedback (and the enable)."""
+        for arm in self.arms.values():
+            if enable:
+                arm.enable()
+        self.world.step(0.1)
+        for side, arm in self.arms.items():
+            if not wait_until_parsed(arm.sdk, self.emulators[side].last_feedback_time or 0.0):
+                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within 2 s")
+
+    def _begin_episode(self) -> None:
+        self.episode += 1
+        self.task_pub.publish(String(data=self.task))
+        self._publish_status()
+        self.get_logger().info(f"episode {self.episode}: {self.task}, seed {self.seed}")
+
+    def _on_reset(self, request: ResetEpisode.Request, response: ResetEpisode.Response) -> ResetEpisode.Response:
+        try:
+            response.episode, response.seed = self.reset_episode(request.task, request.seed)
+            response.success, response.message = True, ""
+        except (ValueError, RuntimeError) as exc:
+            response.success, response.message = False, str(exc)
+        return response
+
+
+def main(args: list[str] | None = None) -> int:
+    return run(SimNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""What every backend provides to the engine: one callable per pipeline stage.
+
+The engine calls, per inference: ``encode`` -> ``route`` -> (selection, the host sync) ->
+``basis`` -> ``eps(E)`` once per DDIM step -> ``decode``. ``eps(E)`` is the batched expert network
+for exactly E = |S| experts with static shapes (x (1, E, C, H), tau (1,), s (1, d_s), experts (E,));
+it is the unit that is compiled, exported or turned into a TensorRT engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Backend:
+    name = "base"
+    # True: the engine captures the whole denoising loop in one CUDA graph per |S| (CUDA only).
+    cuda_graphs = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reason = ""
+        self._eps: dict[int, Callable[..., torch.Tensor]] = {}
+
+    def prepare(self, policy: nn.Module, net: nn.Module) -> None:
+        """Bind the policy's stages; ``net`` is the batched denoising network (experts or dense UNet)."""
+        self.policy, self.net = policy, net
+        self.encode = policy.encode
+        self.route = getattr(policy, "route", None)
+        self.basis = getattr(policy, "skill_basis", None)
+
+    def eps(self, n_active: int) -> Callable[..., torch.Tensor]:
+        """The denoising network for |S| = n_active (built on first use, then cached)."""
+        fn = self._eps.get(n_active)
+        if fn is None:
+            fn = self._eps[n_active] = self._build_eps(n_active)
+        return fn
+
+    def _build_eps(self, n_active: int) -> Callable[..., torch.Tensor]:
+        return self.net

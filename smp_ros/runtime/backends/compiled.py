@@ -1,0 +1,37 @@
+"""torch.compile of every learned stage; the expert network once per active-set size |S|.
+
+Shapes are static (``dynamic=False``): each |S| gets its own specialised kernels, which is what a
+CUDA graph per |S| needs and what makes the expert cost grow with |S| instead of with K. The QR of
+the skill basis runs inside the compiled basis function as an ATen fallback kernel; it is not part
+of the captured denoising graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from smp_ros.runtime.backends.base import Backend
+
+
+class CompiledBackend(Backend):
+    name = "compiled"
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.cuda_graphs = device.type == "cuda"
+
+    def prepare(self, policy: nn.Module, net: nn.Module) -> None:
+        super().prepare(policy, net)
+        # One compiled variant of the expert network per |S| (up to K <= D = 14) plus the stages.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        self.encode = torch.compile(policy.encode, dynamic=False)
+        if self.route is not None:
+            self.route = torch.compile(policy.route, dynamic=False)
+            self.basis = torch.compile(policy.skill_basis, dynamic=False)
+
+    def _build_eps(self, n_active: int) -> Callable[..., torch.Tensor]:
+        return torch.compile(self.net, dynamic=False)

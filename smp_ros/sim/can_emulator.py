@@ -1,0 +1,471 @@
+"""A CAN-level AgileX PiPER emulator that the real ``piper_sdk`` talks to.
+
+One ``PiperCanEmulator`` stands in for one arm's firmware on one python-can ``virtual`` channel. It
+decodes the commands ``piper_sdk.C_PiperInterface_V2`` sends (enable, mode, joint and gripper
+targets, emergency stop, the limit and firmware queries made on connect), turns them into
+velocity-limited setpoints for a plant (the MuJoCo arm, or ``FirstOrderArmPlant``), and answers with
+the feedback frames a real arm streams, encoded exactly as the SDK's parser expects (big-endian,
+0.001 deg, 0.001 mm, ...; layouts from piper_sdk 0.6.2 ``protocol_v2``).
+
+Everything happens in SIMULATED time inside ``advance(dt)``, which the world's post-step hook
+calls: no wall-clock threads, so a run is deterministic. Every feedback frame carries its simulated
+time as the CAN timestamp (the bus preserves timestamps), so the SDK's ``time_stamp`` fields are
+simulated times too; ``wait_until_parsed`` lets a caller wait for the SDK's own receive thread to
+catch up with a given simulated time.
+
+Behaviour modelled on the real arm:
+- joint targets are accepted only while enabled, in CAN control mode (0x151 ctrl_mode 0x01), in
+  MOVE J, and not emergency-stopped; they are clamped to the joint limits, and a clamped joint sets
+  its angle-limit bit in the status frame's error code;
+- 0x150 emergency stop (0x01) freezes the arm where it is and latches until resume (0x02); resume
+  returns the arm to standby mode, so a new 0x151 is needed before it moves again;
+- disabling (0x471) makes the plant limp and the setpoint follow the measured position, so
+  re-enabling holds the arm where it is instead of jumping back to an old target;
+- ``unplug()`` models a pulled CAN cable: no feedback leaves and no command arrives until
+  ``replug()``.
+
+Not modelled: Cartesian (0x152-0x154), MIT (0x15A-0x15F) and teaching modes (ignored), parameter
+writes (0x474-0x47D), and the joint acceleration limit.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from typing import Protocol, runtime_checkable
+
+import can
+import numpy as np
+from piper_sdk.kinematics import C_PiperForwardKinematics
+
+from smp_ros.sim.kinematics import JOINT_LOWER, JOINT_UPPER
+
+# Command ids (host -> arm).
+ID_MOTION_CTRL_1 = 0x150  # emergency stop / resume
+ID_MOTION_CTRL_2 = 0x151  # ctrl mode, move mode, speed %
+ID_JOINT_CTRL = (0x155, 0x156, 0x157)  # joint pairs (1, 2), (3, 4), (5, 6)
+ID_GRIPPER_CTRL = 0x159
+ID_ENABLE = 0x471
+ID_LIMIT_QUERY = 0x472
+ID_FIRMWARE = 0x4AF  # query (host) and reply (arm) share the id
+# Feedback ids (arm -> host).
+ID_STATUS = 0x2A1
+ID_END_POSE = (0x2A2, 0x2A3, 0x2A4)
+ID_JOINTS = (0x2A5, 0x2A6, 0x2A7)
+ID_GRIPPER = 0x2A8
+ID_HIGH_SPEED = tuple(range(0x251, 0x257))
+ID_LOW_SPEED = tuple(range(0x261, 0x267))
+ID_ANGLE_LIMIT_REPLY = 0x473
+ID_ACC_LIMIT_REPLY = 0x47C
+
+CTRL_STANDBY, CTRL_CAN = 0x00, 0x01
+MOVE_J = 0x01
+STATUS_NORMAL, STATUS_ESTOP = 0x00, 0x01
+DRIVER_ENABLED_BIT = 1 << 6  # driver / gripper status byte: bit 6 = enabled
+
+MAX_JOINT_SPEED = 3.0  # rad/s at 100 % speed (the firmware's ceiling)
+MAX_JOINT_ACC = 5.0  # rad/s^2, reported in 0x47C only
+GRIPPER_SPEED = 0.2  # m/s of the setpoint, independent of the speed percentage
+GRIPPER_STROKE = (0.0, 0.07)  # m, the SDK's gripper range
+REACHED_TOL = 1e-3  # rad: motion_status reports "reached" inside this band
+# piper_sdk's HighSpd cal_effort: effort (0.001 N*m) = current (0.001 A) * coefficient.
+TORQUE_PER_AMP = (1.18125, 1.18125, 1.18125, 0.95844, 0.95844, 0.95844)
+FIRMWARE_VERSION = b"S-V1.6-3"  # GetPiperFirmwareVersion() reads 8 bytes after "S-V"
+SUPPLY_DECIVOLT = 240  # 24.0 V, low-speed frames
+DRIVER_TEMP_C = 35
+MOTOR_TEMP_C = 30
+
+_I32 = struct.Struct(">ii")
+
+
+@runtime_checkable
+class PlantHandle(Protocol):
+    """What the emulator needs from one arm of the plant (``smp_ros.sim.world.ArmPlant``).
+
+    SI units: rad, rad/s, N*m, m. ``limits`` is ``(lower (6,), upper (6,))`` in rad.
+    """
+
+    enabled: bool
+    limits: tuple[np.ndarray, np.ndarray]
+
+    def joint_positions(self) -> np.ndarray: ...
+
+    def joint_velocities(self) -> np.ndarray: ...
+
+    def joint_efforts(self) -> np.ndarray: ...
+
+    def gripper_opening(self) -> float: ...
+
+    def gripper_effort(self) -> float: ...
+
+    def set_joint_targets(self, q) -> None: ...
+
+    def set_gripper_target(self, opening_m: float) -> None: ...
+
+
+class FirstOrderArmPlant:
+    """A MuJoCo-free arm: each joint and the gripper relax to their setpoint with time constant ``tau``.
+
+    Enough physics for protocol tests and benchmarks: positions lag setpoints, velocities are the
+    finite difference, a disabled arm stays where it is (no gravity here), and the effort is a
+    spring-damper reading of the tracking error.
+    """
+
+    def __init__(self, q0=None, gripper0: float = 0.0, tau: float = 0.02,
+                 limits: tuple[np.ndarray, np.ndarray] | None = None):
+        if tau <= 0:
+            raise ValueError(f"FirstOrderArmPlant: tau must be > 0 s, got {tau}")
+        self.limits = limits if limits is not None else (JOINT_LOWER.copy(), JOINT_UPPER.copy())
+        self.tau = float(tau)
+        self.enabled = True
+        self._q = np.zeros(6) if q0 is None else np.asarray(q0, dtype=float).copy()
+        self._qd = np.zeros(6)
+        self._q_target = self._q.copy()
+        self._g = float(gripper0)
+        self._g_target = self._g
+
+    def step(self, dt: float) -> None:
+        if not self.enabled:
+            self._qd[:] = 0.0
+            return
+        alpha = 1.0 - math.exp(-dt / self.tau)
+        q_new = self._q + alpha * (self._q_target - self._q)
+        self._qd = (q_new - self._q) / dt
+        self._q = q_new
+        self._g += alpha * (self._g_target - self._g)
+
+    def joint_positions(self) -> np.ndarray:
+        return self._q.copy()
+
+    def joint_velocities(self) -> np.ndarray:
+        return self._qd.copy()
+
+    def joint_efforts(self) -> np.ndarray:
+        return 20.0 * (self._q_target - self._q) - 0.5 * self._qd if self.enabled else np.zeros(6)
+
+    def gripper_opening(self) -> float:
+        return self._g
+
+    def gripper_effort(self) -> float:
+        return 0.0
+
+    def set_joint_targets(self, q) -> None:
+        q = np.asarray(q, dtype=float)
+        lo, hi = self.limits
+        if q.shape != (6,) or not np.all(np.isfinite(q)) or np.any(q < lo - 1e-9) or np.any(q > hi + 1e-9):
+            raise ValueError(f"FirstOrderArmPlant.set_joint_targets: expected 6 finite values inside the joint "
+                             f"limits, got {q}")
+        self._q_target = q.copy()
+
+    def set_gripper_target(self, opening_m: float) -> None:
+        if not (GRIPPER_STROKE[0] <= opening_m <= GRIPPER_STROKE[1]):
+            raise ValueError(f"FirstOrderArmPlant.set_gripper_target: expected 0..0.07 m, got {opening_m}")
+        self._g_target = float(opening_m)
+
+
+def _millideg(rad: float) -> int:
+    return int(round(math.degrees(rad) * 1000.0))
+
+
+def _clamp_int(value: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, int(round(value))))
+
+
+class PiperCanEmulator:
+    """The firmware of one PiPER arm on python-can virtual channel ``channel``, driving ``plant``.
+
+    Call ``advance(dt)`` after every plant step (or register ``hook`` with the world); feedback is
+    emitted at ``feedback_rate_hz`` of simulated time. ``time`` is the emulator's simulated clock
+    and never goes backwards (a world reset restarts the world's clock, not this one), so it is the
+    clock to measure the SDK's feedback age against.
+    """
+
+    def __init__(self, plant: PlantHandle, channel: str, *, feedback_rate_hz: float = 200.0,
+                 side: str | None = None):
+        if not isinstance(plant, PlantHandle):
+            raise TypeError(f"PiperCanEmulator: plant must provide the PlantHandle protocol, got {type(plant).__name__}")
+        if not isinstance(channel, str) or not channel:
+            raise ValueError(f"PiperCanEmulator: channel must be a non-empty string, got {channel!r}")
+        if not (feedback_rate_hz > 0 and math.isfinite(feedback_rate_hz)):
+            raise ValueError(f"PiperCanEmulator: feedback_rate_hz must be > 0, got {feedback_rate_hz}")
+        self.plant = plant
+        self.channel = channel
+        self.side = side or channel
+        self.period = 1.0 / feedback_rate_hz
+        # preserve_timestamps: the SDK then sees simulated times in every frame's timestamp.
+        self._bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
+        self._fk = C_PiperForwardKinematics(0x01)
+        lo, hi = plant.limits
+        self._lower, self._upper = np.asarray(lo, dtype=float).copy(), np.asarray(hi, dtype=float).copy()
+        self.time = 0.0
+        self._world_time: float | None = None
+        self._tick = 1  # next feedback tick, emitted at tick * period
+        self.last_feedback_time: float | None = None
+        self.frames_sent = 0
+        self.commands_received = 0
+        self.unplugged = False
+        # Firmware state.
+        self.enabled = False
+        self.gripper_enabled = False
+        self.estopped = False
+        self.ctrl_mode = CTRL_STANDBY
+        self.move_mode = MOVE_J
+        self.speed_percent = 0
+        self.limit_flags = 0  # per-joint "target exceeded the limit" bits
+        self.gripper_effort_limit = 0.0  # N*m, the last 0x159 effort; kept for inspection only
+        self._setpoint = plant.joint_positions().astype(float)
+        self._target = self._setpoint.copy()
+        self._g_setpoint = float(plant.gripper_opening())
+        self._g_target = self._g_setpoint
+        self._write_setpoints()  # a real arm powers up disabled
+
+    # ---------------------------------------------------------------- clock and I/O
+
+    def hook(self, world) -> None:
+        """World post-step hook: advance to ``world.time`` (a world reset restarts from its t = 0)."""
+        t = float(world.time)
+        last = self._world_time
+        if last is not None and t < last:
+            # The world was reset (arms teleported home): hold the new pose, keep the firmware state.
+            self._hold_here()
+            last = 0.0
+        dt = t if last is None else t - last
+        self._world_time = t
+        if dt > 0:
+            self.advance(dt)
+
+    def advance(self, dt: float) -> None:
+        """Process commands received so far, emit the feedback due in (time, time + dt], move the setpoints."""
+        if not (dt > 0 and math.isfinite(dt)):
+            raise ValueError(f"PiperCanEmulator.advance: dt must be a finite time > 0 s, got {dt}")
+        self._drain_commands()
+        self.time += dt
+        while self._tick * self.period <= self.time + 1e-9:
+            if not self.unplugged:
+                self._emit_feedback(self._tick * self.period)
+            self._tick += 1
+        self._move_setpoints(dt)
+
+    def unplug(self) -> None:
+        """Pull the CAN cable: feedback stops and commands are lost until ``replug()``."""
+        self.unplugged = True
+
+    def replug(self) -> None:
+        self.unplugged = False
+
+    def close(self) -> None:
+        self._bus.shutdown()
+
+    def __enter__(self) -> "PiperCanEmulator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, can_id: int, data: bytes, stamp: float) -> None:
+        self._bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=stamp))
+        self.frames_sent += 1
+
+    def _drain_commands(self) -> None:
+        while True:
+            msg = self._bus.recv(0.0)
+            if msg is None:
+                return
+            if self.unplugged or msg.is_extended_id or msg.is_error_frame:
+                continue
+            self.commands_received += 1
+            self._handle(msg.arbitration_id, bytes(msg.data).ljust(8, b"\x00"))
+
+    # ---------------------------------------------------------------- commands
+
+    def _handle(self, can_id: int, d: bytes) -> None:
+        if can_id == ID_MOTION_CTRL_1:
+            if d[0] == 0x01:
+                self.estopped = True
+                self._hold_here()
+            elif d[0] == 0x02 and self.estopped:
+                self.estopped = False
+                self.ctrl_mode = CTRL_STANDBY
+                self._hold_here()
+        elif can_id == ID_MOTION_CTRL_2:
+            self.ctrl_mode, self.move_mode = d[0], d[1]
+            self.speed_percent = min(int(d[2]), 100)
+        elif can_id in ID_JOINT_CTRL:
+            if self._accepts_joint_targets():
+                pair = ID_JOINT_CTRL.index(can_id)
+                for k, v in enumerate(_I32.unpack(d)):
+                    self._set_joint_target(2 * pair + k, math.radians(v / 1000.0))
+        elif can_id == ID_GRIPPER_CTRL:
+            angle, effort, code, _set_zero = struct.unpack(">iHBB", d)
+            if code in (0x00, 0x02):
+                self.gripper_enabled = False
+                self._g_target = self._g_setpoint = float(self.plant.gripper_opening())
+            elif code in (0x01, 0x03):
+                self.gripper_enabled = True
+            if self.gripper_enabled and not self.estopped:
+                self._g_target = min(max(angle * 1e-6, GRIPPER_STROKE[0]), GRIPPER_STROKE[1])
+                self.gripper_effort_limit = effort / 1000.0
+        elif can_id == ID_ENABLE:
+            motor, flag = d[0], d[1]
+            if flag in (0x01, 0x02):
+                self._set_enabled(motor, flag == 0x02)
+        elif can_id == ID_LIMIT_QUERY:
+            self._reply_limits(d[0], d[1])
+        elif can_id == ID_FIRMWARE and d[0] == 0x01:
+            self._send(ID_FIRMWARE, FIRMWARE_VERSION, self.time)
+
+    def _accepts_joint_targets(self) -> bool:
+        return self.enabled and not self.estopped and self.ctrl_mode == CTRL_CAN and self.move_mode == MOVE_J
+
+    def _set_joint_target(self, j: int, q: float) -> None:
+        clamped = min(max(q, self._lower[j]), self._upper[j])
+        if clamped != q:
+            self.limit_flags |= 1 << j
+        else:
+            self.limit_flags &= ~(1 << j)
+        self._target[j] = clamped
+
+    def _set_enabled(self, motor: int, on: bool) -> None:
+        # 7 and 0xFF both mean "every motor" in practice (EnablePiper() sends 7); 1-6 are single
+        # joints, which this emulator treats as the whole arm since the plant has one enable.
+        if motor not in (1, 2, 3, 4, 5, 6, 7, 0xFF):
+            return
+        if on and not self.enabled:
+            self._hold_here()
+        self.enabled = on
+        if motor in (7, 0xFF):
+            self.gripper_enabled = on
+        if not on:
+            self._hold_here()
+        self.plant.enabled = on
+
+    def _hold_here(self) -> None:
+        """Targets and setpoints := the measured state, so the arm stops (or resumes) where it is."""
+        q = np.clip(self.plant.joint_positions(), self._lower, self._upper)
+        self._setpoint, self._target = q.copy(), q.copy()
+        self._g_setpoint = self._g_target = float(np.clip(self.plant.gripper_opening(), *GRIPPER_STROKE))
+        self._write_setpoints()
+
+    def _reply_limits(self, motor: int, content: int) -> None:
+        if not 1 <= motor <= 6:
+            return
+        j = motor - 1
+        if content == 0x01:
+            data = struct.pack(">BhhHx", motor, _clamp_int(math.degrees(self._upper[j]) * 10, -32768, 32767),
+                               _clamp_int(math.degrees(self._lower[j]) * 10, -32768, 32767),
+                               int(MAX_JOINT_SPEED * 1000))
+            self._send(ID_ANGLE_LIMIT_REPLY, data, self.time)
+        elif content == 0x02:
+            self._send(ID_ACC_LIMIT_REPLY, struct.pack(">BH5x", motor, int(MAX_JOINT_ACC * 1000)), self.time)
+
+    # ---------------------------------------------------------------- plant
+
+    def _move_setpoints(self, dt: float) -> None:
+        if self.enabled and not self.estopped:
+            step = MAX_JOINT_SPEED * self.speed_percent / 100.0 * dt
+            self._setpoint += np.clip(self._target - self._setpoint, -step, step)
+            g_step = GRIPPER_SPEED * dt
+            self._g_setpoint += min(max(self._g_target - self._g_setpoint, -g_step), g_step)
+        else:
+            # A limp (or stopped) arm: keep the setpoint on the measured state so nothing jumps later.
+            self._setpoint = np.clip(self.plant.joint_positions(), self._lower, self._upper)
+            self._target = self._setpoint.copy()
+        self._write_setpoints()
+
+    def _write_setpoints(self) -> None:
+        if self.plant.enabled != self.enabled:  # e.g. a world reset re-enabled the servos
+            self.plant.enabled = self.enabled
+        self.plant.set_joint_targets(self._setpoint)
+        self.plant.set_gripper_target(self._g_setpoint)
+
+    # ---------------------------------------------------------------- feedback
+
+    def _emit_feedback(self, stamp: float) -> None:
+        q = self.plant.joint_positions()
+        qd = self.plant.joint_velocities()
+        tau = self.plant.joint_efforts()
+        g = float(self.plant.gripper_opening())
+        mdeg = [_millideg(v) for v in q]
+        for k, can_id in enumerate(ID_JOINTS):
+            self._send(can_id, _I32.pack(mdeg[2 * k], mdeg[2 * k + 1]), stamp)
+        # The SDK reports gripper effort as a motor torque; the plant gives grip force. The magnitude
+        # is passed through unscaled (0.001 units), so simulated gripper effort reads in newtons.
+        g_status = DRIVER_ENABLED_BIT if self.gripper_enabled else 0
+        self._send(ID_GRIPPER, struct.pack(">ihBx", int(round(g * 1e6)),
+                                           _clamp_int(self.plant.gripper_effort() * 1000, -32768, 32767),
+                                           g_status), stamp)
+        pose = self._fk.CalFK([float(v) for v in q])[-1]  # [x, y, z mm, rx, ry, rz deg]
+        pose_i = [int(round(v * 1000)) for v in pose]
+        for k, can_id in enumerate(ID_END_POSE):
+            self._send(can_id, _I32.pack(pose_i[2 * k], pose_i[2 * k + 1]), stamp)
+        for j, can_id in enumerate(ID_HIGH_SPEED):
+            current = tau[j] * 1000.0 / TORQUE_PER_AMP[j]  # 0.001 A such that the SDK's effort = tau
+            self._send(can_id, struct.pack(">hhi", _clamp_int(qd[j] * 1000, -32768, 32767),
+                                           _clamp_int(current, -32768, 32767),
+                                           _clamp_int(q[j] * 1000, -2**31, 2**31 - 1)), stamp)
+        foc = DRIVER_ENABLED_BIT if self.enabled else 0
+        for j, can_id in enumerate(ID_LOW_SPEED):
+            bus_current = _clamp_int(abs(tau[j]) * 1000.0 / TORQUE_PER_AMP[j], 0, 65535)
+            self._send(can_id, struct.pack(">HhbBH", SUPPLY_DECIVOLT, DRIVER_TEMP_C, MOTOR_TEMP_C, foc,
+                                           bus_current), stamp)
+        # Status goes last, so a parsed status frame of time t means the whole tick t was parsed.
+        moving = bool(np.any(np.abs(self._target - q) > REACHED_TOL))
+        err_code = (self.limit_flags & 0x3F) << 8  # high byte: angle-limit bits, low: communication
+        self._send(ID_STATUS, struct.pack(">BBBBBBH", self.ctrl_mode, STATUS_ESTOP if self.estopped else STATUS_NORMAL,
+                                          self.move_mode, 0, int(moving), 0, err_code), stamp)
+        self.last_feedback_time = stamp
+
+
+class PlantRig:
+    """A ``FirstOrderArmPlant`` and its emulator stepped together: the MuJoCo-free bench for tests and benchmarks."""
+
+    def __init__(self, channel: str, *, feedback_rate_hz: float = 200.0, physics_dt: float = 0.005,
+                 q0=None, gripper0: float = 0.0, tau: float = 0.02):
+        if not physics_dt > 0:
+            raise ValueError(f"PlantRig: physics_dt must be > 0 s, got {physics_dt}")
+        self.physics_dt = physics_dt
+        self.plant = FirstOrderArmPlant(q0=q0, gripper0=gripper0, tau=tau)
+        self.emulator = PiperCanEmulator(self.plant, channel, feedback_rate_hz=feedback_rate_hz)
+
+    @property
+    def time(self) -> float:
+        return self.emulator.time
+
+    def step(self, duration: float) -> None:
+        """Advance plant and emulator by ``duration`` s of simulated time in physics_dt steps (at least one)."""
+        for _ in range(max(1, int(round(duration / self.physics_dt)))):
+            self.plant.step(self.physics_dt)
+            self.emulator.advance(self.physics_dt)
+
+    def close(self) -> None:
+        self.emulator.close()
+
+
+def attach(world, channels: dict[str, str], feedback_rate_hz: float | None = None) -> dict[str, PiperCanEmulator]:
+    """One emulator per arm of ``world`` (``{"left": channel, "right": channel}``), registered as post-step hooks."""
+    unknown = sorted(set(channels) - set(world.arms))
+    if unknown:
+        raise ValueError(f"attach: channels has unknown arm(s) {unknown}; expected some of {sorted(world.arms)}")
+    if len(set(channels.values())) != len(channels):
+        raise ValueError(f"attach: every arm needs its own CAN channel, got {channels}")
+    rate = feedback_rate_hz if feedback_rate_hz is not None else world.cfg.feedback_rate_hz
+    emulators = {side: PiperCanEmulator(world.arms[side], ch, feedback_rate_hz=rate, side=side)
+                 for side, ch in channels.items()}
+    for emu in emulators.values():
+        world.post_step_hooks.append(emu.hook)
+    return emulators
+
+
+def wait_until_parsed(sdk, stamp: float, timeout: float = 2.0) -> bool:
+    """Wait (wall clock) until ``sdk`` has parsed the emulator's feedback tick at simulated ``stamp``.
+
+    The emulator sends the status frame last in every tick and the SDK parses frames in order, so
+    ``GetArmStatus().time_stamp >= stamp`` means every frame of that tick has been parsed.
+    """
+    deadline = time.monotonic() + timeout
+    while sdk.GetArmStatus().time_stamp < stamp - 1e-9:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    return True

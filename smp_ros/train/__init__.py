@@ -1,0 +1,1 @@
+"""Training (single process or DDP), fine-tuning modes and skill diagnostics; no ROS imports."""

@@ -1,0 +1,175 @@
+"""Skill diagnostics of a trained SMP policy on demonstration episodes (A.4, Fig. 1 bottom).
+
+For every control step of an episode the state-only router gives g_bar_t = E[g_t | s_t] and the
+coverage rule gives the active set S_t (tau_m). From these:
+
+- flip-rate: share of steps t >= 2 with argmax g_bar_t != argmax g_bar_{t-1} (A.4 note iv);
+- segment length: lengths of the maximal runs of a constant argmax (steps, and seconds);
+- |S|: mean size of the active set at tau_m;
+- usage per task: mean g_bar per expert, and the share of steps each expert is active / the argmax.
+
+Per episode a gate-trace figure (gate values over time, active set shaded, phase labels from the
+bag's ``smp_episode.json`` when present) is written as PNG; all numbers go to ``diagnostics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smp_ros.data.cache import DatasetCache
+from smp_ros.data.dataset import WindowDataset, to_tensors
+
+EPISODE_FILE = "smp_episode.json"
+
+
+def flip_rate(argmax: np.ndarray) -> float:
+    """Share of consecutive step pairs whose argmax differs; 0 for fewer than 2 steps."""
+    argmax = np.asarray(argmax)
+    if argmax.size < 2:
+        return 0.0
+    return float(np.mean(argmax[1:] != argmax[:-1]))
+
+
+def segment_lengths(argmax: np.ndarray) -> np.ndarray:
+    """Lengths (steps) of the maximal runs of equal values, in order."""
+    argmax = np.asarray(argmax)
+    if argmax.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.flatnonzero(argmax[1:] != argmax[:-1]) + 1  # first index of every run but the first
+    bounds = np.concatenate([[0], change, [argmax.size]])
+    return np.diff(bounds)
+
+
+@torch.no_grad()
+def episode_gates(policy: Any, cache: DatasetCache, episode: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Router means (T, K) and active sets (T, K) bool for every control step of one cache episode."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams)
+    device = policy.device
+    gates, active = [], []
+    for lo in range(0, len(windows), batch):
+        obs = to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows)))))
+        obs.pop("action")
+        s = policy.encode({k: v.to(device) for k, v in obs.items()})
+        g_bar = policy.route(s)  # (b, K)
+        mask, _ = policy.select(g_bar)  # (b, K) bool
+        gates.append(g_bar.float().cpu().numpy())
+        active.append(mask.cpu().numpy())
+    return np.concatenate(gates), np.concatenate(active)
+
+
+def read_phases(bag: str | Path, t0_ns: int) -> list[dict[str, Any]]:
+    """Phase labels of an episode as [{"name", "start", "end"}] in seconds since its first grid step."""
+    path = Path(bag) / EPISODE_FILE
+    if not path.is_file():
+        return []
+    try:
+        phases = json.loads(path.read_text()).get("phases", [])
+        return [{"name": str(p["name"]), "start": float(p["start"]) - t0_ns / 1e9,
+                 "end": float(p["end"]) - t0_ns / 1e9} for p in phases]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        warnings.warn(f"{path}: phase labels unreadable ({exc}); expected "
+                      '{"phases": [{"name": str, "start": s, "end": s}]}', stacklevel=2)
+        return []
+
+
+def plot_gate_trace(path: Path, t: np.ndarray, gates: np.ndarray, active: np.ndarray, title: str,
+                    phases: list[dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, K = gates.shape
+    colors = plt.get_cmap("tab10" if K <= 10 else "tab20")(np.arange(K) % (10 if K <= 10 else 20))
+    fig, (ax, ax_s) = plt.subplots(2, 1, figsize=(10, 4.2), sharex=True, height_ratios=[3, 1.2])
+    dt = t[1] - t[0] if T > 1 else 0.05
+    for i in range(K):
+        ax.plot(t, gates[:, i], color=colors[i], lw=1.4, label=f"expert {i}")
+        # active set shaded under each expert's curve
+        ax.fill_between(t, 0, gates[:, i], where=active[:, i], step=None, color=colors[i], alpha=0.18, lw=0)
+        ax_s.fill_between(t, i - 0.4, i + 0.4, where=active[:, i], color=colors[i], step="mid", lw=0)
+    for p in phases:
+        ax.axvspan(p["start"], p["end"], color="0.5", alpha=0.08, lw=0)
+        ax.axvline(p["start"], color="0.4", lw=0.6, ls="--")
+        ax.text((p["start"] + p["end"]) / 2, 1.02, p["name"], ha="center", va="bottom", fontsize=8,
+                transform=ax.get_xaxis_transform())
+    ax.set_ylim(0, 1)
+    ax.set_xlim(t[0], t[-1] + dt)
+    ax.set_ylabel("router gate  E[g | s]")
+    ax.set_title(title, fontsize=9, pad=14 if phases else 6)
+    ax.legend(loc="upper right", fontsize=7, ncol=min(K, 8), frameon=False)
+    ax_s.set_yticks(range(K))
+    ax_s.set_ylim(-0.5, K - 0.5)
+    ax_s.set_ylabel("active S_t", fontsize=8)
+    ax_s.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_dir: str | Path,
+                    plots: bool = True) -> dict[str, Any]:
+    """Diagnostics over ``episodes`` of ``cache``; writes PNGs and diagnostics.json into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = policy.training
+    policy.eval()
+    rate = float(cache.index["control_rate_hz"])
+    K = policy.cfg.num_experts
+    per_episode, all_flips, all_pairs, all_runs, all_sizes = [], 0, 0, [], []
+    usage: dict[str, dict[str, Any]] = {}
+    for e in episodes:
+        info = cache.episodes[e]
+        gates, active = episode_gates(policy, cache, e)
+        top = gates.argmax(1)
+        runs = segment_lengths(top)
+        sizes = active.sum(1)
+        flips = int(np.sum(top[1:] != top[:-1]))
+        all_flips += flips
+        all_pairs += max(len(top) - 1, 0)
+        all_runs.append(runs)
+        all_sizes.append(sizes)
+        u = usage.setdefault(info.task, {"steps": 0, "gate_sum": np.zeros(K), "active": np.zeros(K),
+                                         "argmax": np.zeros(K)})
+        u["steps"] += len(top)
+        u["gate_sum"] += gates.sum(0)
+        u["active"] += active.sum(0)
+        u["argmax"] += np.bincount(top, minlength=K)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(info.bag).name)
+        record = {"episode": e, "bag": info.bag, "task": info.task, "steps": len(top),
+                  "flip_rate": flip_rate(top), "mean_segment_steps": float(runs.mean()),
+                  "mean_segment_s": float(runs.mean() / rate), "mean_active": float(sizes.mean()),
+                  "figure": None}
+        if plots:
+            t = np.arange(len(top)) / rate
+            fig = out_dir / f"gate_trace_{e:03d}_{stem}.png"
+            title = (f"{Path(info.bag).name}  task={info.task}  flip-rate={record['flip_rate']:.3f}  "
+                     f"mean segment={record['mean_segment_s']:.2f} s  mean |S|={record['mean_active']:.2f}")
+            plot_gate_trace(fig, t, gates, active, title, read_phases(info.bag, info.t0_ns))
+            record["figure"] = fig.name
+        per_episode.append(record)
+    policy.train(was_training)
+    runs = np.concatenate(all_runs) if all_runs else np.zeros(0)
+    sizes = np.concatenate(all_sizes) if all_sizes else np.zeros(0)
+    summary = {
+        "episodes": len(episodes), "steps": int(sizes.size),
+        "flip_rate": all_flips / all_pairs if all_pairs else 0.0,
+        "mean_segment_steps": float(runs.mean()) if runs.size else 0.0,
+        "mean_segment_s": float(runs.mean() / rate) if runs.size else 0.0,
+        "mean_active": float(sizes.mean()) if sizes.size else 0.0,
+        "tau_m": policy.cfg.selection.tau_m,
+    }
+    usage_out = {task: {"steps": u["steps"], "mean_gate": (u["gate_sum"] / u["steps"]).tolist(),
+                        "active_share": (u["active"] / u["steps"]).tolist(),
+                        "argmax_share": (u["argmax"] / u["steps"]).tolist()} for task, u in usage.items()}
+    result = {"summary": summary, "usage_per_task": usage_out, "episodes": per_episode}
+    (out_dir / "diagnostics.json").write_text(json.dumps(result, indent=1))
+    return result

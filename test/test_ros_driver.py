@@ -1,0 +1,208 @@
+"""The PiPER driver node on an emulated arm: real rclpy topics and services, the real piper_sdk over
+python-can's virtual bus, and the CAN-level firmware emulator driving a first-order plant."""
+
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ros
+
+os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+import rclpy  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from smp_ros.config import ConfigError  # noqa: E402
+from smp_ros.hardware.piper import PiperArm  # noqa: E402
+from smp_ros.msg import ArmStatus  # noqa: E402
+from smp_ros.nodes.driver_node import DriverNode  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
+from smp_ros.sim.can_emulator import FirstOrderArmPlant, PiperCanEmulator  # noqa: E402
+
+NAMES = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
+HOME = np.array([0.0, 0.5, -0.5, 0.0, 0.0, 0.0])
+
+
+class EmulatedArm:
+    """Plant + firmware emulator advanced in (approximately) real time by a background thread."""
+
+    def __init__(self, channel: str):
+        self.plant = FirstOrderArmPlant(q0=HOME, gripper0=0.01)
+        self.emu = PiperCanEmulator(self.plant, channel, feedback_rate_hz=200.0, side="left")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        dt, start = 0.002, time.monotonic()
+        while not self._stop.is_set():
+            while self.emu.time < time.monotonic() - start:
+                self.plant.step(dt)
+                self.emu.advance(dt)
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.emu.close()
+
+
+class Probe:
+    """The test's side of the graph: what a policy and an operator would use."""
+
+    def __init__(self, node):
+        self.node = node
+        self.states: list[JointState] = []
+        self.status: ArmStatus | None = None
+        node.create_subscription(JointState, "/left/joint_states", self.states.append, SENSOR_QOS)
+        node.create_subscription(ArmStatus, "/left/arm_status", self._on_status, LATCHED_QOS)
+        self.cmd = node.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+        self.clients = {n: node.create_client(Trigger, f"/left/{n}")
+                        for n in ("enable", "disable", "emergency_stop", "reset")}
+
+    def _on_status(self, msg):
+        self.status = msg
+
+    def call(self, name: str) -> Trigger.Response:
+        client = self.clients[name]
+        assert client.wait_for_service(timeout_sec=10.0), f"/left/{name} not offered"
+        future = client.call_async(Trigger.Request())
+        deadline = time.monotonic() + 10.0
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), f"/left/{name} did not answer"
+        return future.result()
+
+    def send(self, position):
+        msg = JointState(name=NAMES, position=[float(v) for v in position])
+        self.cmd.publish(msg)
+
+    def latest(self) -> np.ndarray:
+        return np.array(self.states[-1].position)
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def system():
+    rclpy.init()
+    arm_sim = EmulatedArm(f"driver_test_{os.getpid()}")
+    arm = PiperArm(arm_sim.emu.channel, "left", bustype="virtual", clock=lambda: arm_sim.emu.time)
+    driver = DriverNode(arm=arm, namespace="/left",
+                        parameter_overrides=[Parameter("command_rate_hz", value=200.0)])
+    probe_node = rclpy.create_node("driver_probe")
+    probe = Probe(probe_node)
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(driver)
+    executor.add_node(probe_node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        wait_for(lambda: probe.status is not None and probe.status.enabled, what="the arm to report enabled")
+        yield probe, arm_sim, driver
+    finally:
+        executor.shutdown()
+        spinner.join()
+        driver.destroy_node()
+        probe_node.destroy_node()
+        arm_sim.close()
+        rclpy.try_shutdown()
+
+
+def stream_until(probe, target, done, timeout=10.0):
+    """Publish ``target`` at ~100 Hz (as the policy does) until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe.send(target)
+        if done():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_joint_states_have_names_units_and_rate(system):
+    probe, arm_sim, _ = system
+    probe.states.clear()
+    wait_for(lambda: len(probe.states) >= 100, what="100 joint_states")
+    msg = probe.states[-1]
+    assert list(msg.name) == NAMES
+    assert len(msg.velocity) == 7 and len(msg.effort) == 7
+    # Positions are the plant's, in rad and m, to the SDK's 0.001 deg / 0.001 mm resolution.
+    q = np.array(msg.position)
+    assert np.allclose(q[:6], arm_sim.plant.joint_positions(), atol=1e-3)
+    assert math.isclose(q[6], arm_sim.plant.gripper_opening(), abs_tol=1e-4)
+    stamps = np.array([s.header.stamp.sec + 1e-9 * s.header.stamp.nanosec for s in probe.states[-100:]])
+    assert np.all(np.diff(stamps) >= 0)
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    assert rate > 100.0, f"joint_states at {rate:.0f} Hz of stamps, configured 200 Hz"
+
+
+def test_commands_move_the_arm_in_si_units(system):
+    probe, arm_sim, _ = system
+    target = HOME + np.array([0.2, 0.1, -0.1, 0.0, 0.1, -0.2])
+    full = np.append(target, 0.03)
+    reached = stream_until(probe, full, lambda: np.allclose(arm_sim.plant.joint_positions(), target, atol=2e-3)
+                           and abs(arm_sim.plant.gripper_opening() - 0.03) < 5e-4)
+    assert reached, f"plant at {arm_sim.plant.joint_positions()}, gripper {arm_sim.plant.gripper_opening()}"
+    wait_for(lambda: np.allclose(probe.latest(), full, atol=3e-3), what="joint_states to show the target")
+    assert probe.status.commands_executed > 0
+
+
+def test_bad_commands_are_refused_and_counted(system):
+    probe, arm_sim, _ = system
+    before = arm_sim.plant.joint_positions()
+    rejected = probe.status.commands_rejected
+    # One at a time: joint_cmd keeps only the newest command (depth 1).
+    probe.send([math.nan] + [0.0] * 6)
+    wait_for(lambda: probe.status.commands_rejected >= rejected + 1, what="the NaN command refused")
+    probe.cmd.publish(JointState(name=["joint1"], position=[0.1]))  # not this arm's names
+    wait_for(lambda: probe.status.commands_rejected >= rejected + 2, what="the misnamed command refused")
+    assert np.allclose(arm_sim.plant.joint_positions(), before, atol=1e-3)
+
+
+def test_emergency_stop_holds_until_reset(system):
+    probe, arm_sim, _ = system
+    assert probe.call("emergency_stop").success
+    wait_for(lambda: probe.status.emergency_stopped and probe.status.holding, what="e-stop status")
+    frozen = arm_sim.plant.joint_positions()
+    moved = stream_until(probe, np.append(frozen + 0.04, 0.02),
+                         lambda: not np.allclose(arm_sim.plant.joint_positions(), frozen, atol=1e-3), timeout=1.0)
+    assert not moved, "the arm moved while emergency-stopped"
+    assert "emergency stop" in probe.status.reason
+
+    assert probe.call("reset").success
+    wait_for(lambda: not probe.status.emergency_stopped, what="e-stop cleared")
+    goal = frozen + np.array([0.03, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert stream_until(probe, np.append(goal, 0.02),
+                        lambda: np.allclose(arm_sim.plant.joint_positions(), goal, atol=2e-3))
+
+
+def test_disable_then_enable(system):
+    probe, _, _ = system
+    assert probe.call("disable").success
+    wait_for(lambda: not probe.status.enabled and "disabled" in probe.status.reason, what="disabled status")
+    response = probe.call("enable")
+    assert response.success, response.message
+    wait_for(lambda: probe.status.enabled and not probe.status.holding, what="enabled status")
+
+
+def test_bad_parameter_is_named(system):
+    with pytest.raises(ConfigError, match="command_rate_hz"):
+        DriverNode(arm=None, namespace="/right", parameter_overrides=[Parameter("command_rate_hz", value=-5.0)])
+    with pytest.raises(ConfigError, match="bus_type"):
+        DriverNode(arm=None, namespace="/right", parameter_overrides=[Parameter("bus_type", value="usb")])
