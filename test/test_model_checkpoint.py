@@ -77,7 +77,7 @@ def test_config_that_does_not_match_the_weights_fails(saved):
     from smp_ros.model.checkpoint import _sha256
     manifest["files"]["config.yaml"] = {"sha256": _sha256(d / "config.yaml"), "bytes": (d / "config.yaml").stat().st_size}
     (d / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* has shape .* config\.yaml implies"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* has shape .*config\.yaml implies"):
         load_model(d)
 
 

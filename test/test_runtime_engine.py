@@ -14,6 +14,8 @@ from smp_ros.config import RuntimeConfig, preset
 from smp_ros.model.checkpoint import save_model
 from smp_ros.model.policy import build_policy
 from smp_ros.model.selection import select_experts
+from smp_ros.runtime.backends.compiled import CompiledBackend
+from smp_ros.runtime.backends.tensorrt import example_inputs
 from smp_ros.runtime.engine import STAGES, InferenceEngine
 from smp_ros.runtime.export import check_export
 from smp_ros.runtime.export import run as export_run
@@ -128,13 +130,29 @@ def test_unavailable_backend_falls_back_with_a_reason(tiny_dir, caplog):
     assert any("inference backend" in r.message and engine.backend_name in r.message for r in caplog.records)
 
 
-def test_compiled_backend_matches_eager(tiny_dir, eager):
+def test_compiled_expert_network_matches_eager(eager):
+    """The compiled backend's dominant stage, one |S| variant (a compile costs ~20 s on 2 cores)."""
+    backend = CompiledBackend(torch.device("cpu"))
+    backend.prepare(eager.policy, eager.net)
+    cfg = eager.cfg
+    with torch.inference_mode():
+        for seed, experts in ((0, [1, 3]), (5, [0, 2])):  # two active sets of one size share one variant
+            x, tau, s, _ = example_inputs(cfg.encoder.state_dim, cfg.horizon, 2, 1, torch.device("cpu"))
+            idx = torch.tensor(experts)
+            got = backend.eps(2)(x * (seed + 1), tau, s, idx)
+            want = eager.net(x * (seed + 1), tau, s, idx)
+            torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_eager(tiny_dir, eager):
     engine = InferenceEngine(tiny_dir, RuntimeConfig(backend="compiled", device="cpu", threads=1), max_active=2)
     assert engine.backend_name == "compiled"
-    for seed, active in ((0, [1, 3]), (5, [0, 2])):  # two active sets of one size share one compiled variant
+    for seed, active in ((0, [1, 3]), (5, [0, 2]), (6, None)):
         obs = _obs(eager, seed)
         got = engine.infer(obs, seed=seed, active=active)
         want = eager.infer(obs, seed=seed, active=active)
+        assert got.active == want.active
         np.testing.assert_allclose(got.action, want.action, atol=FP32_ATOL, rtol=0)
 
 

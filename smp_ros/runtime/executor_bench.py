@@ -4,7 +4,9 @@ A smooth reference motion is "predicted" by a policy at ``policy_rate_hz``: ever
 reference from its observation time on, plus a per-chunk error (an offset and a drift, as two
 diffusion samples from nearby states disagree), and arrives ``latency_s`` after its observation.
 The executor produces targets at ``command_rate_hz``; we measure what the arm would be asked to do:
-the largest per-tick step, jerk (third difference), and the RMS distance to the reference.
+the largest per-tick step, jerk (third difference), the RMS distance to the reference, and how
+long the commands take to follow a change of the scene (plans from observations after
+``step_at_s`` are shifted by ``step_rad``: what a closed loop must react to).
 
     python -m smp_ros.runtime.executor_bench --json executor.json
 """
@@ -31,6 +33,8 @@ class Scenario:
     latency_s: float = 0.06
     offset_std: float = 0.02  # rad, per-chunk disagreement
     drift_std: float = 0.05  # rad/s, per-chunk disagreement growing along the chunk
+    step_at_s: float = 3.0  # the scene changes: plans from observations after this time shift by step_rad
+    step_rad: float = 0.2
     seed: int = 0
 
 
@@ -59,7 +63,8 @@ def simulate(blend: str, scenario: Scenario, blend_window_s: float = 0.1, ensemb
             steps = stamp + dt * np.arange(scenario.horizon)
             error = rng.normal(0, scenario.offset_std, ACTION_DIM) + np.outer(
                 steps - stamp, rng.normal(0, scenario.drift_std, ACTION_DIM))  # (H, D)
-            ex.submit(ActionChunk(reference(steps) + error, stamp, dt), now)
+            shift = scenario.step_rad if stamp >= scenario.step_at_s else 0.0
+            ex.submit(ActionChunk(reference(steps) + shift + error, stamp, dt), now)
         cmd = ex.command(now)
         if cmd.state == HOLD:
             continue
@@ -68,17 +73,24 @@ def simulate(blend: str, scenario: Scenario, blend_window_s: float = 0.1, ensemb
     return np.asarray(times), np.asarray(targets)
 
 
-def metrics(times: np.ndarray, targets: np.ndarray, command_rate_hz: float) -> dict[str, float]:
-    h = 1.0 / command_rate_hz
+def metrics(times: np.ndarray, targets: np.ndarray, scenario: Scenario) -> dict[str, float]:
+    """Smoothness (step, jerk), accuracy before the scene change, and the response time to it."""
+    h = 1.0 / scenario.command_rate_hz
     step = np.abs(np.diff(targets, axis=0))  # (T-1, D)
     jerk = np.abs(np.diff(targets, n=3, axis=0)) / h**3  # (T-3, D)
-    err = targets - reference(times)
+    before = times < scenario.step_at_s
+    err = targets[before] - reference(times[before])
+    # Fraction of the scene change the commands have followed, averaged over joints (noise averages out).
+    followed = (targets - reference(times)).mean(axis=1) / scenario.step_rad  # (T,)
+    after = times >= scenario.step_at_s
+    reached = np.flatnonzero(after & (followed >= 0.9))
     return {
         "max_step_rad": float(step.max()),
         "p99_step_rad": float(np.percentile(step.max(axis=1), 99)),
         "max_jerk_rad_s3": float(jerk.max()),
         "p99_jerk_rad_s3": float(np.percentile(jerk.max(axis=1), 99)),
         "rms_error_rad": float(np.sqrt(np.mean(err**2))),
+        "response_90_s": float(times[reached[0]] - scenario.step_at_s) if reached.size else float("inf"),
     }
 
 
@@ -87,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=float, default=Scenario.latency_s, help="inference latency (s)")
     parser.add_argument("--window", type=float, default=0.1, help="blend window (s)")
     parser.add_argument("--seeds", type=int, default=5, help="scenarios averaged per mode")
+    parser.add_argument("--decay", type=float, default=0.5, help="ensemble weight decay per chunk")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,16 +108,16 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for seed in range(args.seeds):
             sc = Scenario(latency_s=args.latency, seed=seed)
-            t, x = simulate(blend, sc, blend_window_s=args.window)
-            rows.append(metrics(t, x, sc.command_rate_hz))
+            t, x = simulate(blend, sc, blend_window_s=args.window, ensemble_decay=args.decay)
+            rows.append(metrics(t, x, sc))
         results[blend] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    header = f"{'blend':<10}" + "".join(f"{k:>18}" for k in results["none"])
+    header = f"{'blend':<10}" + "".join(f"{k:>17}" for k in results["none"])
     print(header)
     for blend, row in results.items():
-        print(f"{blend:<10}" + "".join(f"{v:>18.4g}" for v in row.values()))
+        print(f"{blend:<10}" + "".join(f"{v:>17.4g}" for v in row.values()))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"scenario": asdict(Scenario(latency_s=args.latency)), "window_s": args.window,
+            json.dump({"scenario": asdict(Scenario(latency_s=args.latency)), "window_s": args.window, "decay": args.decay,
                        "seeds": args.seeds, "results": results}, fh, indent=2)
     return 0
 

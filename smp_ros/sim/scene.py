@@ -32,7 +32,7 @@ ARM_BASES = {"left": np.array([0.0, 0.3, 0.0]), "right": np.array([0.0, -0.3, 0.
 TOOL = 0.10  # m along the flange z axis: the point between the finger pads, used by IK
 GRIPPER_MAX = 0.07  # m, total opening
 FINGER_PAD_HALF = (0.012, 0.005, 0.02)  # half sizes (flange x, closing y, z) of a finger pad
-HOME = np.array([0.0, 0.4, -0.6, 0.0, 0.5, 0.0])  # rad, a folded pose clear of the table
+HOME = np.array([0.0, 1.123, -0.611, 0.0, 1.146, 0.0])  # rad: tool 0.15 m ahead, 0.12 m up, pointing down
 
 # Servo gains (N*m/rad, N*m*s/rad) and torque limits (N*m) per joint: stiff enough to hold a
 # 0.1 kg object within a millimetre, bounded like the real motors.
@@ -148,8 +148,8 @@ def look_at_xyaxes(eye, target, up=(0.0, 0.0, 1.0)) -> str:
     return _vec(np.concatenate([x, y]))
 
 
-def build_xml(cfg: SimConfig, objects_xml: str = "", object_assets: str = "") -> str:
-    """The complete MJCF: table, both arms, cameras, plus a task's bodies and assets."""
+def build_xml(cfg: SimConfig, objects_xml: str = "", object_assets: str = "", extras: str = "") -> str:
+    """The complete MJCF: table, both arms, cameras, plus a task's bodies, assets and extras."""
     height, width = cfg.image_size
     eye, target = (-0.3, 0.0, 0.65), (0.25, 0.0, 0.0)
     return f"""<mujoco model="bimanual_piper">
@@ -196,5 +196,6 @@ def build_xml(cfg: SimConfig, objects_xml: str = "", object_assets: str = "") ->
     {_actuators_xml("left")}
     {_actuators_xml("right")}
   </actuator>
+  {extras}
 </mujoco>
 """

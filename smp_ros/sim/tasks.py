@@ -13,6 +13,11 @@ top-down grasp fits the 0.07 m opening and lies in the arms' low top-down reach 
 - handover: a screwdriver (handle + shaft) lying along y in front of the left arm.
 - pour_beans: an open cup with beans (small spheres) in front of the left arm, a bowl with a
   grasping tab in front of the right arm; success = at least half the beans in the bowl.
+  Weld-on-grasp fallback: pouring tilts the cup about the fingers' closing axis, which only the
+  pads' torsional friction resists, and MuJoCo's soft torsional friction lets the cup swing
+  upright. So while the left fingers hold the cup (both pads touch it, gripper commanded closed)
+  a weld constraint fixes the cup to the flange at its current relative pose; it is released as
+  soon as the gripper is commanded open. Every other grasp is pure friction.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from smp_ros.config import TASKS
-from smp_ros.sim import kinematics as K
+from smp_ros.sim.scene import mat_to_quat
 
 TABLE_Z = 0.0
 LIFT_MIN = 0.03  # m above the resting height counts as "lifted"
@@ -47,8 +52,8 @@ class Task:
     n_stages: int = 4
     bodies: tuple[str, ...] = ()
 
-    def objects_xml(self) -> tuple[str, str]:
-        """(MJCF bodies, MJCF assets) of the task's objects."""
+    def objects_xml(self) -> tuple[str, str, str]:
+        """(MJCF bodies, MJCF assets, MJCF top-level extras such as equality constraints)."""
         raise NotImplementedError
 
     def bind(self, world) -> None:
@@ -85,6 +90,9 @@ class Task:
     def success(self, world) -> bool:
         return world.stage() >= self.n_stages
 
+    def update(self, world) -> None:
+        """Called once per ``world.step``; tasks with grasp-time constraints override it."""
+
     def state(self, world) -> dict:
         return {name: {"pos": self.pos(world, name).tolist()} for name in self.bodies}
 
@@ -103,7 +111,7 @@ class PenCap(Task):
                f'<joint name="cap_slide" type="slide" axis="0 -1 0" range="0 0.08" frictionloss="1.5" damping="0.5"/>'
                f'<geom class="object" type="box" size="{cx} {cy} {cz}" mass="0.01" rgba="0.1 0.2 0.8 1"/></body>')
         inner = f'<geom class="object" type="box" size="{px} {py} {pz}" mass="0.03" rgba="0.9 0.9 0.2 1"/>' + cap
-        return _free_body("pen", (0.22, 0.08, pz), inner), ""
+        return _free_body("pen", (0.22, 0.08, pz), inner), "", ""
 
     def bind(self, world):
         super().bind(world)
@@ -118,14 +126,14 @@ class PenCap(Task):
         return float(world.data.qpos[self.slide_adr])
 
     def stage_reached(self, world, stage):
-        pen, both = self.body_ids("pen"), self.body_ids("pen", "cap")
+        pen = self.body_ids("pen")
         if stage == 1:
             return world.grasping("left", pen)
         if stage == 2:
             return world.grasping("left", pen) and self.lifted(world, "pen")
         if stage == 3:
             return world.grasping("right", self.body_ids("cap")) and self.lifted(world, "pen")
-        return self.cap_travel(world) >= self.CAP_OFF and not world.touching("left", set()) and both is not None
+        return self.cap_travel(world) >= self.CAP_OFF
 
     def state(self, world):
         out = super().state(world)
@@ -147,7 +155,7 @@ class CupsInBowl(Task):
             _free_body("bowl", (0.24, 0.0, 0.0),
                        _bowl_geoms(self.BOWL_R, self.BOWL_H, "0.9 0.9 0.95 1") +
                        '<inertial pos="0 0 0.01" mass="0.4" diaginertia="1e-3 1e-3 2e-3"/>'),
-        ]), "")
+        ]), "", "")
 
     def randomize(self, world, rng):
         self.set_pose(world, "bowl", (0.24 + rng.uniform(-0.015, 0.015), rng.uniform(-0.015, 0.015), 0.0))
@@ -184,7 +192,7 @@ class Handover(Task):
         inner = (f'<geom class="object" type="box" size="{hx} {hy} {hz}" mass="0.05" rgba="0.95 0.45 0.1 1"/>'
                  f'<geom class="object" type="box" size="{sx} {sy} {sz}" pos="0 {-hy - sy} {sz - hz}" mass="0.03" '
                  f'rgba="0.6 0.6 0.65 1"/>')
-        return _free_body("tool", (0.21, 0.12, hz), inner), ""
+        return _free_body("tool", (0.21, 0.12, hz), inner), "", ""
 
     def randomize(self, world, rng):
         pos = (0.21 + rng.uniform(-0.02, 0.02), 0.12 + rng.uniform(-0.02, 0.02), self.HANDLE_HALF[2])
@@ -207,7 +215,7 @@ class PourBeans(Task):
     n_stages = 5
     N_BEANS = 12
     BEAN_R = 0.0065
-    CUP_HALF, CUP_H = 0.022, 0.06  # outer half width, height
+    CUP_HALF, CUP_H = 0.03, 0.05  # outer half width, wall height
     BOWL_R, BOWL_H = 0.07, 0.03
     SUCCESS_SHARE = 0.5
 
@@ -216,10 +224,12 @@ class PourBeans(Task):
         return ("cup", "bowl") + tuple(f"bean{i}" for i in range(self.N_BEANS))
 
     def objects_xml(self):
-        w, h, t = self.CUP_HALF, self.CUP_H, 0.003
+        # A scoop: three full walls and a low lip on the -x side, over which the beans pour when
+        # the cup is tilted towards -x (a top-down grasp can tilt it ~70 deg, not past 90).
+        w, h, t, lip = self.CUP_HALF, self.CUP_H, 0.003, 0.005
         cup = [f'<geom class="object" type="box" size="{w} {w} {t}" pos="0 0 {t}" rgba="0.2 0.5 0.9 1"/>']
-        for x, y, sx, sy in ((w - t, 0, t, w), (-w + t, 0, t, w), (0, w - t, w, t), (0, -w + t, w, t)):
-            cup.append(f'<geom class="object" type="box" size="{sx} {sy} {h / 2}" pos="{x} {y} {h / 2}" '
+        for x, y, sx, sy, hz in ((w - t, 0, t, w, h), (-w + t, 0, t, w, lip), (0, w - t, w, t, h), (0, -w + t, w, t, h)):
+            cup.append(f'<geom class="object" type="box" size="{sx} {sy} {hz / 2}" pos="{x} {y} {hz / 2 + t}" '
                        f'rgba="0.2 0.5 0.9 1"/>')
         cup.append('<inertial pos="0 0 0.02" mass="0.06" diaginertia="3e-5 3e-5 3e-5"/>')
         bowl = (_bowl_geoms(self.BOWL_R, self.BOWL_H, "0.9 0.9 0.95 1") +
@@ -229,17 +239,37 @@ class PourBeans(Task):
         beans = [_free_body(f"bean{i}", (0.2, 0.15, 0.02 + 0.014 * i),
                             f'<geom class="object" type="sphere" size="{self.BEAN_R}" mass="0.002" '
                             f'rgba="0.45 0.25 0.1 1"/>') for i in range(self.N_BEANS)]
-        return _free_body("cup", (0.2, 0.15, 0.0), "".join(cup)) + _free_body("bowl", (0.2, -0.15, 0.0), bowl) + "".join(beans), ""
+        weld = '<equality><weld name="cup_weld" body1="left_flange" body2="cup" active="false"/></equality>'
+        return (_free_body("cup", (0.2, 0.15, 0.0), "".join(cup)) + _free_body("bowl", (0.2, -0.15, 0.0), bowl)
+                + "".join(beans)), "", weld
+
+    def bind(self, world):
+        super().bind(world)
+        self.weld = world.model.equality("cup_weld").id
+
+    def update(self, world):
+        d = world.data
+        closed = world.arms["left"].gripper_target() < 0.03
+        if not d.eq_active[self.weld] and closed and world.grasping("left", self.body_ids("cup")):
+            f, c = d.body("left_flange"), d.body("cup")
+            Rf = f.xmat.reshape(3, 3)
+            rel_R = Rf.T @ c.xmat.reshape(3, 3)
+            world.model.eq_data[self.weld, 3:6] = Rf.T @ (c.xpos - f.xpos)
+            world.model.eq_data[self.weld, 6:10] = mat_to_quat(rel_R)
+            world.model.eq_data[self.weld, 10] = 1.0
+            d.eq_active[self.weld] = 1
+        elif d.eq_active[self.weld] and not closed:
+            d.eq_active[self.weld] = 0
 
     def randomize(self, world, rng):
         cup = np.array([0.2 + rng.uniform(-0.015, 0.015), 0.15 + rng.uniform(-0.015, 0.015), 0.0])
         self.set_pose(world, "cup", cup)
         self.set_pose(world, "bowl", (0.21 + rng.uniform(-0.015, 0.015), -0.13 + rng.uniform(-0.015, 0.015), 0.0))
-        # Beans in a 2 x 2 grid of columns inside the cup, stacked; they settle during reset.
+        # Beans on a 3 x 3 grid inside the scoop, a second layer on top; they settle during reset.
         for i in range(self.N_BEANS):
-            col, layer = i % 4, i // 4
-            off = 0.0085 * np.array([(-1) ** col, (-1) ** (col // 2)])
-            self.set_pose(world, f"bean{i}", (cup[0] + off[0], cup[1] + off[1], 0.012 + 0.0135 * layer))
+            cell, layer = i % 9, i // 9
+            off = 0.0145 * np.array([cell % 3 - 1, cell // 3 - 1]) + 0.003
+            self.set_pose(world, f"bean{i}", (cup[0] + off[0], cup[1] + off[1], 0.013 + 0.0135 * layer))
         for i in range(self.N_BEANS):
             self.rest_z[f"bean{i}"] = 0.0
 

@@ -122,8 +122,7 @@ class BimanualWorld:
     def __init__(self, cfg: SimConfig, task: str, seed: int = 0):
         self.cfg = cfg
         self.task = make_task(task)
-        bodies, assets = self.task.objects_xml()
-        self.xml = scene.build_xml(cfg, bodies, assets)
+        self.xml = scene.build_xml(cfg, *self.task.objects_xml())
         self.model = mujoco.MjModel.from_xml_string(self.xml)
         self.data = mujoco.MjData(self.model)
         self.arms = {side: ArmPlant(self, side) for side in ("left", "right")}
@@ -144,7 +143,7 @@ class BimanualWorld:
     def reset(self, seed: int | None = None) -> None:
         if seed is not None:
             self.seed = int(seed)
-        mujoco.mj_resetData(self.model, self.data)
+        mujoco.mj_resetData(self.model, self.data)  # also deactivates grasp welds (eq_active0)
         self.rng = np.random.default_rng(self.seed)
         for arm in self.arms.values():
             arm.reset(scene.HOME, scene.GRIPPER_MAX)
@@ -169,6 +168,7 @@ class BimanualWorld:
             mujoco.mj_step(self.model, self.data)
             for hook in self.post_step_hooks:
                 hook(self)
+        self.task.update(self)
         self._update_stage()
 
     def close(self) -> None:

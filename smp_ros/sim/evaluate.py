@@ -1,0 +1,194 @@
+"""Closed-loop evaluation: run a policy against the simulated arms and report success and progress.
+
+Commands travel the robot's path: ``BimanualPiper`` -> piper_sdk -> python-can ``virtual`` bus ->
+``PiperCanEmulator`` -> MuJoCo plant, and joint observations come back the same way (backend
+``piper``, the default). Backend ``direct`` writes setpoints into the plant and reads it directly
+(faster; for debugging a policy without the CAN stack).
+
+``--policy scripted`` runs the scripted experts; any other value is a model directory, handed to
+the factory registered in ``POLICY_FACTORIES["model"]`` (the learned-policy adapter from
+``smp_ros.runtime`` registers itself there): ``factory(path, world) -> policy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from smp_ros.config import SafetyConfig, SimConfig, TASKS
+from smp_ros.sim.types import Observation
+
+POLICY_FACTORIES: dict[str, Callable] = {}
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    progress: float
+    stage: int
+    sim_time: float
+    wall_time: float
+    phases: list
+
+
+class DirectArms:
+    """Setpoints straight into the plant (no CAN)."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def step(self, dt: float) -> None:
+        self.world.step(dt)
+
+    def qpos(self) -> np.ndarray:
+        return self.world.qpos()
+
+    def send(self, action: np.ndarray) -> None:
+        for k, side in enumerate(("left", "right")):
+            arm = self.world.arms[side]
+            arm.set_joint_targets(np.clip(action[7 * k:7 * k + 6], *arm.limits))
+            arm.set_gripper_target(float(np.clip(action[7 * k + 6], 0.0, 0.07)))
+
+    def close(self) -> None:
+        pass
+
+
+class PiperArms:
+    """Both arms through piper_sdk over virtual CAN to the emulators attached to the world."""
+
+    def __init__(self, world, safety: SafetyConfig | None = None):
+        from smp_ros.hardware.piper import BimanualPiper, PiperArm
+        from smp_ros.sim.can_emulator import attach
+
+        self.world = world
+        tag = uuid.uuid4().hex[:8]
+        channels = {"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"}
+        self.emus = attach(world, channels)
+        clock = lambda: self.emus["left"].time  # noqa: E731  (simulated time is the arms' clock)
+        # Scripted motions step up to ~0.1 rad per 50 ms tick; the default per-tick cap is for 100 Hz.
+        safety = safety or SafetyConfig(max_joint_step=0.15)
+        self.pair = BimanualPiper(*(PiperArm(channels[s], s, bustype="virtual", clock=clock, safety=safety,
+                                             speed_percent=100) for s in ("left", "right")))
+        self.pair.connect()
+        self.step(0.02)
+        self.pair.enable()
+        self.step(0.02)
+
+    def step(self, dt: float) -> None:
+        self.world.step(dt)
+        for side, arm in self.pair.arms.items():
+            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
+                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+
+    def qpos(self) -> np.ndarray:
+        return self.pair.get_qpos()
+
+    def send(self, action: np.ndarray) -> None:
+        self.pair.send_action(action)
+
+    def close(self) -> None:
+        self.pair.disconnect()
+        for emu in self.emus.values():
+            emu.close()
+        self.world.post_step_hooks.clear()
+
+
+def make_policy(spec: str, world):
+    if spec == "scripted":
+        from smp_ros.sim.experts import ScriptedExpert
+        return ScriptedExpert(world)
+    if "model" not in POLICY_FACTORIES:
+        raise ValueError(f"--policy {spec!r}: no learned-policy factory registered; expected 'scripted' or a "
+                         f"model directory with smp_ros.runtime installed")
+    if not Path(spec).is_dir():
+        raise ValueError(f"--policy {spec!r}: not a model directory")
+    return POLICY_FACTORIES["model"](spec, world)
+
+
+def run_episode(world, policy, seed: int, *, backend: str = "piper", render: bool = True,
+                on_step: Callable | None = None) -> EpisodeResult:
+    """One episode of ``cfg.episode_steps`` control steps; ``on_step(k, obs, action, arms)`` sees each."""
+    cfg = world.cfg
+    dt = 1.0 / cfg.control_rate_hz
+    world.reset(seed)
+    arms = PiperArms(world) if backend == "piper" else DirectArms(world)
+    wall = time.perf_counter()
+    phases = []
+    try:
+        policy.reset(world.task.name)
+        for k in range(cfg.episode_steps):
+            images = {c: world.render(c) for c in cfg.cameras} if render else {}
+            obs = Observation(time=world.time, qpos=arms.qpos(), images=images, task=world.task.name)
+            action = np.asarray(policy.act(obs), dtype=float)
+            if action.shape != (14,) or not np.all(np.isfinite(action)):
+                raise ValueError(f"policy.act returned {action.shape} with non-finite values; expected finite (14,)")
+            arms.send(action)
+            phases.append(getattr(policy, "phase", ""))
+            if on_step is not None:
+                on_step(k, obs, action, arms)
+            arms.step(dt)
+    finally:
+        arms.close()
+    return EpisodeResult(world.task.name, seed, bool(world.success()), world.progress(), world.stage(),
+                         world.time, time.perf_counter() - wall, phases)
+
+
+def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
+             backend: str = "piper", render: bool = True) -> dict:
+    from smp_ros.sim.world import BimanualWorld
+
+    cfg = cfg or SimConfig()
+    report = {"policy": policy_spec, "backend": backend, "episodes": episodes, "tasks": {}}
+    for task in tasks:
+        with BimanualWorld(cfg, task, seed) as world:
+            policy = make_policy(policy_spec, world)
+            results = [run_episode(world, policy, seed + i, backend=backend, render=render) for i in range(episodes)]
+        report["tasks"][task] = {
+            "success_rate": float(np.mean([r.success for r in results])),
+            "mean_progress": float(np.mean([r.progress for r in results])),
+            "mean_episode_wall_s": float(np.mean([r.wall_time for r in results])),
+            "episodes": [{k: v for k, v in asdict(r).items() if k != "phases"} for r in results],
+        }
+    rows = report["tasks"].values()
+    report["success_rate"] = float(np.mean([r["success_rate"] for r in rows]))
+    report["mean_progress"] = float(np.mean([r["mean_progress"] for r in rows]))
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"{'task':<14}{'success':>9}{'progress':>10}{'episode s':>11}")
+    for task, r in report["tasks"].items():
+        print(f"{task:<14}{r['success_rate']:>9.2f}{r['mean_progress']:>10.2f}{r['mean_episode_wall_s']:>11.2f}")
+    print(f"{'all':<14}{report['success_rate']:>9.2f}{report['mean_progress']:>10.2f}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="scripted", help="'scripted' or a model directory")
+    parser.add_argument("--task", default="all", choices=TASKS + ("all",))
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--backend", default="piper", choices=("piper", "direct"))
+    parser.add_argument("--no-render", action="store_true", help="skip cameras (scripted policy only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.episodes < 1:
+        raise SystemExit(f"--episodes: expected >= 1, got {args.episodes}")
+    tasks = TASKS if args.task == "all" else (args.task,)
+    report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
+                      render=not args.no_render)
+    print_table(report)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0

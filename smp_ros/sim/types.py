@@ -1,0 +1,15 @@
+"""The observation a closed-loop policy receives once per control step (docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Observation:
+    time: float  # s, simulated (or robot) time of the joint reading
+    qpos: np.ndarray  # (14,) [left j1..j6 rad, left gripper m, right j1..j6, right gripper]
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> (H, W, 3) uint8 RGB
+    task: str = ""

@@ -1,0 +1,37 @@
+"""Observation encoder: torchvision ResNet-18 topology with GroupNorm, preprocessing inside the encoder."""
+
+import torch
+import torchvision
+from torch import nn
+
+from smp_ros.config import preset
+from smp_ros.model.encoder import ObservationEncoder, ResNet18Backbone
+
+torch.set_num_threads(1)
+
+
+def test_width_64_is_torchvision_resnet18_with_groupnorm():
+    ref = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(c // 16, c))
+    ref.fc = nn.Identity()
+    ours = ResNet18Backbone(64, 16)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # same names and shapes
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(ours.eval()(x), ref.eval()(x), atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
+
+
+def test_preprocessing_resizes_crops_and_scales():
+    cfg = preset("tiny").model
+    cfg.encoder.mode, cfg.encoder.image_size, cfg.encoder.crop_ratio = "vision", (40, 40), 0.8
+    cfg.encoder.cameras, cfg.encoder.backbone_width = ("cam_high",), 16
+    enc = ObservationEncoder(cfg)
+    images = torch.full((3, 80, 80, 3), 255, dtype=torch.uint8)
+    images[:, :40] = 0
+    enc.eval()
+    x = enc.preprocess(images)
+    assert x.shape == (3, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+    assert torch.allclose(x[:, :, 0], torch.zeros(3, 3, 32)) and torch.allclose(x[:, :, -1], torch.ones(3, 3, 32))
+    enc.train()
+    crops = enc.preprocess(images[:1].expand(64, -1, -1, -1), generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (64, 3, 32, 32)
+    assert len({int(c[0, :, 0].sum()) for c in crops}) > 1  # random offsets differ between images

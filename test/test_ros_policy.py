@@ -1,0 +1,245 @@
+"""The policy node end to end: a tiny vision SMP trained here (a few dozen steps, quality not
+asserted) drives the simulated arms over real topics; and the reasons to hold (stale camera, stale
+joint state, missed inference deadline), each with a log that says why."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.ros
+
+os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+import rclpy  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import Image, JointState  # noqa: E402
+
+from smp_ros.config import ConfigError, EncoderConfig, SafetyConfig, preset  # noqa: E402
+from smp_ros.model import batch as keys  # noqa: E402
+from smp_ros.model.checkpoint import save_model  # noqa: E402
+from smp_ros.model.policy import build_policy  # noqa: E402
+from smp_ros.msg import PolicyStatus, SkillState  # noqa: E402
+from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, joint_state_msg  # noqa: E402
+from smp_ros.srv import SetTask  # noqa: E402
+
+HOME = np.array([0.0, 0.4, -0.6, 0.0, 0.5, 0.0, 0.035] * 2)
+CAMERA = "cam_high"
+NAMES = {arm: [f"{arm}_joint{i}" for i in range(1, 7)] + [f"{arm}_gripper"] for arm in ("left", "right")}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny one-camera SMP, trained for a few dozen steps on actions near the home pose."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.model.encoder = EncoderConfig(mode="vision", cameras=(CAMERA,), image_size=(32, 32), proprio_hidden=32,
+                                      task_embed_dim=8, state_dim=32)
+    policy = build_policy(cfg.model)
+    span = np.full(14, 0.2)
+    stats = {"qpos": {"min": (HOME - span).tolist(), "max": (HOME + span).tolist()},
+             "action": {"min": (HOME - span).tolist(), "max": (HOME + span).tolist()}}
+    policy.set_normalizer(stats)
+    m, L, T_o, H = 4, 2, cfg.model.obs_steps, cfg.model.horizon
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    policy.train()
+    for step in range(30):
+        qpos = HOME + rng.uniform(-0.1, 0.1, (m, L, T_o, 14))
+        batch = {keys.QPOS: torch.tensor(qpos, dtype=torch.float32),
+                 keys.IMAGES: torch.tensor(rng.integers(0, 255, (m, L, T_o, 1, 32, 32, 3)), dtype=torch.uint8),
+                 keys.TASK: torch.tensor(rng.integers(0, 4, m)),
+                 keys.ACTION: torch.tensor(qpos[:, :, -1:, :].repeat(H, axis=2), dtype=torch.float32)}
+        loss = policy.compute_loss(batch, step)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_vision_smp"))
+
+
+def policy_params(model, **extra):
+    values = {"model": str(model), "backend": "eager", "device": "cpu", "threads": 1,
+              "command_rate_hz": 100.0, "policy_rate_hz": 10.0, **extra}
+    return [Parameter(k, value=v) for k, v in values.items()]
+
+
+class Graph:
+    """An executor spinning the given nodes plus a probe node that records the policy's outputs."""
+
+    def __init__(self, *nodes):
+        self.probe = rclpy.create_node("policy_probe")
+        self.cmds, self.skills, self.status = [], [], []
+        self.probe.create_subscription(JointState, "/left/joint_cmd", self.cmds.append, COMMAND_QOS)
+        self.probe.create_subscription(SkillState, "/smp/skill_state", self.skills.append, 10)
+        self.probe.create_subscription(PolicyStatus, "/smp/policy_status", self.status.append, LATCHED_QOS)
+        self.nodes = [*nodes, self.probe]
+        self.executor = MultiThreadedExecutor(num_threads=6)
+        for node in self.nodes:
+            self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.executor.shutdown()
+        self.thread.join()
+        for node in self.nodes:
+            node.destroy_node()
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def ros():
+    rclpy.init()
+    yield
+    rclpy.try_shutdown()
+
+
+@pytest.mark.sim
+def test_policy_drives_the_simulated_arms(ros, tiny_model):
+    from smp_ros.nodes.sim_node import SimNode
+
+    sim = SimNode(parameter_overrides=[Parameter("sim.cameras", value=[CAMERA]),
+                                       Parameter("sim.image_size", value=[32, 32])])
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model))
+    graph = Graph(sim, policy)
+    try:
+        wait_for(lambda: len(graph.skills) >= 5 and len(graph.cmds) >= 200, what="chunks and commands")
+        stamps = np.array([c.header.stamp.sec + 1e-9 * c.header.stamp.nanosec for c in graph.cmds[-150:]])
+        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        assert rate > 50.0, f"commands at {rate:.0f} Hz by their stamps, configured 100 Hz"
+        assert list(graph.cmds[-1].name) == NAMES["left"]
+        assert np.all(np.isfinite(graph.cmds[-1].position))
+        limits = SafetyConfig()
+        q = np.array([c.position for c in graph.cmds])  # (N, 7)
+        assert np.all(q[:, :6] >= np.array(limits.joint_lower) - 1e-9)
+        assert np.all(q[:, :6] <= np.array(limits.joint_upper) + 1e-9)
+
+        cfg = policy.engine.cfg  # K = 4 experts, at most k = 3 active
+        for skill in graph.skills:
+            active = list(skill.active_experts)
+            assert 1 <= len(active) <= cfg.selection.k < cfg.num_experts
+            assert active == sorted(set(active)) and all(0 <= i < cfg.num_experts for i in active)
+            assert len(skill.gate) == cfg.num_experts and abs(sum(skill.gate) - 1.0) < 1e-4
+            mass = np.square(np.array(skill.gate))
+            assert np.isclose(skill.coverage, mass[active].sum() / mass.sum(), atol=1e-4)
+            assert skill.task == "pen_cap" and skill.task_id == 0 and skill.denoising_steps == 10
+            assert skill.latency_denoise > 0 and skill.latency_total >= skill.latency_denoise
+        assert [s.chunk_index for s in graph.skills] == list(range(1, len(graph.skills) + 1))
+
+        # The task can change at run time; the next chunks are planned for it.
+        client = graph.probe.create_client(SetTask, "/smp/set_task")
+        assert client.wait_for_service(timeout_sec=10.0)
+        bad = client.call_async(SetTask.Request(task="juggling"))
+        wait_for(bad.done, what="set_task reply")
+        assert not bad.result().success and "juggling" in bad.result().message
+        good = client.call_async(SetTask.Request(task="handover"))
+        wait_for(good.done, what="set_task reply")
+        assert good.result().success
+        wait_for(lambda: graph.skills[-1].task == "handover" and graph.skills[-1].task_id == 2,
+                 what="a chunk for the new task")
+    finally:
+        graph.close()
+
+
+class FakeRobot:
+    """Publishes joint states (200 Hz) and camera frames (20 Hz) stamped now, like the drivers do;
+    each stream can be stopped to make it stale."""
+
+    def __init__(self):
+        self.node = rclpy.create_node("fake_robot")
+        self.joint_pubs = {a: self.node.create_publisher(JointState, f"/{a}/joint_states", SENSOR_QOS)
+                           for a in ("left", "right")}
+        self.image_pub = self.node.create_publisher(Image, f"/cameras/{CAMERA}/image_raw", SENSOR_QOS)
+        self.live = {"left": True, "right": True, CAMERA: True}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def _run(self):
+        i = 0
+        frame = np.full((32, 32, 3), 90, np.uint8)
+        while not self._stop.is_set():
+            now = self.node.get_clock().now()
+            t = now.nanoseconds * 1e-9
+            for arm, pub in self.joint_pubs.items():
+                if self.live[arm]:
+                    pub.publish(joint_state_msg(NAMES[arm], t, HOME[:7]))
+            if self.live[CAMERA] and i % 10 == 0:
+                msg = Image(height=32, width=32, encoding="rgb8", step=96)
+                msg.data = frame.tobytes()
+                msg.header.stamp = now.to_msg()
+                self.image_pub.publish(msg)
+            i += 1
+            time.sleep(0.005)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _holding_on(graph, text):
+    return bool(graph.status) and graph.status[-1].holding and text in graph.status[-1].reason
+
+
+def test_stale_streams_make_the_policy_hold(ros, tiny_model, capfd):
+    robot = FakeRobot()
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model))
+    graph = Graph(policy, robot.node)
+    robot.start()
+    try:
+        wait_for(lambda: len(graph.cmds) >= 20, what="commands from fresh observations")
+        for stream, topic in ((CAMERA, f"/cameras/{CAMERA}/image_raw"), ("left", "/left/joint_states")):
+            robot.live[stream] = False
+            wait_for(lambda: _holding_on(graph, f"stale {topic}"), what=f"a hold on stale {topic}")
+            time.sleep(0.3)  # commands already in flight have arrived by now
+            count = len(graph.cmds)
+            time.sleep(0.5)
+            assert len(graph.cmds) == count, f"commands kept flowing with a stale {topic}"
+            robot.live[stream] = True
+            wait_for(lambda: len(graph.cmds) > count + 10, what=f"commands after {topic} recovered")
+        log = capfd.readouterr().err
+        assert f"HOLD: stale /cameras/{CAMERA}/image_raw" in log and "HOLD: stale /left/joint_states" in log
+        assert "safety.stale_after_s" in log
+    finally:
+        robot.close()
+        graph.close()
+
+
+def test_missed_inference_deadline_holds(ros, tiny_model, capfd):
+    robot = FakeRobot()
+    # A deadline no inference can meet, through the real parameter.
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model, inference_deadline_s=1e-6))
+    graph = Graph(policy, robot.node)
+    robot.start()
+    try:
+        wait_for(lambda: _holding_on(graph, "deadline") and graph.status[-1].missed_deadlines >= 2,
+                 what="a hold on missed deadlines")
+        assert graph.cmds == [] and graph.skills == []
+        assert "HOLD: inference missed its deadline" in capfd.readouterr().err
+    finally:
+        robot.close()
+        graph.close()
+
+
+def test_bad_parameters_are_named(ros):
+    with pytest.raises(ConfigError, match="chunk_blend"):
+        PolicyNode(parameter_overrides=[Parameter("chunk_blend", value="average")])
+    with pytest.raises(ConfigError, match="tau_m"):
+        PolicyNode(parameter_overrides=[Parameter("tau_m", value=1.5)])
