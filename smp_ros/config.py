@@ -358,8 +358,10 @@ class RuntimeConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     policy_rate_hz: float = 10.0
     command_rate_hz: float = 100.0
-    chunk_blend: str = "ensemble"  # how consecutive chunks are joined: "ensemble" | "splice" | "none"
-    ensemble_decay: float = 0.5  # ACT weight exp(-decay * n) per chunk; > 0 favours older plans
+    # How consecutive chunks are joined: "splice" | "ensemble" | "none" (runtime/executor.py). Splice
+    # follows a new plan in ~0.15 s, the ensemble in ~0.6 s but smoother (BENCHMARKS.md, executor).
+    chunk_blend: str = "splice"
+    ensemble_decay: float = 0.0  # ACT weight exp(-decay * n) per chunk; > 0 favours older plans
     blend_window_s: float = 0.1  # fade-in / cross-fade window of a new chunk (BENCHMARKS.md)
     threads: int = 0  # torch intra-op threads on the CPU; 0 = all cores the process may use
     sync_slop_s: float = 0.05

@@ -104,7 +104,7 @@ def _smoothstep(x: float) -> float:
 class ChunkExecutor:
     """Blend incoming chunks into one target per command tick; pure logic, clock passed in."""
 
-    def __init__(self, blend: str = "splice", blend_window_s: float = 0.1, ensemble_decay: float = 0.5,
+    def __init__(self, blend: str = "splice", blend_window_s: float = 0.1, ensemble_decay: float = 0.0,
                  stale_after_s: float = 0.2, max_chunks: int = 8) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend: expected one of {BLENDS}, got {blend!r}")

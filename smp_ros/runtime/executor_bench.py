@@ -45,7 +45,7 @@ def reference(t: np.ndarray) -> np.ndarray:
     return 0.3 * np.sin(2 * np.pi * freqs[None, :] * t[:, None] + phases[None, :])
 
 
-def simulate(blend: str, scenario: Scenario, blend_window_s: float = 0.1, ensemble_decay: float = 0.5
+def simulate(blend: str, scenario: Scenario, blend_window_s: float = 0.1, ensemble_decay: float = 0.0
              ) -> tuple[np.ndarray, np.ndarray]:
     """Run the executor through the scenario; returns (times (T,), targets (T, D)) from the first command on."""
     rng = np.random.default_rng(scenario.seed)
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=float, default=Scenario.latency_s, help="inference latency (s)")
     parser.add_argument("--window", type=float, default=0.1, help="blend window (s)")
     parser.add_argument("--seeds", type=int, default=5, help="scenarios averaged per mode")
-    parser.add_argument("--decay", type=float, default=0.5, help="ensemble weight decay per chunk")
+    parser.add_argument("--decay", type=float, default=0.0, help="ensemble weight decay per chunk")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ class TrainRequest:
     device: str = "auto"
     task: str | None = None  # task name for every bag (overrides the bag's task topic)
     cache_dir: Path | None = None
+    ingest_workers: int | None = None  # processes decoding bags (default: up to 2)
     progress: bool = True
     diagnostics: bool = True
     stop_after: int | None = None  # stop (with a checkpoint) once this step is reached; for tests
@@ -218,7 +219,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     data_cfg = _data_config(cfg)
     cache: DatasetCache | None = None
     if ddp.main:
-        cache = prepare_cache(req.data, data_cfg, cache_dir=req.cache_dir, task=req.task, progress=req.progress)
+        cache = prepare_cache(req.data, data_cfg, cache_dir=req.cache_dir, task=req.task,
+                              workers=req.ingest_workers, progress=req.progress)
     if ddp.world > 1:
         root = [str(cache.root) if cache else None]
         dist.broadcast_object_list(root, src=0)
