@@ -132,3 +132,13 @@ def test_row_padding_respected(tmp_path):
     w = write_bag(tmp_path / "bag", BagSpec(cameras={"cam_high": (30.0, "rgb8")}, row_padding=5, image_hw=(8, 8)))
     ep = load(w.path)
     assert not np.any(ep.images["cam_high"] == 255)  # padding bytes (255) never leak into pixels
+
+
+def test_cache_never_replaces_a_foreign_directory(tmp_path):
+    write_bag(tmp_path / "bags" / "a", BagSpec(cameras={"cam_high": (30.0, "rgb8")}))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="precious: exists and is not a dataset cache"):
+        prepare_cache(tmp_path / "bags", cfg(), cache_dir=precious, workers=1, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"

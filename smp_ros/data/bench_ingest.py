@@ -2,7 +2,7 @@
 
     python -m smp_ros.data.bench_ingest --dir /tmp/smp_bench [--size-gb 1.0] [--storage mcap] [--workers 2]
 
-Bags hold two 640x480 rgb8 cameras at 30 Hz, joint states at 200 Hz and commands at 20 Hz, the
+Bags hold two 640x480 cameras at 30 Hz (rgb8, or JPEG with --encoding jpeg), joint states at 200 Hz and commands at 20 Hz, the
 shape of a real PiPER recording. Prints a table and writes ``bench_ingest.json`` into ``--dir``.
 """
 
@@ -30,16 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episode-s", type=float, default=5.0)
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--encoding", choices=("rgb8", "jpeg"), default="rgb8",
+                   help="raw frames (sensor_msgs/Image) or JPEG (CompressedImage)")
     args = p.parse_args(argv)
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
+    # A flat-colour JPEG is tiny; size the run by frame count of the raw equivalent so both encodings
+    # decode the same number of 640x480 frames.
     per_episode = args.episode_s * 30 * len(CAMERAS) * FRAME_BYTES
     n_episodes = max(1, round(args.size_gb * 1e9 / per_episode))
     t = time.perf_counter()
     for i in range(n_episodes):
         spec = BagSpec(storage=args.storage, start_s=100.0 * i, duration_s=args.episode_s, image_hw=(480, 640),
-                       cameras={c: (30.0, "rgb8") for c in CAMERAS}, seed=i)
+                       cameras={c: (30.0, args.encoding) for c in CAMERAS}, seed=i)
         write_bag(root / "bags" / f"ep{i:03d}", spec)
     write_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in (root / "bags").rglob("*") if f.is_file())
@@ -52,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
     reuse_s = time.perf_counter() - t
 
-    result = {"bags": n_episodes, "bag_bytes": size, "storage": args.storage, "workers": args.workers,
+    result = {"bags": n_episodes, "bag_bytes": size, "storage": args.storage, "encoding": args.encoding,
+              "frames": n_episodes * (int(args.episode_s * 30) + 1) * len(CAMERAS),
+              "workers": args.workers,
               "cpu_count": os.cpu_count(), "control_steps": cache.num_steps, "write_s": write_s,
               "ingest_s": ingest_s, "ingest_mb_per_s": size / 1e6 / ingest_s,
               "seconds_per_gb": ingest_s / (size / 1e9), "cache_reuse_s": reuse_s}

@@ -19,6 +19,7 @@ Statistics (``index["stats"]``, also the policy's normalizer input)::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import multiprocessing
@@ -110,6 +111,9 @@ class DatasetCache:
 
     @classmethod
     def open(cls, root: str | Path, expect: DataConfig | None = None, task: str | None = None) -> "DatasetCache":
+        """Open a cache; with ``expect``, refuse one whose ingest config differs in anything but the
+        camera set and image size (a cache holding more cameras serves a model that reads fewer; the
+        dataset checks that the cameras it needs are there, and the model resizes frames itself)."""
         root = Path(root)
         path = root / INDEX
         if not path.is_file():
@@ -120,7 +124,11 @@ class DatasetCache:
                                      f"{CACHE_FORMAT}; re-ingest the bags")
         if expect is not None:
             want = ingest_config(expect, task if task is not None else index["ingest_config"]["task_override"])
-            diffs = _diff(index["ingest_config"], want)
+            have = copy.deepcopy(index["ingest_config"])
+            for plain in (have, want):
+                plain.pop("image_size", None)
+                plain["topics"].pop("cameras", None)
+            diffs = _diff(have, want)
             if diffs:
                 raise CacheMismatchError(f"{root}: cache was built with another data config; differing fields: "
                                          + "; ".join(diffs) + ". Re-ingest from the bags or use the cache's config")
@@ -183,6 +191,8 @@ def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None
     ``index["skipped"]``, or raise (``"error"``). ``unreadable`` lists bags found without metadata.
     """
     root = Path(root)
+    if root.exists() and any(root.iterdir()) and not (root / INDEX).is_file():
+        raise DataError(f"{root}: exists and is not a dataset cache; refusing to replace it (choose another --cache)")
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -245,7 +255,8 @@ def prepare_cache(data: list[str | Path] | str | Path, cfg: DataConfig, cache_di
                   task: str | None = None, workers: int | None = None, progress: bool = True) -> DatasetCache:
     """A cache for ``data``: an existing cache directory, or bags (ingested only when needed).
 
-    Bags are cached in ``cache_dir`` (default ``<first data path>/.smp_cache``); the cache is reused
+    Bags are cached in ``cache_dir`` (default ``.smp_cache`` in the first data folder, or beside it
+    when that is a bag directory); the cache is reused
     when its ingest config and bag fingerprint match, otherwise rebuilt.
     """
     paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
@@ -254,7 +265,12 @@ def prepare_cache(data: list[str | Path] | str | Path, cfg: DataConfig, cache_di
     bags, unreadable = find_bags(paths)
     if not bags and not unreadable:
         raise DataError(f"{', '.join(map(str, paths))}: no rosbag2 directories (metadata.yaml) found")
-    root = Path(cache_dir) if cache_dir is not None else (paths[0] if paths[0].is_dir() else paths[0].parent) / ".smp_cache"
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    else:
+        # Beside a single bag rather than inside it: bag directories belong to the rosbag2 tools.
+        first = paths[0] if paths[0].is_dir() else paths[0].parent
+        root = (first.parent if (first / "metadata.yaml").is_file() else first) / ".smp_cache"
     if (root / INDEX).is_file():
         index = json.loads((root / INDEX).read_text())
         if (index.get("format") == CACHE_FORMAT and index.get("ingest_config") == ingest_config(cfg, task)

@@ -192,6 +192,7 @@ class PolicyRunner:
         self.task = runtime.task
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
+        self._planned_stamp = -math.inf
         self._safety_started = False
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -220,6 +221,7 @@ class PolicyRunner:
             self.executor.reset()
             self.sync.reset()
             self._deadline_hold = ""
+            self._planned_stamp = -math.inf
 
     # ------------------------------------------------------------------ command tick
 
@@ -270,6 +272,9 @@ class PolicyRunner:
         stamp, qpos, images = history
         with self._lock:
             task = self.task
+            if stamp <= self._planned_stamp:
+                return  # no newer observation since the last chunk: nothing new to plan from
+            self._planned_stamp = stamp
         obs = {keys.QPOS: qpos[None].astype(np.float32),  # (1, T_o, D)
                keys.TASK: np.array([TASKS.index(task)], dtype=np.int64)}  # (1,)
         if images is not None:

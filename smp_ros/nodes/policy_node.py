@@ -54,6 +54,9 @@ RATE_WINDOW_S = 2.0
 
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
+        # Set before anything can fail: destroy_node() runs on a half-built node too.
+        self.runner: PolicyRunner | None = None
+        self._timer = self._status_timer = None
         namespace, name = POLICY_NODE.rsplit("/", 1)
         kwargs.setdefault("namespace", namespace)
         super().__init__(name, **kwargs)
@@ -65,9 +68,7 @@ class PolicyNode(LifecycleNode):
         if self.p["tau_m"] > 1:
             raise ConfigError(f"parameter tau_m: expected in (0, 1] (0 = the model's), got {self.p['tau_m']!r}")
         self.engine: InferenceEngine | None = None
-        self.runner: PolicyRunner | None = None
-        self._timer = None
-        self._status_timer = None
+        self.commands_published = 0
         self._reason = "inactive"
         self._published = deque()  # publication times within RATE_WINDOW_S
         self._sensor_group = ReentrantCallbackGroup()
@@ -192,6 +193,7 @@ class PolicyNode(LifecycleNode):
         for i, arm in enumerate(ARMS):
             self.cmd_pubs[arm].publish(joint_state_msg(self.names[arm], now, step.command[7 * i:7 * i + 7]))
         self._published.append(time.monotonic())
+        self.commands_published += 1
 
     def _on_chunk(self, result: InferenceResult, stamp: float, index: int) -> None:
         cfg = self.engine.cfg

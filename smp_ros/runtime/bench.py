@@ -32,6 +32,7 @@ import torch
 
 from smp_ros.config import ACTION_DIM, PRESETS, ModelConfig, RuntimeConfig, SafetyConfig, SMPConfig, preset
 from smp_ros.model import batch as keys
+from smp_ros.model.checkpoint import CONFIG
 from smp_ros.model.info import PAPER_AVG_ACTIVE, TABLE6, parameter_table
 from smp_ros.model.policy import build_policy
 from smp_ros.runtime.engine import STAGES, InferenceEngine
@@ -74,6 +75,10 @@ def dense_matching(cfg: ModelConfig) -> tuple[ModelConfig, int, int]:
         lo, hi = (mid, hi) if build(mid)[1] < target else (lo, mid)
     best = min((build(u) for u in (lo, hi)), key=lambda t: abs(t[1] - target))
     return best[0], best[1], target
+
+
+def load_config(model_dir: Path) -> SMPConfig:
+    return SMPConfig.from_yaml(Path(model_dir) / CONFIG)
 
 
 def observations(cfg: SMPConfig, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -122,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores this process may use)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
     parser.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
+    parser.add_argument("--inference-steps", type=int, default=None,
+                        help="DDIM steps (a runtime override; default: the model's, 10 in every preset)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
 
@@ -130,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runtime = RuntimeConfig(backend=args.backend, device=args.device, threads=args.threads)
     if args.model is not None:
-        engine = InferenceEngine(args.model, runtime, max_active=None)
+        cfg = load_config(args.model)
+        overrides = {"model.scheduler.inference_steps": args.inference_steps} if args.inference_steps else None
+        engine = InferenceEngine(args.model, runtime, overrides=overrides, max_active=cfg.model.num_experts)
         cfg = engine.smp_cfg
-        engine = InferenceEngine(args.model, runtime, max_active=cfg.model.num_experts)
     else:
         cfg = preset(args.preset)
         torch.manual_seed(0)
         policy = build_policy(cfg.model)
         policy.set_normalizer(random_weight_stats())
+        if args.inference_steps:
+            policy.set_inference_steps(args.inference_steps)
         engine = InferenceEngine(policy, runtime, max_active=cfg.model.num_experts)
     m = cfg.model
     K = m.num_experts
@@ -159,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if K >= 2:
         den = {n: sweep[n]["denoise"]["p50"] for n in sweep}
         report["denoise_ratio_K_over_2"] = {"measured": den[K] / den[2], "proportional": K / 2}
+        # latency(|S|) ~ fixed + per_expert * |S|: the fixed part is per-step launch / dispatch cost.
+        per_expert, fixed = np.polyfit(list(den), list(den.values()), 1)
+        report["denoise_fit_ms"] = {"fixed": float(fixed), "per_expert": float(per_expert)}
     avg = min(PAPER_AVG_ACTIVE, K)
 
     def at_avg(stage: str) -> float:
@@ -176,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         dense_policy = build_policy(dense_cfg)
         dense_policy.set_normalizer(random_weight_stats())
+        dense_policy.set_inference_steps(report["inference_steps"])
         del engine  # free the SMP weights before building the dense model (paper: ~1 GB each)
         dense_engine = InferenceEngine(dense_policy, runtime)
         dense_engine.warmup(iterations=1)
@@ -213,6 +227,8 @@ def print_report(r: dict[str, Any], K: int) -> None:
     if "denoise_ratio_K_over_2" in r:
         d = r["denoise_ratio_K_over_2"]
         print(f"  denoise latency(|S|={K}) / latency(|S|=2) = {d['measured']:.2f}  (proportional: {d['proportional']:.2f})")
+        f = r["denoise_fit_ms"]
+        print(f"  least-squares fit: denoise ~ {f['fixed']:.1f} ms + {f['per_expert']:.1f} ms x |S|")
     print("\npaper-style table (N_p, N_p^act in M; T_inf in ms, p50)")
     print(f"  {'method':<22}{'N_p':>9}{'N_p^act':>9}{'T_inf':>9}   paper (A6000): N_p  N_p^act  T_inf")
     sp = r["smp"]["params"]

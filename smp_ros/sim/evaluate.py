@@ -22,10 +22,12 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import SafetyConfig, SimConfig, TASKS
+from smp_ros.config import ARMS, SafetyConfig, SimConfig, TASKS
+from smp_ros.hardware.arm import ArmObservation
 from smp_ros.sim.types import Observation
 
 POLICY_FACTORIES: dict[str, Callable] = {}
+BACKENDS = ("piper", "direct")
 
 
 @dataclass
@@ -38,13 +40,15 @@ class EpisodeResult:
     sim_time: float
     wall_time: float
     phases: list
+    steps: int = 0  # control steps run (fewer than cfg.episode_steps when it ended after success)
 
 
 class DirectArms:
-    """Setpoints straight into the plant (no CAN)."""
+    """Setpoints straight into the plant (no CAN); readings straight from it."""
 
     def __init__(self, world):
         self.world = world
+        self._next_feedback = world.time
 
     def step(self, dt: float) -> None:
         self.world.step(dt)
@@ -52,11 +56,36 @@ class DirectArms:
     def qpos(self) -> np.ndarray:
         return self.world.qpos()
 
-    def send(self, action: np.ndarray) -> None:
-        for k, side in enumerate(("left", "right")):
+    def send(self, action: np.ndarray) -> np.ndarray:
+        """Clip to the joint limits and gripper stroke, set the plant's setpoints; returns what was set."""
+        sent = np.array(action, dtype=float)
+        for k, side in enumerate(ARMS):
             arm = self.world.arms[side]
-            arm.set_joint_targets(np.clip(action[7 * k:7 * k + 6], *arm.limits))
-            arm.set_gripper_target(float(np.clip(action[7 * k + 6], 0.0, 0.07)))
+            sent[7 * k:7 * k + 6] = np.clip(sent[7 * k:7 * k + 6], *arm.limits)
+            sent[7 * k + 6] = float(np.clip(sent[7 * k + 6], 0.0, 0.07))
+            arm.set_joint_targets(sent[7 * k:7 * k + 6])
+            arm.set_gripper_target(sent[7 * k + 6])
+        return sent
+
+    def feedback_due(self) -> bool:
+        """True once per period of ``cfg.feedback_rate_hz`` of simulated time (call after every physics step)."""
+        if self.world.time + 1e-9 < self._next_feedback:
+            return False
+        period = 1.0 / self.world.cfg.feedback_rate_hz
+        while self._next_feedback <= self.world.time + 1e-9:
+            self._next_feedback += period
+        return True
+
+    def observations(self) -> dict[str, ArmObservation]:
+        """Each arm's state read from the plant now."""
+        out = {}
+        for side in ARMS:
+            arm = self.world.arms[side]
+            out[side] = ArmObservation(stamp=self.world.time, age=0.0, joint_positions=arm.joint_positions(),
+                                       joint_velocities=arm.joint_velocities(), joint_efforts=arm.joint_efforts(),
+                                       gripper=arm.gripper_opening(), gripper_effort=arm.gripper_effort(),
+                                       enabled=arm.enabled, estopped=False)
+        return out
 
     def close(self) -> None:
         pass
@@ -82,6 +111,7 @@ class PiperArms:
         self.step(0.02)
         self.pair.enable()
         self.step(0.02)
+        self._last_feedback = self.emus["left"].last_feedback_time
 
     def step(self, dt: float) -> None:
         self.world.step(dt)
@@ -92,8 +122,25 @@ class PiperArms:
     def qpos(self) -> np.ndarray:
         return self.pair.get_qpos()
 
-    def send(self, action: np.ndarray) -> None:
-        self.pair.send_action(action)
+    def send(self, action: np.ndarray) -> np.ndarray:
+        """Send through the SDK; returns the (14,) targets actually sent after the driver's clipping."""
+        return self.pair.send_action(action)
+
+    def feedback_due(self) -> bool:
+        """True after a physics step in which the emulators emitted a new feedback tick."""
+        stamp = self.emus["left"].last_feedback_time
+        if stamp is None or stamp <= self._last_feedback:
+            return False
+        self._last_feedback = stamp
+        return True
+
+    def observations(self) -> dict[str, ArmObservation]:
+        """Each arm's state as the driver reads it back through piper_sdk, once the SDK has parsed the
+        emulators' newest feedback."""
+        for side, arm in self.pair.arms.items():
+            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
+                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+        return self.pair.get_observation()
 
     def close(self) -> None:
         self.pair.disconnect()
@@ -114,15 +161,36 @@ def make_policy(spec: str, world):
     return POLICY_FACTORIES["model"](spec, world)
 
 
+def make_arms(world, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return PiperArms(world) if backend == "piper" else DirectArms(world)
+
+
 def run_episode(world, policy, seed: int, *, backend: str = "piper", render: bool = True,
-                on_step: Callable | None = None) -> EpisodeResult:
-    """One episode of ``cfg.episode_steps`` control steps; ``on_step(k, obs, action, arms)`` sees each."""
+                on_step: Callable | None = None, on_feedback: Callable | None = None,
+                settle_s: float | None = None) -> EpisodeResult:
+    """One episode of up to ``cfg.episode_steps`` control steps.
+
+    ``on_step(k, obs, action, sent, arms)`` sees each control step (``sent``: the (14,) targets the
+    arms actually received); ``on_feedback(arms)`` is called after every physics step in which new
+    arm feedback is due (``cfg.feedback_rate_hz`` of simulated time). With ``settle_s`` the episode
+    ends that long after the task first succeeds.
+    """
     cfg = world.cfg
     dt = 1.0 / cfg.control_rate_hz
     world.reset(seed)
-    arms = PiperArms(world) if backend == "piper" else DirectArms(world)
+    arms = make_arms(world, backend)
+    def feedback_hook(_world) -> None:
+        if arms.feedback_due():
+            on_feedback(arms)
+
+    if on_feedback is not None:
+        world.post_step_hooks.append(feedback_hook)
     wall = time.perf_counter()
     phases = []
+    succeeded_at = None
+    k = 0
     try:
         policy.reset(world.task.name)
         for k in range(cfg.episode_steps):
@@ -131,15 +199,22 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
             action = np.asarray(policy.act(obs), dtype=float)
             if action.shape != (14,) or not np.all(np.isfinite(action)):
                 raise ValueError(f"policy.act returned {action.shape} with non-finite values; expected finite (14,)")
-            arms.send(action)
+            sent = arms.send(action)
             phases.append(getattr(policy, "phase", ""))
             if on_step is not None:
-                on_step(k, obs, action, arms)
+                on_step(k, obs, action, sent, arms)
             arms.step(dt)
+            if settle_s is not None:
+                if succeeded_at is None and world.success():
+                    succeeded_at = world.time
+                if succeeded_at is not None and world.time >= succeeded_at + settle_s - 1e-9:
+                    break
     finally:
+        if feedback_hook in world.post_step_hooks:
+            world.post_step_hooks.remove(feedback_hook)
         arms.close()
     return EpisodeResult(world.task.name, seed, bool(world.success()), world.progress(), world.stage(),
-                         world.time, time.perf_counter() - wall, phases)
+                         world.time, time.perf_counter() - wall, phases, steps=len(phases))
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
@@ -177,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--backend", default="piper", choices=("piper", "direct"))
+    parser.add_argument("--backend", default="piper", choices=BACKENDS)
     parser.add_argument("--no-render", action="store_true", help="skip cameras (scripted policy only)")
 
 

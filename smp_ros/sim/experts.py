@@ -13,7 +13,8 @@ reproducible, and everything the expert conditions on is visible (object poses) 
 progress itself.
 
 The expert implements the closed-loop policy interface (docs/ARCHITECTURE.md): ``reset(task)``
-then ``act(obs) -> (14,)`` once per control step; ``phase`` names the current phase.
+then ``act(obs) -> (14,)`` once per control step; ``phase`` names the current phase and
+``arm_phases`` says which arm it moves.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class ScriptedExpert:
     @property
     def done(self) -> bool:
         return self.index >= len(self.phases)
+
+    @property
+    def arm_phases(self) -> dict[str, str]:
+        """Per arm, the current phase when it moves that arm or its gripper, else ``"hold"``."""
+        if self.done:
+            return {side: "done" for side in self.world.arms}
+        ph = self.phases[self.index]
+        return {side: ph.name if side in ph.poses or side in ph.grips else "hold" for side in self.world.arms}
 
     # -- phase machinery ---------------------------------------------------------------------------
     def _next_phase(self) -> None:

@@ -10,8 +10,9 @@ Output layout for ``out = models/foo``::
     models/foo/            the model directory (inference needs only this): model.safetensors,
                            config.yaml, normalizer.json, manifest.json, training_summary.json
     models/foo.train/      training state: state.pt (model, EMA, optimizer, LR schedule, RNG states,
-                           step; loaded with torch.load(weights_only=True)), tb/ (TensorBoard),
-                           diagnostics/ (gate traces, flip-rate, segment lengths; PNG + JSON)
+                           step; loaded with torch.load(weights_only=True)), history.jsonl (logged
+                           losses), tb/ (TensorBoard), diagnostics/ (gate traces, flip-rate,
+                           segment lengths; PNG + JSON)
 
 Running the same command again resumes from ``state.pt`` (e.g. after the process was killed).
 Data parallel: ``torchrun --nproc-per-node N -m smp_ros.cli train ...`` (NCCL on CUDA, gloo on the
@@ -44,6 +45,7 @@ from smp_ros.model.policy import SMPPolicy, build_policy
 
 LOSS_TERMS = ("loss", "coeff", "recon", "gate", "align")
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.jsonl"  # one JSON line per log step: loss terms, lr, grad norm
 SUMMARY_FILE = "training_summary.json"
 VAL_BATCHES = 4
 
@@ -158,7 +160,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _data_config(cfg: SMPConfig):
+def data_config_for(cfg: SMPConfig):
     """Ingest only the cameras the model reads (none for a low-dimensional model)."""
     enc = cfg.model.encoder
     cams = {c: cfg.data.topics.cameras[c] for c in enc.cameras} if enc.mode == "vision" else {}
@@ -216,7 +218,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     out = Path(req.out)
     sdir = state_dir(out)
     # Rank 0 ingests; the others wait and then open the finished cache.
-    data_cfg = _data_config(cfg)
+    data_cfg = data_config_for(cfg)
     cache: DatasetCache | None = None
     if ddp.main:
         cache = prepare_cache(req.data, data_cfg, cache_dir=req.cache_dir, task=req.task,
@@ -292,14 +294,17 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
 
     batches = StepBatches(train_set, tcfg.batch_size, tcfg.seed, ddp.rank, ddp.world)
     end = tcfg.steps if req.stop_after is None else min(tcfg.steps, req.stop_after)
+    # Its own generator: creating a loader iterator draws a seed, which must not shift the global RNG
+    # that diffusion noise comes from (a resumed run creates its iterator at a different point).
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end),
                                          num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         generator=torch.Generator().manual_seed(tcfg.seed))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.mixed_precision
                 else contextlib.nullcontext())
     writer = None
     if ddp.main:
         sdir.mkdir(parents=True, exist_ok=True)
+        _truncate_history(sdir / HISTORY_FILE, start)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(sdir / "tb"), purge_step=start)
     bar = None
@@ -308,7 +313,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     history: list[dict[str, float]] = []
-    running = {k: 0.0 for k in LOSS_TERMS}
+    # Summed on the device and read once per log step, so CUDA is not synchronised every step.
+    running = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
     count = 0
     t_start = time.time()
     step = start
@@ -322,18 +328,20 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         optimizer.step()
         schedule.step()
         ema.update(policy, step)
-        for k in LOSS_TERMS:
-            running[k] += float(terms[k].detach())
+        running += torch.stack([terms[k].detach().double() for k in LOSS_TERMS])
         count += 1
         done = step + 1
         if done % tcfg.log_every == 0 or done == end:
-            avg = torch.tensor([running[k] / count for k in LOSS_TERMS], dtype=torch.float64)
+            avg = running / count
             if ddp.world > 1:
                 dist.all_reduce(avg)
                 avg /= ddp.world
-            logged = {k: float(v) for k, v in zip(LOSS_TERMS, avg)}
+            logged = {k: float(v) for k, v in zip(LOSS_TERMS, avg.cpu())}
             logged.update(step=done, lr=schedule.get_last_lr()[0], grad_norm=float(grad_norm))
             history.append(logged)
+            if ddp.main:
+                with open(sdir / HISTORY_FILE, "a") as f:
+                    f.write(json.dumps(logged) + "\n")
             if writer is not None:
                 for k in LOSS_TERMS:
                     writer.add_scalar(f"train/{k}", logged[k], done)
@@ -343,7 +351,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
                 bar.set_postfix({k: f"{logged[k]:.3g}" for k in LOSS_TERMS})
             if req.on_log is not None and ddp.main:
                 req.on_log(done, logged)
-            running = {k: 0.0 for k in LOSS_TERMS}
+            running.zero_()
             count = 0
         if bar is not None:
             bar.update(1)
@@ -405,6 +413,13 @@ def _checkpoint(path: Path, step: int, identity: dict, policy: nn.Module, ema: E
                       "schedule": schedule.state_dict(), "rng": rngs}, path)
     if ddp.world > 1:
         dist.barrier()
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop log lines past ``step``: a killed run logged steps that the resumed run repeats."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 @torch.no_grad()

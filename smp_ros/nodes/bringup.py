@@ -1,0 +1,158 @@
+"""``smp-ros bringup``: the whole bimanual system in one process, without a ROS install.
+
+Starts the same node classes the launch file starts, on one MultiThreadedExecutor, with the
+parameters of ``--config`` (a ROS 2 parameters file, handed to rcl exactly as ``--params-file``):
+
+- real arms: ``/left/driver``, ``/right/driver``, one ``/cameras/<name>/camera`` per camera the
+  file configures, and ``/smp/policy``;
+- ``--sim``: ``/sim`` (both arms emulated at the CAN level, all cameras) and ``/smp/policy``.
+
+In simulation ``--episodes N`` runs N episodes per task (``--task`` or every task) and writes, per
+task and overall, the success rate, the mean progress score, the command rate achieved and the
+inference latency percentiles to ``--json``. Without ``--episodes`` it runs until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smp_ros.config import CAMERAS, TASKS, ConfigError
+from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
+    parser.add_argument("--sim", action="store_true", help="simulated arms and cameras instead of hardware")
+    parser.add_argument("--model", help="model directory (overrides the file's /smp/policy model)")
+    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), help="inference backend")
+    parser.add_argument("--task", choices=TASKS, help="task to run (overrides the file)")
+    parser.add_argument("--episodes", type=int, default=0, help="with --sim: episodes per task, then exit")
+    parser.add_argument("--json", help="with --episodes: write the results here")
+    parser.add_argument("--seed", type=int, default=0, help="with --episodes: seed of the first episode")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = ParamsFile.load(args.config)  # a clear error for a bad file before rcl sees it
+    if args.episodes < 0:
+        raise ConfigError(f"--episodes: expected >= 0, got {args.episodes}")
+    if args.episodes and not args.sim:
+        raise ConfigError("--episodes: evaluation episodes need --sim")
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from smp_ros.nodes.policy_node import PolicyNode
+
+    policy_overrides = [Parameter(name, value=value) for name, value in
+                        (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
+    rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
+    nodes = []
+    executor = MultiThreadedExecutor()
+    try:
+        if args.sim:
+            from smp_ros.nodes.sim_node import SimNode
+
+            sim_overrides = [Parameter("task", value=args.task)] if args.task else []
+            nodes.append(SimNode(parameter_overrides=sim_overrides))
+        else:
+            from smp_ros.nodes.camera_node import CameraNode
+            from smp_ros.nodes.driver_node import DriverNode
+
+            nodes += [DriverNode(namespace="/left"), DriverNode(namespace="/right")]
+            for camera in CAMERAS:
+                if f"{CAMERA_NODE_NAMESPACE}/{camera}/camera" in params.nodes:
+                    nodes.append(CameraNode(namespace=f"{CAMERA_NODE_NAMESPACE}/{camera}"))
+        policy = PolicyNode(parameter_overrides=policy_overrides)
+        nodes.append(policy)
+        for node in nodes:
+            executor.add_node(node)
+        if args.episodes:
+            spinner = threading.Thread(target=executor.spin, daemon=True)
+            spinner.start()
+            results = evaluate(nodes[0], policy, params, args)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            print(json.dumps(results["overall"], indent=2))
+        else:
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        for node in reversed(nodes):
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
+    """Run ``args.episodes`` episodes per task with the policy closing the loop over ROS topics."""
+    cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
+    episode_s = cfg.episode_steps / cfg.control_rate_hz
+    tasks = [args.task] if args.task else list(TASKS)
+    _wait(lambda: policy.runner is not None, 300.0, "the policy to load its model")
+    per_task, seed = {}, args.seed
+    for task in tasks:
+        episodes = []
+        for _ in range(args.episodes):
+            episode, used_seed = sim.reset_episode(task, seed)
+            seed += 1
+            policy.runner.set_task(task)
+            commands0, latencies0 = policy.commands_published, len(policy.runner.stats.latencies)
+            started = time.monotonic()
+            # Wall-clock guard only: the episode's own budget is simulated time.
+            _wait(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
+                  10.0 * episode_s + 60.0, f"episode {episode} to finish")
+            wall = time.monotonic() - started
+            status = sim.episode_status()
+            latencies = list(policy.runner.stats.latencies)[latencies0:]
+            episodes.append({"episode": episode, "seed": used_seed, "success": bool(status.success),
+                             "progress": float(status.progress), "sim_time_s": float(status.sim_time),
+                             "command_rate_hz": (policy.commands_published - commands0) / wall,
+                             "latencies_s": latencies})
+        per_task[task] = _summary(episodes)
+        per_task[task]["episodes"] = [{k: v for k, v in e.items() if k != "latencies_s"} for e in episodes]
+    everything = [e for t in per_task.values() for e in t["episodes"]]
+    overall = {"tasks": tasks, "episodes": len(everything),
+               "success_rate": float(np.mean([e["success"] for e in everything])),
+               "progress": float(np.mean([e["progress"] for e in everything])),
+               "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in everything])),
+               "model": policy.p["model"], "backend": policy.engine.backend_name}
+    return {"overall": overall, "tasks": per_task}
+
+
+def _summary(episodes: list[dict]) -> dict:
+    latencies = np.array([x for e in episodes for x in e["latencies_s"]])
+    out = {"success_rate": float(np.mean([e["success"] for e in episodes])),
+           "progress": float(np.mean([e["progress"] for e in episodes])),
+           "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in episodes])),
+           "inference_calls": int(latencies.size)}
+    for q in (50, 90, 99):
+        out[f"latency_p{q}_s"] = float(np.percentile(latencies, q)) if latencies.size else None
+    return out
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bringup: timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bringup", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""``smp-ros record``: record the demonstration topics to a rosbag2 bag (MCAP) without a ROS install.
+
+Subscribes with live rclpy subscriptions that deliver the serialized CDR bytes (no deserialization)
+and writes them with rosbags, stamped with their receive time, as ``ros2 bag record`` does. The
+topics are the demonstration-bag contract of docs/ARCHITECTURE.md; ``--task`` also publishes the
+task on ``/smp/task`` (latched) so the bag says what was demonstrated. On a ROS install,
+``ros2 launch smp_ros record.launch.py`` does the same with ``ros2 bag record -s mcap``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+from smp_ros.config import ARMS, CAMERAS, TASKS
+
+TASK_TOPIC = "/smp/task"
+
+
+def demonstration_topics(cameras=CAMERAS) -> dict[str, str]:
+    """topic -> ROS type name, the demonstration-bag contract."""
+    topics = {f"/cameras/{c}/image_raw": "sensor_msgs/msg/Image" for c in cameras}
+    for arm in ARMS:
+        topics[f"/{arm}/joint_states"] = "sensor_msgs/msg/JointState"
+        topics[f"/{arm}/joint_cmd"] = "sensor_msgs/msg/JointState"
+    topics[TASK_TOPIC] = "std_msgs/msg/String"
+    return topics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="bag directory to create (must not exist)")
+    parser.add_argument("--task", choices=TASKS, help="publish this task on /smp/task (latched) and record it")
+    parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), help="cameras to record")
+    parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    from smp_ros.nodes.recorder_node import RecorderNode
+
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"smp-ros record: --out {out} exists already; rosbag2 bags are never overwritten")
+    rclpy.init()
+    node = None
+    executor = SingleThreadedExecutor()  # one thread: the bag writer is not thread-safe
+    try:
+        node = RecorderNode(out, demonstration_topics(tuple(args.cameras)), storage=args.storage, task=args.task)
+        executor.add_node(node)
+        if args.duration > 0:
+            threading.Timer(args.duration, executor.shutdown).start()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            counts = node.close()
+            node.destroy_node()
+            print(f"smp-ros record: wrote {out}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+        rclpy.try_shutdown()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="record", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

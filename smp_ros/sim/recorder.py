@@ -1,0 +1,221 @@
+"""Write simulated demonstrations as rosbag2 bags that look like ``ros2 bag record`` made them.
+
+The topics, types and QoS are the demonstration-bag contract of docs/ARCHITECTURE.md. Messages are
+serialised with rosbags (no ROS install, no rclpy), so this module stays ROS-free.
+
+Time: every header stamp is ``start_ns`` (the wall clock when recording started, so stamps look
+like a real recording's) plus the simulated time of the sample. The log (receive) time is the
+header stamp plus a small transport delay, as a recorder on the same host would see it; messages
+are written in log-time order, as ``ros2 bag record`` writes them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from pathlib import Path
+
+import numpy as np
+from rosbags.highlevel import AnyReader
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from smp_ros.config import ARMS, ARM_JOINTS
+from smp_ros.data.errors import BagError
+
+TYPESTORE = get_typestore(Stores.LATEST)
+_T = TYPESTORE.types
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+JOINT_TYPE = "sensor_msgs/msg/JointState"
+STRING_TYPE = "std_msgs/msg/String"
+TASK_TOPIC = "/smp/task"
+STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+BAG_VERSION = 9  # the metadata format of Jazzy and Kilted
+
+
+def image_topic(camera: str) -> str:
+    return f"/cameras/{camera}/image_raw"
+
+
+def joint_state_topic(side: str) -> str:
+    return f"/{side}/joint_states"
+
+
+def joint_cmd_topic(side: str) -> str:
+    return f"/{side}/joint_cmd"
+
+
+def joint_names(side: str) -> list[str]:
+    return [f"{side}_joint{i + 1}" for i in range(ARM_JOINTS)] + [f"{side}_gripper"]
+
+
+# QoS as a live publisher offers it (what ros2 bag record stores): the durations are DDS "infinite",
+# which the graph reports as 2^63 - 1 ns rather than rclpy's 0 = "use the default".
+_INFINITE = QosTime(9223372036, 854775807)
+
+
+def _qos(history_depth: int, reliability: QosReliability, durability: QosDurability) -> Qos:
+    return Qos(QosHistory.KEEP_LAST, history_depth, reliability, durability, _INFINITE, _INFINITE,
+               QosLiveliness.AUTOMATIC, _INFINITE, False)
+
+
+SENSOR_QOS = _qos(5, QosReliability.BEST_EFFORT, QosDurability.VOLATILE)  # rclpy qos_profile_sensor_data
+COMMAND_QOS = _qos(1, QosReliability.RELIABLE, QosDurability.VOLATILE)
+LATCHED_QOS = _qos(1, QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL)
+
+# Transport delays from publication (header stamp) to the recorder's receive time on one host:
+# base + uniform jitter, seconds. Images are larger and are copied more often on the way.
+DELAYS = {"joint": (0.0004, 0.0008), "image": (0.0015, 0.0030), "string": (0.0003, 0.0004)}
+# Messages are held back this long (of stamp time) so that ones published later with a shorter
+# delay still land in the file in receive order.
+_REORDER_WINDOW_NS = 100_000_000
+
+
+class BagRecorder:
+    """One demonstration bag at ``path`` (must not exist). Times passed in are simulated seconds.
+
+    ``cameras`` and ``arms`` fix the topics; ``start_ns`` is the epoch of simulated time 0 (default:
+    now); ``seed`` makes the receive-time jitter reproducible.
+    """
+
+    def __init__(self, path: str | Path, *, cameras: tuple[str, ...], arms: tuple[str, ...] = ARMS,
+                 storage: str = "mcap", start_ns: int | None = None, seed: int = 0):
+        if storage not in STORAGES:
+            raise ValueError(f"BagRecorder: storage must be one of {tuple(STORAGES)}, got {storage!r}")
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"BagRecorder: {self.path} exists already; rosbag2 bags are never overwritten")
+        self.start_ns = time.time_ns() if start_ns is None else int(start_ns)
+        self._rng = np.random.default_rng([seed, 2])
+        self._writer = Writer(self.path, version=BAG_VERSION, storage_plugin=STORAGES[storage])
+        self._writer.open()
+        self._pending: list[tuple[int, int, object, bytes]] = []  # heap of (log ns, seq, connection, data)
+        self._seq = 0
+        self._newest_ns = 0
+        self._last_stamp: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        add = self._writer.add_connection
+        self._conns = {TASK_TOPIC: add(TASK_TOPIC, STRING_TYPE, typestore=TYPESTORE,
+                                       offered_qos_profiles=[LATCHED_QOS])}
+        for cam in cameras:
+            self._conns[image_topic(cam)] = add(image_topic(cam), IMAGE_TYPE, typestore=TYPESTORE,
+                                                offered_qos_profiles=[SENSOR_QOS])
+        for side in arms:
+            self._conns[joint_state_topic(side)] = add(joint_state_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+                                                       offered_qos_profiles=[SENSOR_QOS])
+            self._conns[joint_cmd_topic(side)] = add(joint_cmd_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+                                                     offered_qos_profiles=[COMMAND_QOS])
+        self.counts = {topic: 0 for topic in self._conns}
+
+    # -- messages ----------------------------------------------------------------------------------
+    def task(self, t: float, name: str) -> None:
+        self._put(TASK_TOPIC, t, "string", STRING_TYPE, _T[STRING_TYPE](data=name))
+
+    def image(self, camera: str, t: float, rgb: np.ndarray) -> None:
+        """(H, W, 3) uint8 RGB frame rendered at simulated time ``t``."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"BagRecorder.image {camera}: expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
+        h, w, _ = rgb.shape
+        topic = image_topic(camera)
+        msg = _T[IMAGE_TYPE](header=self._header(topic, t, camera), height=h, width=w, encoding="rgb8",
+                             is_bigendian=0, step=3 * w, data=np.ascontiguousarray(rgb).reshape(-1))
+        self._put(topic, t, "image", IMAGE_TYPE, msg)
+
+    def joint_state(self, side: str, t: float, position, velocity, effort) -> None:
+        """One arm's reading: 6 joints (rad, rad/s, N*m) then the gripper (m, m/s, its effort)."""
+        self._joints(joint_state_topic(side), side, t, position, velocity, effort)
+
+    def joint_cmd(self, side: str, t: float, position) -> None:
+        """The 7 targets sent to one arm at simulated time ``t`` (positions only)."""
+        self._joints(joint_cmd_topic(side), side, t, position, (), ())
+
+    def _joints(self, topic: str, side: str, t: float, position, velocity, effort) -> None:
+        arrays = []
+        for field, values in (("position", position), ("velocity", velocity), ("effort", effort)):
+            a = np.asarray(values, dtype=np.float64).reshape(-1)
+            if a.size not in (0, ARM_JOINTS + 1):
+                raise ValueError(f"BagRecorder {topic}: {field} needs {ARM_JOINTS + 1} values or none, got {a.size}")
+            arrays.append(a)
+        msg = _T[JOINT_TYPE](header=self._header(topic, t, ""), name=joint_names(side), position=arrays[0],
+                             velocity=arrays[1], effort=arrays[2])
+        self._put(topic, t, "joint", JOINT_TYPE, msg)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _stamp_ns(self, t: float) -> int:
+        return self.start_ns + int(round(t * 1e9))
+
+    def _header(self, topic: str, t: float, frame_id: str):
+        ns = self._stamp_ns(t)
+        last = self._last_stamp.get(topic)
+        if last is not None and ns <= last:
+            raise ValueError(f"BagRecorder {topic}: header stamp t={t:.6f} s is not after the previous one "
+                             f"({(last - self.start_ns) / 1e9:.6f} s)")
+        self._last_stamp[topic] = ns
+        stamp = _T["builtin_interfaces/msg/Time"](sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+        return _T["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
+
+    def _put(self, topic: str, t: float, kind: str, msgtype: str, msg) -> None:
+        if topic not in self._conns:
+            raise ValueError(f"BagRecorder: topic {topic} was not declared; expected one of {sorted(self._conns)}")
+        base, jitter = DELAYS[kind]
+        stamp_ns = self._stamp_ns(t)
+        log_ns = stamp_ns + int(round((base + self._rng.uniform(0.0, jitter)) * 1e9))
+        heapq.heappush(self._pending, (log_ns, self._seq, self._conns[topic], TYPESTORE.serialize_cdr(msg, msgtype)))
+        self._seq += 1
+        self.counts[topic] += 1
+        self._newest_ns = max(self._newest_ns, stamp_ns)
+        self._flush(self._newest_ns - _REORDER_WINDOW_NS)
+
+    def _flush(self, until_ns: int | None = None) -> None:
+        while self._pending and (until_ns is None or self._pending[0][0] <= until_ns):
+            log_ns, _, conn, data = heapq.heappop(self._pending)
+            self._writer.write(conn, log_ns, data)
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "BagRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _storage_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in (".mcap", ".db3"))
+
+
+def verify_bag(path: str | Path) -> dict[str, int]:
+    """Read every message of the bag at ``path`` and return ``{topic: count}``.
+
+    Raises ``BagError`` naming the bag (and the storage file) when the bag cannot be opened, a
+    message does not deserialise, or a topic holds fewer messages than ``metadata.yaml`` promises
+    (a storage file cut short by a crash or a partial copy).
+    """
+    path = Path(path)
+    if not (path / "metadata.yaml").is_file():
+        raise BagError(path, "no metadata.yaml: not a rosbag2 bag directory")
+    files = ", ".join(str(p) for p in _storage_files(path)) or "no storage file"
+    counts: dict[str, int] = {}
+    try:
+        with AnyReader([path], default_typestore=TYPESTORE) as reader:
+            expected = {c.topic: c.msgcount for c in reader.connections}
+            for conn, _, raw in reader.messages():
+                reader.deserialize(raw, conn.msgtype)
+                counts[conn.topic] = counts.get(conn.topic, 0) + 1
+    except BagError:
+        raise
+    except Exception as exc:  # rosbags, sqlite3 and the mcap parser each raise their own types
+        raise BagError(path, f"unreadable storage ({files}): {type(exc).__name__}: {exc}") from exc
+    for topic, n in expected.items():
+        if counts.get(topic, 0) != n:
+            raise BagError(path, f"{counts.get(topic, 0)} messages in {files}, metadata.yaml says {n}; "
+                                 f"the storage file is truncated or damaged", topic=topic)
+    return counts

@@ -1,0 +1,62 @@
+"""`smp-ros train`: train a policy from rosbag2 demonstrations or a dataset cache.
+
+    smp-ros train --data BAGS_OR_CACHE [...] --preset tiny|sim|paper --out MODEL_DIR [--steps N]
+                  [--init MODEL_DIR] [--finetune full|router] [--config YAML] [--device cpu|cuda]
+                  [--task NAME]
+
+Data parallel: ``torchrun --nproc-per-node N -m smp_ros.cli train ...`` (see smp_ros/train/trainer.py).
+Rerunning the same command resumes from MODEL_DIR.train/state.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smp_ros.config import PRESETS, ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="bag directories, folders of bags, or one dataset cache directory")
+    parser.add_argument("--preset", default="sim", choices=sorted(PRESETS), help="model and training sizes")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write (training state goes "
+                        "to OUT.train/)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    parser.add_argument("--init", type=Path, default=None, help="start from this model directory")
+    parser.add_argument("--finetune", choices=("full", "router"), default=None,
+                        help="with --init: adapt all weights (few-shot, Table 3) or only the router/gates (Table 4)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML overlay on the preset (any subset of the tree)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--task", default=None, help="task name of every bag (instead of the bag's task topic)")
+    parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip the gate diagnostics after training")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from smp_ros.data.errors import DataError
+    from smp_ros.model.checkpoint import CheckpointError
+    from smp_ros.train.trainer import TrainError, TrainRequest, load_config, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_config(args.preset, args.config, args.steps)
+        if args.task is not None and args.task not in cfg.data.tasks:
+            raise ConfigError(f"--task: unknown task {args.task!r}; expected one of {list(cfg.data.tasks)}")
+        req = TrainRequest(data=[str(p) for p in args.data], out=args.out, init=args.init, finetune=args.finetune,
+                           device=args.device, task=args.task, cache_dir=args.cache,
+                           progress=not args.no_progress, diagnostics=not args.no_diagnostics)
+        result = train(cfg, req)
+    except (ConfigError, DataError, TrainError, CheckpointError) as exc:
+        print(f"smp-ros train: {exc}", file=sys.stderr)
+        return 2
+    if result.summary:
+        final = result.summary.get("final_train") or {}
+        print(f"wrote {result.out} (step {result.steps}, loss {final.get('loss', float('nan')):.4g})")
+    return 0

@@ -1,0 +1,53 @@
+"""`smp-ros diagnose`: gate traces, flip-rate, segment lengths, |S| and expert usage of a model on data.
+
+    smp-ros diagnose --model MODEL_DIR --data BAGS_OR_CACHE [--out DIR] [--episodes all|val]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory")
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="bag directories, folders of bags, or one dataset cache directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default MODEL.train/diagnostics)")
+    parser.add_argument("--episodes", choices=("all", "val"), default="all",
+                        help="every episode, or the validation split of the model's training config")
+    parser.add_argument("--task", default=None, help="task name of every bag (instead of the bag's task topic)")
+    parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tau-m", type=float, default=None, help="coverage threshold (default: the model's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from smp_ros.config import ConfigError
+    from smp_ros.data.cache import prepare_cache
+    from smp_ros.data.dataset import split_episodes
+    from smp_ros.data.errors import DataError
+    from smp_ros.model.checkpoint import CheckpointError, load_model
+    from smp_ros.model.policy import SMPPolicy
+    from smp_ros.train.diagnostics import run_diagnostics
+    from smp_ros.train.trainer import data_config_for, state_dir
+
+    try:
+        overrides = {"model.selection.tau_m": args.tau_m} if args.tau_m is not None else None
+        policy, cfg = load_model(args.model, overrides=overrides, map_location=args.device)
+        if not isinstance(policy, SMPPolicy):
+            raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
+        cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task)
+        episodes = list(range(len(cache.episodes)))
+        if args.episodes == "val":
+            episodes = split_episodes(cache, cfg.train.val_fraction, cfg.train.seed)[1] or episodes
+        out = args.out or state_dir(Path(args.model)) / "diagnostics"
+        result = run_diagnostics(policy, cache, episodes, out)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"smp-ros diagnose: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,94 @@
+"""Skill diagnostics: flip-rate and segment lengths against hand counts; figures, JSON and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from smp_ros import cli
+from smp_ros.config import DataConfig, TopicMap, preset
+from smp_ros.data.cache import prepare_cache
+from smp_ros.data.synthetic import BASE_NS, BagSpec, write_bag
+from smp_ros.model.checkpoint import save_model
+from smp_ros.model.policy import build_policy
+from smp_ros.train.diagnostics import flip_rate, read_phases, run_diagnostics, segment_lengths
+
+
+def test_flip_rate_and_segments_by_hand():
+    seq = [2, 2, 2, 0, 0, 1, 1, 1, 1, 2]
+    # changes at 3 of the 9 consecutive pairs: 2->0, 0->1, 1->2
+    assert flip_rate(seq) == pytest.approx(3 / 9)
+    assert segment_lengths(seq).tolist() == [3, 2, 4, 1]
+    assert flip_rate([5]) == 0.0 and segment_lengths([]).tolist() == []
+    assert flip_rate([1, 1, 1, 1]) == 0.0 and segment_lengths([1, 1, 1, 1]).tolist() == [4]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag")
+    for i, task in enumerate(("pen_cap", "handover")):
+        write_bag(root / "bags" / f"ep{i}", BagSpec(storage="mcap", start_s=10.0 * i, duration_s=2.0, cameras={},
+                                                     task=task, seed=i))
+    t0 = BASE_NS / 1e9
+    (root / "bags" / "ep0" / "smp_episode.json").write_text(json.dumps(
+        {"task": "pen_cap", "success": True, "phases": [{"name": "reach", "start": t0, "end": t0 + 1.0},
+                                                        {"name": "pull", "start": t0 + 1.0, "end": t0 + 2.0}]}))
+    cfg = preset("tiny")
+    cache = prepare_cache(root / "bags", DataConfig(topics=TopicMap(cameras={})), workers=1, progress=False)
+    torch.manual_seed(0)
+    policy = build_policy(cfg.model)
+    policy.set_normalizer(cache.stats)
+    return root, cfg, cache, policy
+
+
+def test_run_diagnostics_matches_a_direct_computation(setup, tmp_path):
+    _, cfg, cache, policy = setup
+    result = run_diagnostics(policy, cache, [0, 1], tmp_path)
+    K, To = cfg.model.num_experts, cfg.model.obs_steps
+    flips = pairs = 0
+    for e, rec in zip((0, 1), result["episodes"]):
+        info = cache.episodes[e]
+        tops = []
+        for pos in range(info.length):  # windows built by hand: clamp at the episode start
+            rows = [info.start + max(pos - To + 1 + j, 0) for j in range(To)]
+            obs = {"qpos": torch.from_numpy(np.asarray(cache.qpos[rows]))[None], "task": torch.tensor([info.task_id])}
+            with torch.no_grad():
+                g = policy.route(policy.encode(obs))[0]
+            tops.append(int(g.argmax()))
+        changes = sum(a != b for a, b in zip(tops[1:], tops[:-1]))
+        flips, pairs = flips + changes, pairs + len(tops) - 1
+        assert rec["flip_rate"] == pytest.approx(changes / (len(tops) - 1))
+        assert rec["steps"] == info.length and 1 <= rec["mean_active"] <= K
+        assert (tmp_path / rec["figure"]).stat().st_size > 1000
+    assert result["summary"]["flip_rate"] == pytest.approx(flips / pairs)
+    usage = result["usage_per_task"]
+    assert set(usage) == {"pen_cap", "handover"}
+    for u in usage.values():
+        assert sum(u["mean_gate"]) == pytest.approx(1.0, abs=1e-5) and sum(u["argmax_share"]) == pytest.approx(1.0)
+    assert json.loads((tmp_path / "diagnostics.json").read_text())["summary"] == result["summary"]
+
+
+def test_phases_are_read_relative_to_the_episode(setup):
+    root, _, cache, _ = setup
+    info = cache.episodes[0]
+    phases = read_phases(info.bag, info.t0_ns)
+    offset = (info.t0_ns - BASE_NS) / 1e9
+    assert [p["name"] for p in phases] == ["reach", "pull"]
+    assert phases[1]["start"] == pytest.approx(1.0 - offset)
+    (root / "bags" / "ep1" / "smp_episode.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="phase labels unreadable"):
+        assert read_phases(cache.episodes[1].bag, 0) == []
+    (root / "bags" / "ep1" / "smp_episode.json").unlink()
+
+
+def test_diagnose_cli(setup, tmp_path, capsys):
+    root, cfg, cache, policy = setup
+    save_model(policy, cfg, tmp_path / "model")
+    rc = cli.main(["diagnose", "--model", str(tmp_path / "model"), "--data", str(cache.root), "--out",
+                   str(tmp_path / "d"), "--tau-m", "0.5"])
+    assert rc == 0
+    result = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert result["summary"]["tau_m"] == 0.5 and len(list((tmp_path / "d").glob("*.png"))) == 2
