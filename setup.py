@@ -9,6 +9,8 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
+        ("share/" + package_name + "/launch", ["launch/bimanual.launch.py", "launch/record.launch.py"]),
+        ("share/" + package_name + "/config", ["config/bimanual.yaml"]),
     ],
     python_requires=">=3.11",
     install_requires=["setuptools"],

@@ -257,7 +257,9 @@ class TopicMap:
     cameras: dict[str, str] = field(default_factory=lambda: {c: f"/cameras/{c}/image_raw" for c in CAMERAS})
     joint_states: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_states" for a in ARMS})
     action: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_cmd" for a in ARMS})
-    action_source: str = "command"  # "command" | "leader" | "next_state"
+    # "command": the commanded targets on `action`; "leader": the leader arms' joint states in
+    # leader/follower teleoperation (point `action` at them); "next_state": the follower's next state.
+    action_source: str = "command"
     task_topic: str = "/smp/task"
     task_source: str = "topic"  # "topic" | "metadata" | "cli"
     task_metadata_key: str = "smp_task"  # custom_data key in metadata.yaml when task_source is "metadata"

@@ -78,6 +78,14 @@ def test_phases_are_read_relative_to_the_episode(setup):
     offset = (info.t0_ns - BASE_NS) / 1e9
     assert [p["name"] for p in phases] == ["reach", "pull"]
     assert phases[1]["start"] == pytest.approx(1.0 - offset)
+    # the simulator's per-step labels: 3 steps "reach" then 2 "grasp" at 20 Hz from start_time_ns
+    start_ns = info.t0_ns + 100_000_000
+    (root / "bags" / "ep1" / "smp_episode.json").write_text(json.dumps(
+        {"start_time_ns": start_ns, "control_rate_hz": 20.0,
+         "phases": {"expert": ["reach"] * 3 + ["grasp"] * 2, "left": ["x"] * 5}}))
+    spans = read_phases(cache.episodes[1].bag, info.t0_ns)
+    assert [p["name"] for p in spans] == ["reach", "grasp"]
+    assert [(p["start"], p["end"]) for p in spans] == [pytest.approx((0.1, 0.25)), pytest.approx((0.25, 0.35))]
     (root / "bags" / "ep1" / "smp_episode.json").write_text("{not json")
     with pytest.warns(UserWarning, match="phase labels unreadable"):
         assert read_phases(cache.episodes[1].bag, 0) == []

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
     reuse_s = time.perf_counter() - t
 
+    frames = n_episodes * (int(args.episode_s * 30) + 1) * len(CAMERAS)
     result = {"bags": n_episodes, "bag_bytes": size, "storage": args.storage, "encoding": args.encoding,
-              "frames": n_episodes * (int(args.episode_s * 30) + 1) * len(CAMERAS),
-              "workers": args.workers,
+              "frames": frames, "frames_per_s": frames / ingest_s, "workers": args.workers,
               "cpu_count": os.cpu_count(), "control_steps": cache.num_steps, "write_s": write_s,
               "ingest_s": ingest_s, "ingest_mb_per_s": size / 1e6 / ingest_s,
               "seconds_per_gb": ingest_s / (size / 1e9), "cache_reuse_s": reuse_s}

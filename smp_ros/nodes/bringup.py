@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import CAMERAS, TASKS, ConfigError
-from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_config
+from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, SIM_NODE, ParamsFile, sim_config
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     policy_overrides = [Parameter(name, value=value) for name, value in
                         (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
+    # Many threads share one GIL here (simulator, executor, inference). With the default 5 ms
+    # switch interval a CPU-bound simulator thread makes every GIL hand-over of the inference
+    # thread wait up to 5 ms, which multiplies the latency of a model made of many small ops.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     nodes = []
     executor = MultiThreadedExecutor()

@@ -75,6 +75,7 @@ class SimNode(Node):
 
         self.world: BimanualWorld | None = None
         self.emulators = {}
+        self._status: EpisodeStatus | None = None
         self._build_world(self.task, self.seed)
         self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
                                     speed_percent=p["speed_percent"], clock=partial(self._emulator_time, side))
@@ -111,6 +112,7 @@ class SimNode(Node):
         return future.result(timeout=timeout)
 
     def episode_status(self) -> EpisodeStatus:
+        """The current episode's status; frozen at its final values once ``done``."""
         return self._status
 
     def destroy_node(self) -> None:
@@ -146,11 +148,13 @@ class SimNode(Node):
                     continue
                 self.world.step(chunk)
                 sim_elapsed += chunk
-                if self.world.time >= next_camera:
-                    next_camera = self.world.time + camera_period
+                time.sleep(0)  # let the executor's threads have the GIL between physics chunks
+                # Scheduled on the loop's own simulated clock, which a reset does not rewind.
+                if sim_elapsed >= next_camera:
+                    next_camera = sim_elapsed + camera_period
                     self._publish_cameras()
-                if self.world.time >= next_status:
-                    next_status = self.world.time + status_period
+                if sim_elapsed >= next_status:
+                    next_status = sim_elapsed + status_period
                     self._publish_status()
         except Exception as exc:
             self.get_logger().fatal(f"simulator thread stopped: {type(exc).__name__}: {exc}")
@@ -181,6 +185,9 @@ class SimNode(Node):
     def _publish_cameras(self) -> None:
         stamp = to_stamp(now_seconds(self))
         for name in self.cfg.cameras:
+            # Rendering is the simulator's largest cost: skip cameras nobody listens to.
+            if self.image_pubs[name].get_subscription_count() == 0:
+                continue
             frame = self.world.render(name)
             self.image_pubs[name].publish(rgb_to_msg(frame, stamp, name))
             cam_id = self.world.model.camera(name).id
@@ -189,9 +196,13 @@ class SimNode(Node):
 
     def _publish_status(self) -> None:
         world = self.world
-        msg = EpisodeStatus(task=self.task, episode=self.episode, seed=self.seed, sim_time=world.time,
-                            progress=float(world.progress()), success=bool(world.success()))
-        msg.done = msg.success or world.time >= self.cfg.episode_steps / self.cfg.control_rate_hz
+        final = self._status if self._status is not None and self._status.done else None
+        if final is None:  # once done, the episode's result is frozen until the next reset
+            msg = EpisodeStatus(task=self.task, episode=self.episode, seed=self.seed, sim_time=world.time,
+                                progress=float(world.progress()), success=bool(world.success()))
+            msg.done = msg.success or world.time >= self.cfg.episode_steps / self.cfg.control_rate_hz
+        else:
+            msg = final
         msg.header.stamp = to_stamp(now_seconds(self))
         self._status = msg
         self.episode_pub.publish(msg)
@@ -223,6 +234,7 @@ class SimNode(Node):
 
     def _begin_episode(self) -> None:
         self.episode += 1
+        self._status = None
         self.task_pub.publish(String(data=self.task))
         self._publish_status()
         self.get_logger().info(f"episode {self.episode}: {self.task}, seed {self.seed}")

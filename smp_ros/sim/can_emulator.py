@@ -77,6 +77,23 @@ DRIVER_TEMP_C = 35
 MOTOR_TEMP_C = 30
 
 _I32 = struct.Struct(">ii")
+_GRIPPER_FB = struct.Struct(">ihBx")
+_HIGH_SPEED = struct.Struct(">hhi")
+_LOW_SPEED = struct.Struct(">HhbBH")
+_STATUS = struct.Struct(">BBBBBBH")
+_TORQUE_PER_AMP = np.asarray(TORQUE_PER_AMP)
+
+
+class _Frame(can.Message):
+    """A feedback frame. python-can's virtual bus deep-copies every frame once per receiver; a
+    generic deepcopy (memo dict, reduce protocol) cost more than everything else the emulator does
+    per frame, and these frames are never mutated after sending, so a field-wise copy suffices."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo) -> can.Message:
+        return can.Message(timestamp=self.timestamp, arbitration_id=self.arbitration_id, is_extended_id=False,
+                           dlc=self.dlc, data=self.data, check=False)
 
 
 @runtime_checkable
@@ -162,10 +179,6 @@ class FirstOrderArmPlant:
         if not (GRIPPER_STROKE[0] <= opening_m <= GRIPPER_STROKE[1]):
             raise ValueError(f"FirstOrderArmPlant.set_gripper_target: expected 0..0.07 m, got {opening_m}")
         self._g_target = float(opening_m)
-
-
-def _millideg(rad: float) -> int:
-    return int(round(math.degrees(rad) * 1000.0))
 
 
 def _clamp_int(value: float, lo: int, hi: int) -> int:
@@ -264,7 +277,7 @@ class PiperCanEmulator:
         self.close()
 
     def _send(self, can_id: int, data: bytes, stamp: float) -> None:
-        self._bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=stamp))
+        self._bus.send(_Frame(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=stamp))
         self.frames_sent += 1
 
     def _drain_commands(self) -> None:
@@ -386,34 +399,36 @@ class PiperCanEmulator:
         qd = self.plant.joint_velocities()
         tau = self.plant.joint_efforts()
         g = float(self.plant.gripper_opening())
-        mdeg = [_millideg(v) for v in q]
+        send = self._send
+        mdeg = np.rint(np.degrees(q) * 1000.0).astype(np.int64).tolist()
         for k, can_id in enumerate(ID_JOINTS):
-            self._send(can_id, _I32.pack(mdeg[2 * k], mdeg[2 * k + 1]), stamp)
+            send(can_id, _I32.pack(mdeg[2 * k], mdeg[2 * k + 1]), stamp)
         # The SDK reports gripper effort as a motor torque; the plant gives grip force. The magnitude
         # is passed through unscaled (0.001 units), so simulated gripper effort reads in newtons.
         g_status = DRIVER_ENABLED_BIT if self.gripper_enabled else 0
-        self._send(ID_GRIPPER, struct.pack(">ihBx", int(round(g * 1e6)),
-                                           _clamp_int(self.plant.gripper_effort() * 1000, -32768, 32767),
-                                           g_status), stamp)
-        pose = self._fk.CalFK([float(v) for v in q])[-1]  # [x, y, z mm, rx, ry, rz deg]
+        send(ID_GRIPPER, _GRIPPER_FB.pack(int(round(g * 1e6)),
+                                          _clamp_int(self.plant.gripper_effort() * 1000, -32768, 32767),
+                                          g_status), stamp)
+        pose = self._fk.CalFK(q.tolist())[-1]  # [x, y, z mm, rx, ry, rz deg]
         pose_i = [int(round(v * 1000)) for v in pose]
         for k, can_id in enumerate(ID_END_POSE):
-            self._send(can_id, _I32.pack(pose_i[2 * k], pose_i[2 * k + 1]), stamp)
+            send(can_id, _I32.pack(pose_i[2 * k], pose_i[2 * k + 1]), stamp)
+        # Rounded and saturated like the firmware's int16 / int32 fields, all joints at once; the
+        # current is chosen so that the SDK's cal_effort gives back tau.
+        speed = np.clip(np.rint(qd * 1000), -32768, 32767).astype(np.int64).tolist()
+        current = np.clip(np.rint(tau * 1000.0 / _TORQUE_PER_AMP), -32768, 32767).astype(np.int64).tolist()
+        position = np.clip(np.rint(q * 1000), -2**31, 2**31 - 1).astype(np.int64).tolist()
         for j, can_id in enumerate(ID_HIGH_SPEED):
-            current = tau[j] * 1000.0 / TORQUE_PER_AMP[j]  # 0.001 A such that the SDK's effort = tau
-            self._send(can_id, struct.pack(">hhi", _clamp_int(qd[j] * 1000, -32768, 32767),
-                                           _clamp_int(current, -32768, 32767),
-                                           _clamp_int(q[j] * 1000, -2**31, 2**31 - 1)), stamp)
+            send(can_id, _HIGH_SPEED.pack(speed[j], current[j], position[j]), stamp)
         foc = DRIVER_ENABLED_BIT if self.enabled else 0
+        bus_current = np.clip(np.rint(np.abs(tau) * 1000.0 / _TORQUE_PER_AMP), 0, 65535).astype(np.int64).tolist()
         for j, can_id in enumerate(ID_LOW_SPEED):
-            bus_current = _clamp_int(abs(tau[j]) * 1000.0 / TORQUE_PER_AMP[j], 0, 65535)
-            self._send(can_id, struct.pack(">HhbBH", SUPPLY_DECIVOLT, DRIVER_TEMP_C, MOTOR_TEMP_C, foc,
-                                           bus_current), stamp)
+            send(can_id, _LOW_SPEED.pack(SUPPLY_DECIVOLT, DRIVER_TEMP_C, MOTOR_TEMP_C, foc, bus_current[j]), stamp)
         # Status goes last, so a parsed status frame of time t means the whole tick t was parsed.
         moving = bool(np.any(np.abs(self._target - q) > REACHED_TOL))
         err_code = (self.limit_flags & 0x3F) << 8  # high byte: angle-limit bits, low: communication
-        self._send(ID_STATUS, struct.pack(">BBBBBBH", self.ctrl_mode, STATUS_ESTOP if self.estopped else STATUS_NORMAL,
-                                          self.move_mode, 0, int(moving), 0, err_code), stamp)
+        send(ID_STATUS, _STATUS.pack(self.ctrl_mode, STATUS_ESTOP if self.estopped else STATUS_NORMAL,
+                                     self.move_mode, 0, int(moving), 0, err_code), stamp)
         self.last_feedback_time = stamp
 
 

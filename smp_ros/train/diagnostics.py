@@ -67,17 +67,34 @@ def episode_gates(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
 
 
 def read_phases(bag: str | Path, t0_ns: int) -> list[dict[str, Any]]:
-    """Phase labels of an episode as [{"name", "start", "end"}] in seconds since its first grid step."""
+    """Phase spans of an episode as [{"name", "start", "end"}] in seconds since its first grid step.
+
+    ``smp_episode.json`` gives either per-control-step labels, as the simulator writes them
+    (``"phases": {"expert": [name per step], ...}`` with ``start_time_ns`` and ``control_rate_hz``),
+    or spans (``"phases": [{"name", "start", "end"}]`` in seconds on the header-stamp clock).
+    """
     path = Path(bag) / EPISODE_FILE
     if not path.is_file():
         return []
     try:
-        phases = json.loads(path.read_text()).get("phases", [])
+        info = json.loads(path.read_text())
+        phases = info.get("phases", [])
+        if isinstance(phases, dict):
+            labels = phases.get("expert") or next(iter(phases.values()), [])
+            origin = (int(info["start_time_ns"]) - t0_ns) / 1e9
+            dt = 1.0 / float(info["control_rate_hz"])
+            spans, begin = [], 0
+            for k in range(1, len(labels) + 1):
+                if k == len(labels) or labels[k] != labels[begin]:
+                    spans.append({"name": str(labels[begin]), "start": origin + begin * dt, "end": origin + k * dt})
+                    begin = k
+            return spans
         return [{"name": str(p["name"]), "start": float(p["start"]) - t0_ns / 1e9,
                  "end": float(p["end"]) - t0_ns / 1e9} for p in phases]
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        warnings.warn(f"{path}: phase labels unreadable ({exc}); expected "
-                      '{"phases": [{"name": str, "start": s, "end": s}]}', stacklevel=2)
+        warnings.warn(f"{path}: phase labels unreadable ({exc}); expected per-step labels "
+                      '{"phases": {"expert": [...]}, "start_time_ns", "control_rate_hz"} or spans '
+                      '{"phases": [{"name", "start", "end"}]}', stacklevel=2)
         return []
 
 

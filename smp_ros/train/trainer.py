@@ -16,7 +16,10 @@ Output layout for ``out = models/foo``::
 
 Running the same command again resumes from ``state.pt`` (e.g. after the process was killed).
 Data parallel: ``torchrun --nproc-per-node N -m smp_ros.cli train ...`` (NCCL on CUDA, gloo on the
-CPU); ``train.batch_size`` is the global batch, split evenly over the processes.
+CPU); several machines: the same command on each with ``--nnodes M --node-rank R
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT`` and the data and ``--out`` on a shared file system.
+``train.batch_size`` is the global batch, split evenly over the processes; rank 0 ingests, logs,
+checkpoints and writes the model.
 """
 
 from __future__ import annotations

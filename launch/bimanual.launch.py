@@ -1,0 +1,68 @@
+"""Bimanual SMP system: PiPER drivers and cameras (or the simulator) plus the policy node.
+
+    ros2 launch smp_ros bimanual.launch.py model:=models/smp_sim [use_sim:=true] [backend:=compiled]
+        [task:=pen_cap] [config:=/path/to/bimanual.yaml]
+
+Every node reads its parameters from ``config`` (config/bimanual.yaml by default, the same file
+``smp-ros bringup --config`` reads); a non-empty ``model``, ``backend`` or ``task`` overrides it.
+"""
+
+from pathlib import Path
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+# <share>/smp_ros/launch/.. on an install, the repository root in a source checkout.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "bimanual.yaml")
+ARMS = ("left", "right")
+CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
+
+
+def _truthy(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"launch argument use_sim: expected true or false, got {value!r}")
+
+
+def _nodes(context):
+    config = LaunchConfiguration("config").perform(context)
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"launch argument config: {config} is not a file")
+    use_sim = _truthy(LaunchConfiguration("use_sim").perform(context))
+    overrides = {name: LaunchConfiguration(name).perform(context) for name in ("model", "backend", "task")}
+    overrides = {name: value for name, value in overrides.items() if value}
+    if "task" in overrides and overrides["task"] not in TASKS:
+        raise ValueError(f"launch argument task: expected one of {TASKS}, got {overrides['task']!r}")
+
+    nodes = []
+    if use_sim:
+        sim_overrides = {"task": overrides["task"]} if "task" in overrides else {}
+        nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
+                          parameters=[config, sim_overrides], output="screen"))
+    else:
+        for arm in ARMS:
+            nodes.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
+                              parameters=[config], output="screen"))
+        for camera in CAMERAS:
+            nodes.append(Node(package="smp_ros", executable="camera_node", name="camera",
+                              namespace=f"/cameras/{camera}", parameters=[config], output="screen"))
+    nodes.append(Node(package="smp_ros", executable="policy_node", name="policy", namespace="/smp",
+                      parameters=[config, overrides], output="screen"))
+    return nodes
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription([
+        DeclareLaunchArgument("use_sim", default_value="false",
+                              description="simulated arms and cameras (sim_node) instead of hardware"),
+        DeclareLaunchArgument("model", default_value="", description="model directory (default: the config's)"),
+        DeclareLaunchArgument("backend", default_value="", description="eager | compiled | tensorrt"),
+        DeclareLaunchArgument("task", default_value="", description=f"one of {TASKS}"),
+        DeclareLaunchArgument("config", default_value=DEFAULT_CONFIG, description="ROS 2 parameters file"),
+        OpaqueFunction(function=_nodes),
+    ])

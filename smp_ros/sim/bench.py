@@ -1,0 +1,118 @@
+"""Simulator speed: physics, rendering, and whole scripted episodes per arm backend.
+
+    python -m smp_ros.sim.bench --json sim_bench.json
+
+Rows:
+- ``physics``: ``BimanualWorld.step`` of one control period, no hooks (physics steps/s);
+- ``render <camera>``: one offscreen frame of each camera at ``sim.image_size`` (frames/s);
+- ``episode <backend>``: one scripted episode of ``--steps`` control steps with every camera
+  rendered at every step, from reset to the last step (backend ``direct``: setpoints into the plant;
+  ``piper``: BimanualPiper -> piper_sdk -> virtual CAN -> emulators);
+- ``record piper``: the same through ``sim-demos``' recorder (200 Hz joint states read back
+  through the SDK, images and commands written to an MCAP bag), ending 1 s after success.
+
+Wall and CPU seconds are both reported: CPU counts every thread of the process (the SDK's receive
+threads, the renderer's), so CPU > wall means parallel work and wall > CPU means waiting, often for
+cores other processes hold. The 1-minute load average is recorded beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from smp_ros.config import SimConfig
+
+
+def _timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_physics(cfg: SimConfig, task: str, steps: int) -> dict:
+    from smp_ros.sim.world import BimanualWorld
+    per_control = int(round(1.0 / (cfg.control_rate_hz * cfg.physics_dt)))
+    periods = max(1, steps // per_control)
+    with BimanualWorld(cfg, task, seed=0) as world:
+        wall, cpu = _timed(lambda: [world.step(1.0 / cfg.control_rate_hz) for _ in range(periods)])
+    n = periods * per_control
+    return {"name": "physics", "count": n, "wall_s": wall, "cpu_s": cpu, "rate": n / wall, "unit": "steps/s"}
+
+
+def bench_render(cfg: SimConfig, task: str, frames: int) -> list[dict]:
+    from smp_ros.sim.world import BimanualWorld
+    rows = []
+    with BimanualWorld(cfg, task, seed=0) as world:
+        for cam in cfg.cameras:
+            world.render(cam)  # the first frame builds the GL context and uploads the scene
+            wall, cpu = _timed(lambda: [world.render(cam) for _ in range(frames)])
+            rows.append({"name": f"render {cam}", "count": frames, "wall_s": wall, "cpu_s": cpu,
+                         "rate": frames / wall, "unit": "frames/s"})
+    return rows
+
+
+def bench_episode(cfg: SimConfig, task: str, backend: str, seed: int) -> dict:
+    from smp_ros.sim.evaluate import run_episode
+    from smp_ros.sim.experts import ScriptedExpert
+    from smp_ros.sim.world import BimanualWorld
+    with BimanualWorld(cfg, task, seed=seed) as world:
+        world.render(cfg.cameras[0])
+        out = {}
+        wall, cpu = _timed(lambda: out.update(r=run_episode(world, ScriptedExpert(world), seed, backend=backend)))
+    r = out["r"]
+    return {"name": f"episode {backend}", "count": r.steps, "wall_s": wall, "cpu_s": cpu, "rate": r.steps / wall,
+            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success}
+
+
+def bench_record(cfg: SimConfig, task: str, seed: int) -> dict:
+    from smp_ros.sim.demos import record_episode
+    from smp_ros.sim.world import BimanualWorld
+    with tempfile.TemporaryDirectory() as tmp, BimanualWorld(cfg, task, seed=seed) as world:
+        world.render(cfg.cameras[0])
+        out = {}
+        wall, cpu = _timed(lambda: out.update(r=record_episode(world, seed, Path(tmp) / "bag", backend="piper")))
+    r = out["r"]
+    return {"name": "record piper", "count": r.steps, "wall_s": wall, "cpu_s": cpu, "rate": r.steps / wall,
+            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="pen_cap")
+    p.add_argument("--steps", type=int, default=300, help="control steps per benchmarked episode")
+    p.add_argument("--physics-steps", type=int, default=5000)
+    p.add_argument("--frames", type=int, default=100, help="frames per camera")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--skip-record", action="store_true", help="leave out the sim-demos recording row")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    cfg = replace(SimConfig(), episode_steps=args.steps)
+    rows = [bench_physics(cfg, args.task, args.physics_steps), *bench_render(cfg, args.task, args.frames)]
+    rows += [bench_episode(cfg, args.task, backend, args.seed) for backend in ("direct", "piper")]
+    if not args.skip_record:
+        rows.append(bench_record(cfg, args.task, args.seed))
+    env = {"load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "python": platform.python_version(),
+           "mujoco_gl": os.environ.get("MUJOCO_GL"), "image_size": list(cfg.image_size),
+           "cameras": list(cfg.cameras), "control_rate_hz": cfg.control_rate_hz,
+           "feedback_rate_hz": cfg.feedback_rate_hz, "physics_dt": cfg.physics_dt, "task": args.task}
+    print(f"{args.task}, {len(cfg.cameras)} cameras {cfg.image_size[0]}x{cfg.image_size[1]}, "
+          f"{cfg.control_rate_hz:g} Hz control, load average {env['load_avg_1min']:.2f} on {env['cpus']} CPUs")
+    print(f"{'benchmark':<26}{'count':>7}{'wall s':>9}{'CPU s':>8}{'rate':>11}  unit")
+    for r in rows:
+        print(f"{r['name']:<26}{r['count']:>7}{r['wall_s']:>9.2f}{r['cpu_s']:>8.2f}{r['rate']:>11.1f}  {r['unit']}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
