@@ -38,6 +38,7 @@ NAMES = {arm: [f"{arm}_joint{i}" for i in range(1, 7)] + [f"{arm}_gripper"] for 
 def tiny_model(tmp_path_factory):
     """A tiny one-camera SMP, trained for a few dozen steps on actions near the home pose."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the machine is shared; more threads only contend
     cfg = preset("tiny")
     cfg.model.horizon = 16  # 0.8 s of plan at 20 Hz: chunks outlast slow inference on a busy machine
     cfg.model.encoder = EncoderConfig(mode="vision", cameras=(CAMERA,), image_size=(32, 32), backbone_width=8,
@@ -250,3 +251,35 @@ def test_bad_parameters_are_named(ros):
         PolicyNode(parameter_overrides=[Parameter("chunk_blend", value="average")])
     with pytest.raises(ConfigError, match="tau_m"):
         PolicyNode(parameter_overrides=[Parameter("tau_m", value=1.5)])
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_bringup_evaluates_episodes_and_writes_json(tiny_model, tmp_path):
+    """`smp-ros bringup --sim --episodes` in its own process, closed loop over ROS topics."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = yaml.safe_load(open("config/bimanual.yaml"))
+    config["/smp/policy"]["ros__parameters"].update(
+        {"model": str(tiny_model), "backend": "eager", "device": "cpu", "threads": 1, "policy_rate_hz": 5.0,
+         "inference_deadline_s": 3.0})
+    config["/**"]["ros__parameters"]["safety"]["stale_after_s"] = 1.0
+    config["/sim"]["ros__parameters"]["sim"].update({"image_size": [32, 32], "cameras": [CAMERA],
+                                                     "episode_steps": 40})
+    path = tmp_path / "bimanual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, "-m", "smp_ros.cli", "bringup", "--config", str(path), "--sim",
+                             "--task", "handover", "--episodes", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    task = report["tasks"]["handover"]
+    assert [e["episode"] for e in task["episodes"]] == [2, 3]
+    assert all(0.0 <= e["progress"] <= 1.0 and e["sim_time_s"] >= 2.0 for e in task["episodes"])
+    assert task["inference_calls"] > 0 and task["latency_p50_s"] > 0
+    assert report["overall"]["episodes"] == 2 and report["overall"]["backend"] == "eager"

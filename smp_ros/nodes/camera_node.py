@@ -30,6 +30,7 @@ CAMERA_SPECS = [
 
 class CameraNode(Node):
     def __init__(self, **kwargs) -> None:
+        self.camera: Camera | None = None  # destroy_node() also runs on a node that failed to start
         super().__init__("camera", **kwargs)
         p = declare(self, CAMERA_SPECS)
         name = self.get_namespace().rstrip("/").rsplit("/", 1)[-1] or "camera"
@@ -62,7 +63,8 @@ class CameraNode(Node):
         self.info_pub.publish(camera_info(stamp, self.frame_id, height, width, self.fovy))
 
     def destroy_node(self) -> None:
-        self.camera.stop()
+        if self.camera is not None:
+            self.camera.stop()
         super().destroy_node()
 
 

@@ -31,6 +31,7 @@ class DriverNode(Node):
     by default a PiperArm is built from the parameters and connected."""
 
     def __init__(self, arm: Arm | None = None, **kwargs) -> None:
+        self.arm: Arm | None = None  # destroy_node() also runs on a node that failed to start
         super().__init__("driver", **kwargs)
         namespace_side = self.get_namespace().strip("/")
         side = declare(self, [ParamSpec(
@@ -54,7 +55,8 @@ class DriverNode(Node):
 
     def destroy_node(self) -> None:
         # The arm is left enabled and holding its last target: disconnecting must not drop it.
-        self.arm.disconnect()
+        if self.arm is not None:
+            self.arm.disconnect()
         super().destroy_node()
 
 

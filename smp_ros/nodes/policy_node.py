@@ -18,7 +18,6 @@ and logs, and reports in policy_status, why.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from pathlib import Path
 
 from smp_ros.config import ARMS, CAMERAS, TASKS

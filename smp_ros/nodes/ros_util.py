@@ -4,18 +4,20 @@ conversion for joint states, and the ``main()`` boilerplate."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
 
+from smp_ros.config import ConfigError
 from smp_ros.nodes.params import ParamSpec
 
 # Sensor streams (images, joint states): best effort, keep the newest few; a late sample is useless.
@@ -29,39 +31,45 @@ LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1,
                          reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 
-_PARAM_TYPES = {
-    bool: ParameterType.PARAMETER_BOOL,
-    int: ParameterType.PARAMETER_INTEGER,
-    float: ParameterType.PARAMETER_DOUBLE,
-    str: ParameterType.PARAMETER_STRING,
-}
-_ARRAY_TYPES = {
-    bool: ParameterType.PARAMETER_BOOL_ARRAY,
-    int: ParameterType.PARAMETER_INTEGER_ARRAY,
-    float: ParameterType.PARAMETER_DOUBLE_ARRAY,
-    str: ParameterType.PARAMETER_STRING_ARRAY,
-}
+_KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(spec: ParamSpec, value):
+    """``value`` as the type of ``spec.default``; an integer is accepted for a number (YAML's 200
+    for 200.0). ConfigError naming the parameter otherwise."""
+    def one(kind: type, v):
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        if type(v) is kind:
+            return v
+        raise TypeError
+
+    try:
+        if isinstance(spec.default, list):
+            if not isinstance(value, (list, tuple, np.ndarray)):
+                raise TypeError
+            return [one(type(spec.default[0]), v) for v in value]
+        return one(type(spec.default), value)
+    except TypeError:
+        if isinstance(spec.default, list):
+            expected = f"a list of {_KINDS[type(spec.default[0])]}s"
+        else:
+            expected = _KINDS[type(spec.default)]
+        raise ConfigError(f"parameter {spec.name}: expected {expected} ({spec.description}), "
+                          f"got {value!r}") from None
 
 
 def declare(node: Node, specs: Iterable[ParamSpec]) -> dict:
-    """Declare typed, described parameters and return their values (after overrides) by name.
+    """Declare described parameters and return their values (after overrides) by name.
 
-    A value of the wrong type in a parameters file or on the command line is refused by rclpy with
-    an error naming the parameter.
+    Declared with dynamic typing so that an integer given for a number is accepted; every value is
+    then checked against its default's type, with an error naming the parameter.
     """
     values = {}
     for spec in specs:
-        default = spec.default
-        if isinstance(default, list):
-            kind = _ARRAY_TYPES[type(default[0])]
-            if kind == ParameterType.PARAMETER_DOUBLE_ARRAY:
-                default = [float(v) for v in default]
-        else:
-            kind = _PARAM_TYPES[type(default)]
-        descriptor = ParameterDescriptor(description=spec.description, type=kind)
-        param = node.declare_parameter(spec.name, default, descriptor)
-        value = param.value
-        values[spec.name] = list(value) if isinstance(value, (list, tuple, np.ndarray)) else value
+        descriptor = ParameterDescriptor(description=spec.description, dynamic_typing=True)
+        value = node.declare_parameter(spec.name, spec.default, descriptor).value
+        values[spec.name] = _coerce(spec, value)
     return values
 
 
@@ -105,9 +113,9 @@ def joint_positions(msg: JointState, names: Sequence[str], topic: str) -> np.nda
     return np.array([msg.position[index[n]] for n in names], dtype=np.float64)
 
 
-def spin_node(node: Node, threads: int | None = None) -> None:
+def spin_node(node: Node) -> None:
     """Spin on a MultiThreadedExecutor until Ctrl-C or an external shutdown."""
-    executor = MultiThreadedExecutor(num_threads=threads)
+    executor = MultiThreadedExecutor()
     executor.add_node(node)
     try:
         executor.spin()
@@ -115,15 +123,24 @@ def spin_node(node: Node, threads: int | None = None) -> None:
         executor.shutdown()
 
 
-def run(make_node: Callable[[], Node], args: list[str] | None = None, threads: int | None = None) -> int:
-    """The body of every node's ``main()``: init, build, spin, always destroy and shut down."""
+def run(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
+    """The body of every node's ``main()``: init, build, spin, always destroy and shut down.
+
+    A node that cannot start (a bad parameter, an arm or camera that cannot be opened) exits with
+    status 1 and its error message, not a traceback.
+    """
     rclpy.init(args=args)
     node = None
     try:
         node = make_node()
-        spin_node(node, threads)
+        spin_node(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except (ValueError, RuntimeError) as exc:
+        if node is not None:
+            raise  # a failure while running is a bug: keep the traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if node is not None:
             node.destroy_node()

@@ -15,7 +15,6 @@ up the simulation slows down (with a warning) instead of taking giant steps.
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -55,6 +54,11 @@ MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops tryi
 
 class SimNode(Node):
     def __init__(self, **kwargs) -> None:
+        # destroy_node() also runs on a node that failed to start.
+        self._thread: threading.Thread | None = None
+        self.arms: dict[str, PiperArm] = {}
+        self.world: BimanualWorld | None = None
+        self.emulators = {}
         super().__init__("sim", **kwargs)
         p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
         self.cfg = sim_config(p, where="parameters")
@@ -73,8 +77,6 @@ class SimNode(Node):
         # Channel names are process-wide in python-can's virtual bus and piper_sdk: make them unique.
         self.channels = {side: f"smp_sim_{side}_{os.getpid()}_{id(self):x}" for side in ("left", "right")}
 
-        self.world: BimanualWorld | None = None
-        self.emulators = {}
         self._status: EpisodeStatus | None = None
         self._build_world(self.task, self.seed)
         self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
@@ -116,8 +118,11 @@ class SimNode(Node):
         return self._status
 
     def destroy_node(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10.0)  # the simulator thread closes the world it rendered with
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10.0)  # the simulator thread closes the world it rendered with
+        else:
+            self._close_world()  # never rendered: safe from this thread
         for arm in self.arms.values():
             arm.disconnect()
         super().destroy_node()

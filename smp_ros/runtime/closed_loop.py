@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from smp_ros.model.batch import IMAGES, QPOS, TASK
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.executor import HOLD, ActionChunk, ChunkExecutor
 from smp_ros.runtime.safety import SafetyFilter, is_stale
+from smp_ros.sim.types import Observation
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,17 @@ class StepReport:
     inferred: bool = False
     result: InferenceResult | None = None
     safety: str = ""  # what the safety filter clipped, if anything
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LearnedPolicy:
     """Engine + chunk executor + safety filter behind the closed-loop policy interface."""
 
-    def __init__(self, engine: InferenceEngine, runtime: RuntimeConfig, control_rate_hz: float,
+    def __init__(self, engine: InferenceEngine, runtime: RuntimeConfig, control_rate_hz: float | None = None,
                  seed: int = 0) -> None:
+        """``control_rate_hz``: how often ``act`` is called; default: the rate the model was trained at
+        (``data.control_rate_hz`` of its config), which is also the spacing of its chunk targets."""
+        if control_rate_hz is None:
+            control_rate_hz = engine.smp_cfg.data.control_rate_hz
         if control_rate_hz <= 0:
             raise ValueError(f"control_rate_hz: expected > 0, got {control_rate_hz}")
         self.engine = engine
@@ -69,7 +72,7 @@ class LearnedPolicy:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, runtime: RuntimeConfig | None = None,
-                       control_rate_hz: float = 20.0, seed: int = 0) -> "LearnedPolicy":
+                       control_rate_hz: float | None = None, seed: int = 0) -> "LearnedPolicy":
         runtime = runtime or RuntimeConfig()
         engine = InferenceEngine(model_dir, runtime)
         engine.warmup()
@@ -91,7 +94,7 @@ class LearnedPolicy:
         self._reset_state()
         self.last_step = StepReport("hold", "no_observation")
 
-    def act(self, obs: Any, now: float | None = None) -> np.ndarray:
+    def act(self, obs: Observation, now: float | None = None) -> np.ndarray:
         """One control step: (14,) float64 joint/gripper targets, always within the safety limits.
 
         ``obs`` carries ``time``, ``qpos`` (14,), ``images`` {camera: H x W x 3 uint8}; ``now`` is the
