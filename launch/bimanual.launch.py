@@ -41,9 +41,9 @@ def _nodes(context):
 
     nodes = []
     if use_sim:
-        sim_overrides = {"task": overrides["task"]} if "task" in overrides else {}
+        sim_parameters = [config] + ([{"task": overrides["task"]}] if "task" in overrides else [])
         nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
-                          parameters=[config, sim_overrides], output="screen"))
+                          parameters=sim_parameters, output="screen"))
     else:
         for arm in ARMS:
             nodes.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
@@ -52,7 +52,7 @@ def _nodes(context):
             nodes.append(Node(package="smp_ros", executable="camera_node", name="camera",
                               namespace=f"/cameras/{camera}", parameters=[config], output="screen"))
     nodes.append(Node(package="smp_ros", executable="policy_node", name="policy", namespace="/smp",
-                      parameters=[config, overrides], output="screen"))
+                      parameters=[config] + ([overrides] if overrides else []), output="screen"))
     return nodes
 
 

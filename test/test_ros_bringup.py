@@ -29,3 +29,15 @@ def test_a_malformed_config_file_is_named(tmp_path):
     bad.write_text("/smp/policy:\n  parameters:\n    model: x\n")
     with pytest.raises(ConfigError, match="ros__parameters"):
         bringup.run(_args("--config", str(bad), "--sim"))
+
+
+@pytest.mark.ros
+@pytest.mark.sim
+def test_a_model_that_cannot_load_ends_bringup_with_the_reason(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    missing = tmp_path / "no_model"
+    with pytest.raises(ConfigError, match=r"/smp/policy: parameter model: cannot load .*no_model"):
+        bringup.run(_args("--config", "config/bimanual.yaml", "--sim", "--model", str(missing)))

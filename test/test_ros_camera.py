@@ -41,7 +41,7 @@ def test_camera_publishes_rgb8_images_with_capture_stamps(video):
     try:
         node = CameraNode(namespace="/cameras/cam_high", parameter_overrides=[
             Parameter("source", value=str(video)), Parameter("width", value=64), Parameter("height", value=48),
-            Parameter("fps", value=30.0), Parameter("realtime", value=True)])
+            Parameter("fps", value=30), Parameter("realtime", value=True)])  # an integer for a number is fine
         probe = rclpy.create_node("camera_probe")
         images, infos = [], []
         probe.create_subscription(Image, "/cameras/cam_high/image_raw", images.append, SENSOR_QOS)
@@ -76,5 +76,9 @@ def test_bad_camera_parameters_are_named():
     try:
         with pytest.raises(ConfigError, match="fps"):
             CameraNode(parameter_overrides=[Parameter("fps", value=0.0)])
+        with pytest.raises(ConfigError, match="parameter width: expected an integer"):
+            CameraNode(parameter_overrides=[Parameter("width", value=64.5)])
+        with pytest.raises(ConfigError, match="parameter source: expected a string"):
+            CameraNode(parameter_overrides=[Parameter("source", value=2)])
     finally:
         rclpy.try_shutdown()

@@ -147,3 +147,15 @@ def test_bad_parameters_are_named():
         SimNode(parameter_overrides=[Parameter("task", value="juggling")])
     with pytest.raises(ConfigError, match="real_time_factor"):
         SimNode(parameter_overrides=[Parameter("real_time_factor", value=0.0)])
+
+
+def test_reset_to_another_task_rebuilds_the_scene_and_keeps_the_arms_alive(sim):
+    node, probe, got = sim
+    response = call(probe, ResetEpisode, "/sim/reset_episode", ResetEpisode.Request(task="cups_in_bowl", seed=3))
+    assert response.success, response.message
+    wait_for(lambda: got["task"][-1].data == "cups_in_bowl", what="the new task on /smp/task")
+    count = len(got["states"]["left"])
+    wait_for(lambda: len(got["states"]["left"]) > count + 50, what="joint states after the rebuild")
+    wait_for(lambda: got["status"]["left"].enabled and not got["status"]["left"].holding,
+             what="the left arm enabled again")
+    assert node.episode_status().task == "cups_in_bowl"

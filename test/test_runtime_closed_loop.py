@@ -1,13 +1,15 @@
 """LearnedPolicy: T_o history at the control rate, chunk cadence, holds on stale or broken input."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from smp_ros.config import RuntimeConfig, preset
+from smp_ros.config import RuntimeConfig, SimConfig, preset
 from smp_ros.model.checkpoint import save_model
 from smp_ros.model.policy import build_policy
-from smp_ros.runtime.closed_loop import LearnedPolicy
+from smp_ros.runtime.closed_loop import LearnedPolicy, make_learned_policy
 from smp_ros.runtime.engine import InferenceEngine
 from smp_ros.sim.types import Observation
 
@@ -115,3 +117,12 @@ def test_no_pose_to_hold_before_the_first_valid_observation(policy):
 def test_reset_rejects_unknown_tasks(policy):
     with pytest.raises(ValueError, match="pen_cap"):
         policy.reset("juggling")
+
+
+def test_world_factory_checks_the_control_rate(model_dir):
+    runtime = RuntimeConfig(backend="eager", device="cpu", threads=1)
+    model_rate = preset("tiny").data.control_rate_hz
+    policy = make_learned_policy(model_dir, SimpleNamespace(cfg=SimConfig(control_rate_hz=model_rate)), runtime)
+    assert policy.dt == pytest.approx(1.0 / model_rate)
+    with pytest.raises(ValueError, match="control_rate_hz"):
+        make_learned_policy(model_dir, SimpleNamespace(cfg=SimConfig(control_rate_hz=2 * model_rate)), runtime)

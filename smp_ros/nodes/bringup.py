@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import CAMERAS, TASKS, ConfigError
-from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, SIM_NODE, ParamsFile, sim_config
+from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_config
 
 SWITCH_INTERVAL_S = 0.0005
+MODEL_LOAD_TIMEOUT_S = 600.0  # loading and warming up (compiling) a model on a slow CPU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,16 +81,23 @@ def run(args: argparse.Namespace) -> int:
         nodes.append(policy)
         for node in nodes:
             executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        # The policy configures itself (autostart) on the executor; a model that cannot be loaded
+        # ends bringup with that error instead of leaving the arms without a policy.
+        _wait(lambda: policy.runner is not None or policy.configure_error or not spinner.is_alive(),
+              MODEL_LOAD_TIMEOUT_S, "the policy to load its model")
+        if policy.configure_error:
+            raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
         if args.episodes:
-            spinner = threading.Thread(target=executor.spin, daemon=True)
-            spinner.start()
             results = evaluate(nodes[0], policy, params, args)
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=2))
             print(json.dumps(results["overall"], indent=2))
         else:
-            executor.spin()
+            while spinner.is_alive():  # until Ctrl-C shuts the context down
+                spinner.join(0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
@@ -105,7 +113,6 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
     cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
     episode_s = cfg.episode_steps / cfg.control_rate_hz
     tasks = [args.task] if args.task else list(TASKS)
-    _wait(lambda: policy.runner is not None, 300.0, "the policy to load its model")
     per_task, seed = {}, args.seed
     for task in tasks:
         episodes = []

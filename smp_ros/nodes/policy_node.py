@@ -67,6 +67,7 @@ class PolicyNode(LifecycleNode):
         if self.p["tau_m"] > 1:
             raise ConfigError(f"parameter tau_m: expected in (0, 1] (0 = the model's), got {self.p['tau_m']!r}")
         self.engine: InferenceEngine | None = None
+        self.configure_error = ""  # why the last configure failed (bringup reports it)
         self.commands_published = 0
         self._reason = "inactive"
         self._published = deque()  # publication times within RATE_WINDOW_S
@@ -80,14 +81,13 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle
 
     def _start_once(self) -> None:
-        self.destroy_timer(self._autostart)
+        self._autostart.cancel()  # one shot (destroying a timer inside its own callback races the executor)
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         if not self.p["model"]:
-            self.get_logger().error("parameter model: expected a model directory, got ''")
-            return TransitionCallbackReturn.FAILURE
+            return self._configure_failed("parameter model: expected a model directory, got ''")
         overrides = {}
         for key, dotted in (("tau_m", "model.selection.tau_m"), ("k", "model.selection.k"),
                             ("sampling_steps", "model.scheduler.inference_steps")):
@@ -97,11 +97,11 @@ class PolicyNode(LifecycleNode):
             self.engine = InferenceEngine(self.p["model"], self.runtime, overrides=overrides)
             self.engine.warmup()
         except Exception as exc:
-            self.get_logger().error(f"cannot load model {self.p['model']!r}: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
         deadline = self.p["inference_deadline_s"] or 1.0 / self.runtime.policy_rate_hz
         labels = {arm: f"/{arm}/joint_states" for arm in ARMS}
         labels.update({c: self.p["camera_topic"].format(camera=c) for c in self.engine.cameras})
+        self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
 
@@ -121,6 +121,11 @@ class PolicyNode(LifecycleNode):
             f"k={cfg.selection.k}, tau_m={cfg.selection.tau_m}, {cfg.scheduler.inference_steps} steps, "
             f"cameras {list(self.engine.cameras)}; deadline {deadline:.3f} s")
         return TransitionCallbackReturn.SUCCESS
+
+    def _configure_failed(self, message: str) -> TransitionCallbackReturn:
+        self.configure_error = message
+        self.get_logger().error(message)
+        return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.runner.set_task(self.runner.task)  # a fresh history: nothing from before activation

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +153,15 @@ def run(args: argparse.Namespace) -> int:
     m = cfg.model
     K = m.num_experts
     obs = observations(cfg, max(args.iters, 8))
-    engine.warmup(iterations=1)
+    start = time.perf_counter()
+    engine.warmup(iterations=1)  # compiles every |S| variant for the compiled backend
+    warmup_s = time.perf_counter() - start
 
     report: dict[str, Any] = {
         "preset": cfg.preset, "model": str(args.model) if args.model else None,
         "random_weights": args.model is None, "backend": engine.backend_name, "backend_reason": engine.backend.reason,
         "machine": machine_info(engine.device), "warmup": args.warmup, "iters": args.iters,
-        "inference_steps": engine.policy.scheduler.num_inference_steps,
+        "inference_steps": engine.policy.scheduler.num_inference_steps, "engine_warmup_s": warmup_s,
     }
     natural, mean_active = measure(engine, obs, args.warmup, args.iters)
     report["smp"] = {"stages_ms": natural, "mean_active": mean_active}
@@ -214,7 +217,8 @@ def print_report(r: dict[str, Any], K: int) -> None:
     print(f"\nsmp-ros bench: preset={r['preset']} backend={r['backend']} device={mach['device']} "
           f"threads={mach['torch_threads']} ({'random weights' if r['random_weights'] else r['model']})")
     print(f"machine: {mach['cpu']}, {mach['cpu_cores_usable']} cores, GPU {mach['gpu'] or 'none'}, torch {mach['torch']}")
-    print(f"DDIM steps: {r['inference_steps']}; warmup {r['warmup']}, iters {r['iters']}\n")
+    print(f"DDIM steps: {r['inference_steps']}; warmup {r['warmup']}, iters {r['iters']}; "
+          f"engine warmup (compilation) {r['engine_warmup_s']:.0f} s\n")
     print(f"SMP with its own selection (mean |S| = {r['smp']['mean_active']:.2f}), ms:")
     print(f"  {'stage':<14}{'p50':>10}{'p99':>10}")
     for stage, v in r["smp"]["stages_ms"].items():

@@ -175,3 +175,19 @@ class LearnedPolicy:
         if missing:
             raise ValueError(f"obs.images: missing camera(s) {missing}; the model needs {list(self.cameras)}")
         return np.stack([np.asarray(images[c], dtype=np.uint8) for c in self.cameras])  # (N_cam, H, W, 3)
+
+
+def make_learned_policy(model_dir: str | Path, world: object, runtime: RuntimeConfig | None = None) -> LearnedPolicy:
+    """The learned policy for a simulated world (``smp-ros eval --policy MODEL_DIR``).
+
+    The world's control rate must be the model's: chunk targets are spaced at the rate the model
+    was trained at, and the T_o history is sampled at the rate ``act`` is called."""
+    runtime = runtime or RuntimeConfig()
+    engine = InferenceEngine(model_dir, runtime)
+    world_rate = float(world.cfg.control_rate_hz)
+    model_rate = float(engine.smp_cfg.data.control_rate_hz)
+    if abs(world_rate - model_rate) > 1e-6 * model_rate:
+        raise ValueError(f"sim.control_rate_hz = {world_rate} Hz, but {model_dir} was trained at "
+                         f"data.control_rate_hz = {model_rate} Hz; run the simulator at the model's rate")
+    engine.warmup()
+    return LearnedPolicy(engine, runtime, model_rate)
