@@ -11,13 +11,15 @@ Stages of one call (names as in ``InferenceResult.timings``):
 
 Host-device synchronisation. The active-set size |S| decides which static shape (compiled
 variant, CUDA graph) runs, so the host must know it: the engine reads the selected indices once
-per call, right after selection (``mask.nonzero()`` in ``_select``), and that is the only sync
-before the final copy of the action chunk to the host. The denoising loop itself indexes the
+per call, right after selection (``mask[0].nonzero()`` in ``infer``), and that is the only sync
+before the final copy of the action chunk to the host (a forced active set, used by benchmarks,
+adds the policy's validation of that set). The denoising loop itself indexes the
 precomputed DDIM coefficients by Python ints and never reads a device value. On CUDA with the
 ``eager``/``compiled`` backends the whole loop is one CUDA graph per |S| replayed from static
 input buffers (noise, s, expert indices) preallocated for every |S| at warmup, so the loop
 allocates nothing; any active set of that size replays the same graph, since the expert indices
-are an input of the graph, not a constant.
+are an input of the graph, not a constant. On the CPU there are no graphs: the loop runs in Python
+around the (compiled) expert network and PyTorch's CPU allocator serves its intermediates.
 
 Noise. ``initial_noise`` draws z^(T) for all K experts from a generator seeded per call and the
 engine gathers the active ones, exactly as ``SMPPolicy.predict_action`` does: with the same seed
