@@ -11,8 +11,8 @@ cannot run here, with one log line saying which runs and why:
   network once per active-set size |S| (static shapes); on CUDA the engine also captures one CUDA
   graph of the whole denoising loop per |S|.
 - ``tensorrt``: TensorRT engines of the batched expert network per |S| built ahead of time by
-  ``smp-ros export --backend tensorrt`` and stored next to the model (``tensorrt/``); the other
-  stages run as in ``compiled``'s eager fallback.
+  ``smp-ros export --backend tensorrt`` and stored next to the model (``tensorrt/``); encoder,
+  router, selection, basis QR and decode run as PyTorch modules around them.
 """
 
 from __future__ import annotations
