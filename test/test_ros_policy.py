@@ -5,6 +5,7 @@ joint state, missed inference deadline), each with a log that says why."""
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,7 +283,8 @@ def test_bringup_evaluates_episodes_and_writes_json(tiny_model, tmp_path):
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "eval.json"
     result = subprocess.run([sys.executable, "-m", "smp_ros.cli", "bringup", "--config", str(path), "--sim",
-                             "--task", "handover", "--episodes", "2", "--json", str(out)],
+                             "--task", "handover", "--episodes", "2", "--json", str(out),
+                             "--gate-trace", str(tmp_path / "traces")],
                             capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -291,3 +293,6 @@ def test_bringup_evaluates_episodes_and_writes_json(tiny_model, tmp_path):
     assert all(0.0 <= e["progress"] <= 1.0 and e["sim_time_s"] >= 2.0 for e in task["episodes"])
     assert task["inference_calls"] > 0 and task["latency_p50_s"] > 0
     assert report["overall"]["episodes"] == 2 and report["overall"]["backend"] == "eager"
+    trace = Path(task["episodes"][0]["gate_trace"])  # the first episode of each task is plotted
+    assert trace == tmp_path / "traces" / "gate_trace_handover.png" and trace.stat().st_size > 10_000
+    assert "gate_trace" not in task["episodes"][1]

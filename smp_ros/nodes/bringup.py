@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=0, help="with --sim: episodes per task, then exit")
     parser.add_argument("--json", help="with --episodes: write the results here")
     parser.add_argument("--seed", type=int, default=0, help="with --episodes: seed of the first episode")
+    parser.add_argument("--gate-trace", metavar="DIR",
+                        help="with --episodes: write a gate-trace PNG of each task's first episode here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +123,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
             seed += 1
             policy.runner.set_task(task)
             commands0, latencies0 = policy.commands_published, len(policy.runner.stats.latencies)
+            gates0 = len(policy.runner.stats.gates)
             started = time.monotonic()
             # Wall-clock guard only: the episode's own budget is simulated time.
             _wait(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
@@ -132,6 +135,9 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
                              "progress": float(status.progress), "sim_time_s": float(status.sim_time),
                              "command_rate_hz": (policy.commands_published - commands0) / wall,
                              "latencies_s": latencies})
+            if args.gate_trace and len(episodes) == 1:
+                trace = list(policy.runner.stats.gates)[gates0:]
+                episodes[0]["gate_trace"] = _write_gate_trace(Path(args.gate_trace), task, trace, status)
         per_task[task] = _summary(episodes)
         per_task[task]["episodes"] = [{k: v for k, v in e.items() if k != "latencies_s"} for e in episodes]
     everything = [e for t in per_task.values() for e in t["episodes"]]
@@ -141,6 +147,25 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
                "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in everything])),
                "model": policy.p["model"], "backend": policy.engine.backend_name}
     return {"overall": overall, "tasks": per_task}
+
+
+def _write_gate_trace(out_dir: Path, task: str, trace: list, status) -> str | None:
+    """Router gates g_bar and active sets S over one closed-loop episode (like the paper's Fig. 1)."""
+    from smp_ros.train.diagnostics import plot_gate_trace
+
+    if len(trace) < 2:
+        return None
+    stamps = np.array([t for t, _, _ in trace])
+    gates = np.stack([g for _, g, _ in trace])  # (T, K)
+    active = np.zeros(gates.shape, dtype=bool)
+    for row, (_, _, experts) in enumerate(trace):
+        active[row, list(experts)] = True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"gate_trace_{task}.png"
+    outcome = "success" if status.success else f"progress {status.progress:.2f}"
+    plot_gate_trace(path, stamps - stamps[0], gates, active,
+                    f"{task}: closed loop in simulation ({outcome}), |S| mean {active.sum(1).mean():.2f}", [])
+    return str(path)
 
 
 def _summary(episodes: list[dict]) -> dict:

@@ -164,6 +164,8 @@ class RunnerStats:
     missed_deadlines: int = 0
     last_latency: float = 0.0
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000))  # seconds, recent inference calls
+    # (observation stamp, router mean g_bar (K,), active set S) per inference call, for gate traces
+    gates: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
 
 class PolicyRunner:
@@ -286,6 +288,7 @@ class PolicyRunner:
         with self._lock:
             self.stats.last_latency = latency
             self.stats.latencies.append(latency)
+            self.stats.gates.append((stamp, result.gate.copy(), result.active))
             if task != self.task:
                 return  # planned for the previous task
             if latency > self.deadline:
