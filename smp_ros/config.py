@@ -415,19 +415,25 @@ class SMPConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SMPConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data = load_yaml_mapping(path)
         try:
             return cls.from_dict(data, where=str(path))
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_yaml_mapping(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def _to_plain(obj: Any) -> Any:

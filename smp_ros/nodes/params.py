@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig
+from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, load_yaml_mapping
 
 # Fully qualified names of the nodes the launch files and bringup start.
 POLICY_NODE = "/smp/policy"
@@ -79,14 +77,7 @@ class ParamsFile:
     @classmethod
     def load(cls, path: str | Path) -> "ParamsFile":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: parameters file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of node names at the top level")
+        data = load_yaml_mapping(path, "parameters file")
         nodes: dict[str, dict[str, Any]] = {}
         for key, body in data.items():
             name = key if str(key).startswith("/") else f"/{key}"

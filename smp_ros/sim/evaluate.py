@@ -5,9 +5,9 @@ Commands travel the robot's path: ``BimanualPiper`` -> piper_sdk -> python-can `
 ``piper``, the default). Backend ``direct`` writes setpoints into the plant and reads it directly
 (faster; for debugging a policy without the CAN stack).
 
-``--policy scripted`` runs the scripted experts; any other value is a model directory, handed to
-the factory registered in ``POLICY_FACTORIES["model"]`` (the learned-policy adapter from
-``smp_ros.runtime`` registers itself there): ``factory(path, world) -> policy``.
+``--policy scripted`` runs the scripted experts; any other value is a model directory, run through
+the learned-policy adapter of ``smp_ros.runtime.closed_loop`` (inference engine, chunk executor and
+safety filter, as on the robot).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARMS, SafetyConfig, SimConfig, TASKS
+from smp_ros.config import ARMS, TASKS, RuntimeConfig, SafetyConfig, SimConfig
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.sim.types import Observation
 
-POLICY_FACTORIES: dict[str, Callable] = {}
 BACKENDS = ("piper", "direct")
 
 
@@ -149,16 +148,14 @@ class PiperArms:
         self.world.post_step_hooks.clear()
 
 
-def make_policy(spec: str, world):
+def make_policy(spec: str, world, inference_backend: str = "eager"):
     if spec == "scripted":
         from smp_ros.sim.experts import ScriptedExpert
         return ScriptedExpert(world)
-    if "model" not in POLICY_FACTORIES:
-        raise ValueError(f"--policy {spec!r}: no learned-policy factory registered; expected 'scripted' or a "
-                         f"model directory with smp_ros.runtime installed")
-    if not Path(spec).is_dir():
-        raise ValueError(f"--policy {spec!r}: not a model directory")
-    return POLICY_FACTORIES["model"](spec, world)
+    if not (Path(spec) / "manifest.json").is_file():
+        raise ValueError(f"--policy {spec!r}: expected 'scripted' or a model directory (with manifest.json)")
+    from smp_ros.runtime.closed_loop import make_learned_policy
+    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend))
 
 
 def make_arms(world, backend: str):
@@ -218,14 +215,14 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
-             backend: str = "piper", render: bool = True) -> dict:
+             backend: str = "piper", render: bool = True, inference_backend: str = "eager") -> dict:
     from smp_ros.sim.world import BimanualWorld
 
     cfg = cfg or SimConfig()
     report = {"policy": policy_spec, "backend": backend, "episodes": episodes, "tasks": {}}
     for task in tasks:
         with BimanualWorld(cfg, task, seed) as world:
-            policy = make_policy(policy_spec, world)
+            policy = make_policy(policy_spec, world, inference_backend)
             results = [run_episode(world, policy, seed + i, backend=backend, render=render) for i in range(episodes)]
         report["tasks"][task] = {
             "success_rate": float(np.mean([r.success for r in results])),
@@ -254,6 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--backend", default="piper", choices=BACKENDS)
     parser.add_argument("--no-render", action="store_true", help="skip cameras (scripted policy only)")
+    parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
+                        help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--episodes: expected >= 1, got {args.episodes}")
     tasks = TASKS if args.task == "all" else (args.task,)
     report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
-                      render=not args.no_render)
+                      render=not args.no_render, inference_backend=args.inference_backend)
     print_table(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
