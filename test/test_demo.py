@@ -14,9 +14,9 @@ def test_demo_params_change_only_the_policy_timing(tmp_path):
     target = demo.write_demo_params(demo.DEFAULT_CONFIG, tmp_path / "demo.yaml", 4.0, 0.6)
     source, derived = load_yaml_mapping(demo.DEFAULT_CONFIG), load_yaml_mapping(target)
     changed = derived[POLICY_NODE]["ros__parameters"]
-    assert changed["policy_rate_hz"] == 4.0 and changed["inference_deadline_s"] == 0.6
+    assert changed["policy_rate_hz"] == 4.0 and changed["inference_deadline_s"] == 0.6 and changed["threads"] == 1
     for key, value in source[POLICY_NODE]["ros__parameters"].items():
-        if key not in ("policy_rate_hz", "inference_deadline_s"):
+        if key not in ("policy_rate_hz", "inference_deadline_s", "threads"):
             assert changed[key] == value
     assert {k: v for k, v in derived.items() if k != POLICY_NODE} == \
         {k: v for k, v in source.items() if k != POLICY_NODE}

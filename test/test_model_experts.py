@@ -33,6 +33,45 @@ def test_two_of_eight_experts_run_exactly_two_and_match_one_by_one():
         assert torch.allclose(out[:, j:j + 1], single, atol=1e-12)
 
 
+def _per_layer_gathers(net, x, tau, state, idx):
+    """The network written with every layer gathering its own weights at each call (layer(x, ..., idx))."""
+    M, E = x.shape[:2]
+    emb = sinusoidal_embedding(tau.unsqueeze(1).expand(M, E), net.step_embed_dim).to(x.dtype)  # (M, E, dsed)
+    emb = net.step_fc2(F.mish(net.step_fc1(emb, idx)), idx)
+    cond = torch.cat([emb, state.unsqueeze(1).expand(M, E, state.shape[-1])], dim=-1)  # (M, E, cond_dim)
+    h, skips = torch.asinh(x), []
+    for block1, block2, down in net.down:
+        h = block2(block1(h, cond, idx), cond, idx)
+        skips.append(h)
+        h = down(h, idx) if down is not None else h
+    for block in net.mid:
+        h = block(h, cond, idx)
+    for block1, block2, up in net.up:
+        h = torch.cat([h, skips.pop()], dim=2)  # (M, E, 2C, T)
+        h = block2(block1(h, cond, idx), cond, idx)
+        h = up(h, idx) if up is not None else h
+    return net.final_proj(net.final_block(h, idx), idx)
+
+
+def test_weights_gathered_once_equal_per_layer_gathers_and_single_experts():
+    net = _unet().float()
+    M, H = 2, 8
+    active = torch.tensor([6, 1, 4, 3])
+    state = torch.randn(M, 12)
+    weights = net.gather(active)
+    x = torch.randn(M, len(active), 1, H)
+    for tau in torch.tensor([[90, 40], [50, 20], [10, 0]]):  # one gather serves every step of a loop
+        before = net.expert_evaluations
+        out = net.run(x, tau, state, weights)
+        assert net.expert_evaluations - before == len(active) and net.last_experts.tolist() == active.tolist()
+        assert torch.equal(out, _per_layer_gathers(net, x, tau, state, active))
+        assert torch.equal(out, net(x, tau, state, active))
+        for j, e in enumerate(active.tolist()):
+            single = net.run(x[:, j:j + 1], tau, state, net.gather(torch.tensor([e])))
+            torch.testing.assert_close(out[:, j:j + 1], single, atol=1e-6, rtol=0)
+        x = out
+
+
 def test_unselected_experts_are_untouched():
     net = _unet()
     x = torch.randn(2, 2, 1, 8, dtype=torch.float64)

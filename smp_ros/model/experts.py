@@ -11,7 +11,11 @@ Notation (code name -> paper symbol)
 
 Every parameter has a leading K axis. A call names the experts to run (``experts``, E indices) and
 gathers only their weights, so one batched call (grouped convolutions, einsum) evaluates exactly E
-experts: the cost grows with E, not with K, and there is no Python loop over experts. Activations
+experts: the cost grows with E, not with K, and there is no Python loop over experts. A DDIM loop
+runs the same E experts at every step, so it gathers once (``gather(experts)`` -> ``GatheredExperts``)
+and evaluates with ``run(x, tau, state, gathered)``; ``forward(x, tau, state, experts)`` is the two in
+one call. Every layer follows the same split: ``gather(idx)`` takes its E experts' weights in the
+layout its kernel consumes, ``run(x, ..., w)`` evaluates with them. Activations
 use the layout (M, E, C, T): M samples, E experts, C channels, T = H positions; (M, E*C, T) is the
 same memory, which is what the grouped convolutions and the per-expert GroupNorm see.
 
@@ -24,6 +28,7 @@ skip and upsample; a final Conv1d block and a 1x1 projection.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +42,15 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
-class StackedLinear(nn.Module):
+class _Stacked(nn.Module):
+    """A layer over stacked weights: ``forward(*inputs, idx)`` is ``run(*inputs, gather(idx))``."""
+
+    def forward(self, *inputs_and_idx: torch.Tensor) -> torch.Tensor:
+        *inputs, idx = inputs_and_idx
+        return self.run(*inputs, self.gather(idx))
+
+
+class StackedLinear(_Stacked):
     def __init__(self, K: int, n_in: int, n_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(K, n_out, n_in))
@@ -45,12 +58,15 @@ class StackedLinear(nn.Module):
         _uniform_(self.weight, n_in)
         _uniform_(self.bias, n_in)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight[idx], self.bias[idx]  # (E, n_out, n_in), (E, n_out)
+
+    def run(self, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (M, E, n_in) -> (M, E, n_out)."""
-        return torch.einsum("mei,eoi->meo", x, self.weight[idx]) + self.bias[idx]
+        return torch.einsum("mei,eoi->meo", x, w[0]) + w[1]
 
 
-class StackedConv1d(nn.Module):
+class StackedConv1d(_Stacked):
     def __init__(self, K: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(K, c_out, c_in, kernel))
@@ -59,15 +75,17 @@ class StackedConv1d(nn.Module):
         _uniform_(self.weight, c_in * kernel)
         _uniform_(self.bias, c_in * kernel)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight[idx].flatten(0, 1), self.bias[idx].flatten()  # (E*C_out, C_in, k), (E*C_out,)
+
+    def run(self, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (M, E, C_in, T) -> (M, E, C_out, T')."""
         M, E, C, T = x.shape
-        w = self.weight[idx].flatten(0, 1)  # (E*C_out, C_in, k)
-        y = F.conv1d(x.reshape(M, E * C, T), w, self.bias[idx].flatten(), self.stride, self.padding, groups=E)
+        y = F.conv1d(x.reshape(M, E * C, T), w[0], w[1], self.stride, self.padding, groups=E)
         return y.reshape(M, E, -1, y.shape[-1])  # (M, E, C_out, T')
 
 
-class StackedConvTranspose1d(nn.Module):
+class StackedConvTranspose1d(_Stacked):
     def __init__(self, K: int, c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(K, c_in, c_out, kernel))  # PyTorch's (in, out, k) per expert
@@ -76,30 +94,34 @@ class StackedConvTranspose1d(nn.Module):
         _uniform_(self.weight, c_out * kernel)  # PyTorch computes ConvTranspose fan_in from dim 1
         _uniform_(self.bias, c_out * kernel)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight[idx].flatten(0, 1), self.bias[idx].flatten()  # (E*C_in, C_out, k), (E*C_out,)
+
+    def run(self, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (M, E, C_in, T) -> (M, E, C_out, T')."""
         M, E, C, T = x.shape
-        w = self.weight[idx].flatten(0, 1)  # (E*C_in, C_out, k)
-        y = F.conv_transpose1d(x.reshape(M, E * C, T), w, self.bias[idx].flatten(), self.stride, self.padding,
-                               groups=E)
-        return y.reshape(M, E, -1, y.shape[-1])
+        y = F.conv_transpose1d(x.reshape(M, E * C, T), w[0], w[1], self.stride, self.padding, groups=E)
+        return y.reshape(M, E, -1, y.shape[-1])  # (M, E, C_out, T')
 
 
-class StackedGroupNorm(nn.Module):
+class StackedGroupNorm(_Stacked):
     def __init__(self, K: int, channels: int, groups: int) -> None:
         super().__init__()
         self.groups = groups
         self.weight = nn.Parameter(torch.ones(K, channels))
         self.bias = nn.Parameter(torch.zeros(K, channels))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight[idx].flatten(), self.bias[idx].flatten()  # (E*C,) each
+
+    def run(self, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         M, E, C, T = x.shape
         # E*groups groups over (M, E*C, T): each group lies inside one expert's channels.
-        y = F.group_norm(x.reshape(M, E * C, T), E * self.groups, self.weight[idx].flatten(),
-                         self.bias[idx].flatten())
+        y = F.group_norm(x.reshape(M, E * C, T), E * self.groups, w[0], w[1])
         return y.reshape(M, E, C, T)
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(_Stacked):
     """Conv1d -> GroupNorm -> Mish."""
 
     def __init__(self, K: int, c_in: int, c_out: int, kernel: int, groups: int) -> None:
@@ -107,11 +129,14 @@ class ConvBlock(nn.Module):
         self.conv = StackedConv1d(K, c_in, c_out, kernel, padding=kernel // 2)
         self.norm = StackedGroupNorm(K, c_out, groups)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.mish(self.norm(self.conv(x, idx), idx))
+    def gather(self, idx: torch.Tensor) -> tuple:
+        return self.conv.gather(idx), self.norm.gather(idx)
+
+    def run(self, x: torch.Tensor, w: tuple) -> torch.Tensor:
+        return F.mish(self.norm.run(self.conv.run(x, w[0]), w[1]))
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(_Stacked):
     """Conditional residual block with FiLM (scale and bias per channel from the condition)."""
 
     def __init__(self, K: int, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int) -> None:
@@ -121,11 +146,16 @@ class ResidualBlock(nn.Module):
         self.film = StackedLinear(K, cond_dim, 2 * c_out)
         self.skip = StackedConv1d(K, c_in, c_out, 1) if c_in != c_out else None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = self.block1(x, idx)
-        scale, bias = self.film(F.mish(cond), idx).unsqueeze(-1).chunk(2, dim=2)  # (M, E, C, 1) each
-        out = self.block2(scale * out + bias, idx)
-        return out + (self.skip(x, idx) if self.skip is not None else x)
+    def gather(self, idx: torch.Tensor) -> tuple:
+        return (self.block1.gather(idx), self.block2.gather(idx), self.film.gather(idx),
+                self.skip.gather(idx) if self.skip is not None else None)
+
+    def run(self, x: torch.Tensor, cond: torch.Tensor, w: tuple) -> torch.Tensor:
+        w1, w2, w_film, w_skip = w
+        out = self.block1.run(x, w1)
+        scale, bias = self.film.run(F.mish(cond), w_film).unsqueeze(-1).chunk(2, dim=2)  # (M, E, C, 1) each
+        out = self.block2.run(scale * out + bias, w2)
+        return out + (self.skip.run(x, w_skip) if self.skip is not None else x)
 
 
 def sinusoidal_embedding(tau: torch.Tensor, dim: int) -> torch.Tensor:
@@ -137,10 +167,23 @@ def sinusoidal_embedding(tau: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+class GatheredExperts(NamedTuple):
+    """The weights of E experts taken out of the stacked parameters (``StackedUnet1D.gather``), nested
+    like the network; a pytree of tensors, so it can be an input of a compiled or captured function."""
+
+    experts: torch.Tensor  # (E,) the expert indices they were gathered for
+    step: tuple  # step-embedding MLP: (fc1, fc2)
+    down: tuple  # per level: (residual block 1, residual block 2, downsample or None)
+    mid: tuple  # the two mid residual blocks
+    up: tuple  # per level: (residual block 1, residual block 2, upsample or None)
+    final: tuple  # (final conv block, 1x1 projection)
+
+
 class StackedUnet1D(nn.Module):
     """K conditional 1-D UNets with stacked weights.
 
     forward(x (M, E, C, T), tau (M,) or (M, E), state (M, d_s), experts (E,) long) -> (M, E, C, T)
+    = run(x, tau, state, gather(experts)); a loop over one active set gathers once and calls ``run``.
     """
 
     def __init__(self, num_experts: int, channels: int, state_dim: int, down_dims: tuple[int, ...],
@@ -175,33 +218,52 @@ class StackedUnet1D(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, state: torch.Tensor,
                 experts: torch.Tensor) -> torch.Tensor:
+        return self.run(x, tau, state, self.gather(experts))
+
+    def gather(self, experts: torch.Tensor) -> GatheredExperts:
+        """The weights of ``experts`` (E,), gathered once for any number of ``run`` calls."""
+        def level(blocks: nn.ModuleList) -> tuple:
+            res1, res2, resample = blocks
+            return res1.gather(experts), res2.gather(experts), \
+                resample.gather(experts) if resample is not None else None
+
+        return GatheredExperts(
+            experts=experts,
+            step=(self.step_fc1.gather(experts), self.step_fc2.gather(experts)),
+            down=tuple(level(blocks) for blocks in self.down),
+            mid=tuple(block.gather(experts) for block in self.mid),
+            up=tuple(level(blocks) for blocks in self.up),
+            final=(self.final_block.gather(experts), self.final_proj.gather(experts)))
+
+    def run(self, x: torch.Tensor, tau: torch.Tensor, state: torch.Tensor, w: GatheredExperts) -> torch.Tensor:
+        """The network on weights from ``gather``: x (M, E, C, T) with E = len(w.experts) -> (M, E, C, T)."""
         if not torch.compiler.is_compiling():
-            self.expert_evaluations += int(experts.numel())
-            self.last_experts = experts.detach()
+            self.expert_evaluations += int(w.experts.numel())
+            self.last_experts = w.experts.detach()
         M, E = x.shape[:2]
         if tau.dim() == 1:
             tau = tau.unsqueeze(1).expand(M, E)
         emb = sinusoidal_embedding(tau, self.step_embed_dim).to(x.dtype)  # (M, E, dsed)
-        emb = self.step_fc2(F.mish(self.step_fc1(emb, experts)), experts)
+        emb = self.step_fc2.run(F.mish(self.step_fc1.run(emb, w.step[0])), w.step[1])
         cond = torch.cat([emb, state.unsqueeze(1).expand(M, E, state.shape[-1])], dim=-1)  # (M, E, cond_dim)
         # asinh is the identity near 0 and logarithmic far out: it keeps the first convolution well
         # scaled when a coefficient target is large (small E_q[g_i], see policy.py), without changing
         # what the expert is asked to predict.
         h = torch.asinh(x) if self.input_asinh else x
         skips = []
-        for block1, block2, down in self.down:
-            h = block2(block1(h, cond, experts), cond, experts)
+        for (block1, block2, down), (w1, w2, w_down) in zip(self.down, w.down):
+            h = block2.run(block1.run(h, cond, w1), cond, w2)
             skips.append(h)
             if down is not None:
-                h = down(h, experts)
-        for block in self.mid:
-            h = block(h, cond, experts)
-        for block1, block2, up in self.up:
+                h = down.run(h, w_down)
+        for block, w_block in zip(self.mid, w.mid):
+            h = block.run(h, cond, w_block)
+        for (block1, block2, up), (w1, w2, w_up) in zip(self.up, w.up):
             h = torch.cat([h, skips.pop()], dim=2)
-            h = block2(block1(h, cond, experts), cond, experts)
+            h = block2.run(block1.run(h, cond, w1), cond, w2)
             if up is not None:
-                h = up(h, experts)
-        return self.final_proj(self.final_block(h, experts), experts)
+                h = up.run(h, w_up)
+        return self.final_proj.run(self.final_block.run(h, w.final[0]), w.final[1])
 
     def all_experts(self, device: torch.device | None = None) -> torch.Tensor:
         return torch.arange(self.num_experts, device=device)

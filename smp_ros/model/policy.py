@@ -244,10 +244,12 @@ class SMPPolicy(_PolicyBase):
 
     def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """DDIM over the chosen experts only: x (B, E, 1, H) noise, experts (E,) -> z_0 (B, E, 1, H).
-        Pure tensor ops over the precomputed schedule (capturable)."""
+        Pure tensor ops over the precomputed schedule (capturable). The experts' weights are gathered
+        once, before the loop: the set is the same at every step."""
         Bn = x.shape[0]
+        weights = self.experts.gather(experts)
         for i in range(self.scheduler.num_inference_steps):
-            eps = self.experts(x, self.scheduler.timesteps[i].expand(Bn), s, experts)
+            eps = self.experts.run(x, self.scheduler.timesteps[i].expand(Bn), s, weights)
             x = self.scheduler.step(i, x, eps)
         return x
 

@@ -251,11 +251,14 @@ class InferenceEngine:
         return out
 
     def _loop(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """DDIM over the precomputed schedule; pure tensor ops, no host reads (capturable)."""
+        """DDIM over the precomputed schedule; pure tensor ops, no host reads (capturable). The active
+        experts' weights are gathered once per call, inside the loop function, so a CUDA graph
+        re-gathers from its static index buffer at every replay."""
         eps_net = self.backend.eps(experts.shape[0])
+        weights = self.backend.gather(experts)
         step = self.policy.scheduler.step
         for i in range(self._steps):
-            x = step(i, x, eps_net(x, self._tau[i], s, experts))
+            x = step(i, x, eps_net(x, self._tau[i], s, weights))
         return x
 
     def _denoise(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

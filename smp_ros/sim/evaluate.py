@@ -148,14 +148,16 @@ class PiperArms:
         self.world.post_step_hooks.clear()
 
 
-def make_policy(spec: str, world, inference_backend: str = "eager"):
+def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1):
     if spec == "scripted":
         from smp_ros.sim.experts import ScriptedExpert
         return ScriptedExpert(world)
     if not (Path(spec) / "manifest.json").is_file():
         raise ValueError(f"--policy {spec!r}: expected 'scripted' or a model directory (with manifest.json)")
     from smp_ros.runtime.closed_loop import make_learned_policy
-    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend))
+    # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
+    # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
+    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend, threads=inference_threads))
 
 
 def make_arms(world, backend: str):

@@ -1,14 +1,17 @@
 """What every backend provides to the engine: one callable per pipeline stage.
 
 The engine calls, per inference: ``encode`` -> ``route`` -> (selection, the host sync) ->
-``basis`` -> ``eps(E)`` once per DDIM step -> ``decode``. ``eps(E)`` is the batched expert network
-for exactly E = |S| experts with static shapes (x (1, E, C, H), tau (1,), s (1, d_s), experts (E,));
-it is the unit that is compiled, exported or turned into a TensorRT engine.
+``basis`` -> ``gather(experts)`` once -> ``eps(E)`` once per DDIM step -> ``decode``. ``eps(E)`` is
+the batched expert network for exactly E = |S| experts with static shapes (x (1, E, C, H), tau (1,),
+s (1, d_s), weights); it is the unit that is compiled, exported or turned into a TensorRT engine.
+``weights`` is what ``gather`` returned for the call's expert indices (E,): by default the experts'
+weights taken out of the stacked parameters (``StackedUnet1D.gather``), so the loop does not repeat
+that gather at every step.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,6 +34,10 @@ class Backend:
         self.route = getattr(policy, "route", None)
         self.basis = getattr(policy, "skill_basis", None)
 
+    def gather(self, experts: torch.Tensor) -> Any:
+        """The per-call input of ``eps`` that selects the experts (E,); called once per denoising loop."""
+        return self.net.gather(experts)
+
     def eps(self, n_active: int) -> Callable[..., torch.Tensor]:
         """The denoising network for |S| = n_active (built on first use, then cached)."""
         fn = self._eps.get(n_active)
@@ -39,4 +46,4 @@ class Backend:
         return fn
 
     def _build_eps(self, n_active: int) -> Callable[..., torch.Tensor]:
-        return self.net
+        return self.net.run

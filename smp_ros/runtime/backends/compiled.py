@@ -34,4 +34,4 @@ class CompiledBackend(Backend):
             self.basis = torch.compile(policy.skill_basis, dynamic=False)
 
     def _build_eps(self, n_active: int) -> Callable[..., torch.Tensor]:
-        return torch.compile(self.net, dynamic=False)
+        return torch.compile(self.net.run, dynamic=False)

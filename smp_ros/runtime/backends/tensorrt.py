@@ -131,6 +131,10 @@ class TensorRTBackend(Backend):
         self.model_dir = Path(model_dir)
         self.precision = read_meta(self.model_dir)["precision"]
 
+    def gather(self, experts: torch.Tensor) -> torch.Tensor:
+        # An engine holds the stacked weights as constants and takes the expert indices as its input.
+        return experts
+
     def _build_eps(self, n_active: int) -> Callable[..., torch.Tensor]:
         import torch_tensorrt
 
