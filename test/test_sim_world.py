@@ -27,6 +27,19 @@ def test_mjcf_flange_matches_sdk_forward_kinematics():
             assert np.abs(p_sim - p_sdk).max() < 1e-3
 
 
+def test_end_pose_matches_sdk_forward_kinematics_to_the_protocol_resolution():
+    sdk = C_PiperForwardKinematics(0x01)
+    rng = np.random.default_rng(5)
+    qs = [rng.uniform(K.JOINT_LOWER, K.JOINT_UPPER) for _ in range(300)]
+    qs += [np.array([0.3, 1.0, -1.2, 0.0, q5, 0.4]) for q5 in (-1.2, 0.0, 1.2)]
+    for q in qs:
+        expected = np.array(sdk.CalFK(q.tolist())[-1])
+        got = np.array(K.end_pose(q.tolist()))
+        assert np.abs(got[:3] - expected[:3]).max() < 1e-6  # mm
+        turn = np.abs(got[3:] - expected[3:])
+        assert np.minimum(turn, 360.0 - turn).max() < 1e-6  # deg
+
+
 def test_inverse_kinematics_reaches_random_reachable_poses():
     rng = np.random.default_rng(0)
     for _ in range(20):

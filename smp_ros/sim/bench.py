@@ -14,16 +14,25 @@ Rows:
 Wall and CPU seconds are both reported: CPU counts every thread of the process (the SDK's receive
 threads, the renderer's), so CPU > wall means parallel work and wall > CPU means waiting, often for
 cores other processes hold. The 1-minute load average is recorded beside the numbers.
+
+Episode and record rows also split their wall time (``breakdown``, seconds, each part exclusive of
+the others): ``render`` (``BimanualWorld.render``), ``physics`` (``BimanualWorld.step`` less its
+hooks: MuJoCo steps and the task's stage checks), ``can_emulator`` (the emulators' post-step hooks:
+commands, setpoint ramps, feedback frames), ``feedback_reads`` (the recorder's 200 Hz joint-state
+reads through the SDK), ``sdk_wait`` (waiting for piper_sdk's receive threads to parse the newest
+feedback) and ``other`` (the policy, sending commands through the SDK, writing the bag).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +43,51 @@ def _timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+class _Breakdown:
+    """Exclusive wall time of a few methods during a run, by wrapping them on their classes."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._stack: list[float] = []  # time spent in wrapped callees of each active wrapped call
+
+    def _wrap(self, fn, key: str):
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                self.totals[key] += spent - self._stack.pop()
+                if self._stack:
+                    self._stack[-1] += spent
+        return timed
+
+    @contextlib.contextmanager
+    def patched(self):
+        from smp_ros.hardware.piper import PiperArm
+        from smp_ros.sim.can_emulator import PiperCanEmulator
+        from smp_ros.sim.evaluate import _FeedbackHook
+        from smp_ros.sim.world import BimanualWorld
+        targets = [(BimanualWorld, "render", "render"), (BimanualWorld, "step", "physics"),
+                   (PiperCanEmulator, "hook", "can_emulator"), (_FeedbackHook, "__call__", "feedback_reads"),
+                   (PiperArm, "wait_for_feedback", "sdk_wait")]
+        originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in targets]
+        for cls, name, key in targets:
+            setattr(cls, name, self._wrap(cls.__dict__[name], key))
+        try:
+            yield self
+        finally:
+            for cls, name, fn in originals:
+                setattr(cls, name, fn)
+
+    def rows(self, wall: float) -> dict[str, float]:
+        keys = ("render", "physics", "can_emulator", "feedback_reads", "sdk_wait")
+        out = {k: self.totals.get(k, 0.0) for k in keys}
+        out["other"] = wall - sum(out.values())
+        return out
 
 
 def bench_physics(cfg: SimConfig, task: str, steps: int) -> dict:
@@ -62,25 +116,28 @@ def bench_episode(cfg: SimConfig, task: str, backend: str, seed: int) -> dict:
     from smp_ros.sim.evaluate import run_episode
     from smp_ros.sim.experts import ScriptedExpert
     from smp_ros.sim.world import BimanualWorld
-    with BimanualWorld(cfg, task, seed=seed) as world:
+    with BimanualWorld(cfg, task, seed=seed) as world, _Breakdown().patched() as parts:
         world.render(cfg.cameras[0])
+        parts.totals.clear()
         out = {}
         wall, cpu = _timed(lambda: out.update(r=run_episode(world, ScriptedExpert(world), seed, backend=backend)))
     r = out["r"]
     return {"name": f"episode {backend}", "count": r.steps, "wall_s": wall, "cpu_s": cpu, "rate": r.steps / wall,
-            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success}
+            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success, "breakdown": parts.rows(wall)}
 
 
 def bench_record(cfg: SimConfig, task: str, seed: int) -> dict:
     from smp_ros.sim.demos import record_episode
     from smp_ros.sim.world import BimanualWorld
-    with tempfile.TemporaryDirectory() as tmp, BimanualWorld(cfg, task, seed=seed) as world:
+    with (tempfile.TemporaryDirectory() as tmp, BimanualWorld(cfg, task, seed=seed) as world,
+          _Breakdown().patched() as parts):
         world.render(cfg.cameras[0])
+        parts.totals.clear()
         out = {}
         wall, cpu = _timed(lambda: out.update(r=record_episode(world, seed, Path(tmp) / "bag", backend="piper")))
     r = out["r"]
     return {"name": "record piper", "count": r.steps, "wall_s": wall, "cpu_s": cpu, "rate": r.steps / wall,
-            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success}
+            "unit": "steps/s", "sim_s": r.sim_time, "success": r.success, "breakdown": parts.rows(wall)}
 
 
 def main(argv=None) -> int:
@@ -107,6 +164,9 @@ def main(argv=None) -> int:
     print(f"{'benchmark':<26}{'count':>7}{'wall s':>9}{'CPU s':>8}{'rate':>11}  unit")
     for r in rows:
         print(f"{r['name']:<26}{r['count']:>7}{r['wall_s']:>9.2f}{r['cpu_s']:>8.2f}{r['rate']:>11.1f}  {r['unit']}")
+    for r in rows:
+        if "breakdown" in r:
+            print(f"{r['name']} wall s: " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown"].items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2))

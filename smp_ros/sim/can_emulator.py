@@ -37,9 +37,7 @@ from typing import Protocol, runtime_checkable
 
 import can
 import numpy as np
-from piper_sdk.kinematics import C_PiperForwardKinematics
-
-from smp_ros.sim.kinematics import JOINT_LOWER, JOINT_UPPER
+from smp_ros.sim.kinematics import JOINT_LOWER, JOINT_UPPER, end_pose
 
 # Command ids (host -> arm).
 ID_MOTION_CTRL_1 = 0x150  # emergency stop / resume
@@ -85,15 +83,16 @@ _TORQUE_PER_AMP = np.asarray(TORQUE_PER_AMP)
 
 
 class _Frame(can.Message):
-    """A feedback frame. python-can's virtual bus deep-copies every frame once per receiver; a
-    generic deepcopy (memo dict, reduce protocol) cost more than everything else the emulator does
-    per frame, and these frames are never mutated after sending, so a field-wise copy suffices."""
+    """A feedback frame. python-can's virtual bus deep-copies every frame once per receiver, then
+    sets the copy's timestamp, channel and is_rx. Each _Frame is built for one send and never touched
+    again, and those fields are the same for every receiver on the channel, so receivers share the
+    frame itself: at ~4,000 frames/s per arm, building a copy was a large share of the emulator's
+    time."""
 
     __slots__ = ()
 
-    def __deepcopy__(self, memo) -> can.Message:
-        return can.Message(timestamp=self.timestamp, arbitration_id=self.arbitration_id, is_extended_id=False,
-                           dlc=self.dlc, data=self.data, check=False)
+    def __deepcopy__(self, memo) -> "_Frame":
+        return self
 
 
 @runtime_checkable
@@ -188,8 +187,8 @@ def _clamp_int(value: float, lo: int, hi: int) -> int:
 class PiperCanEmulator:
     """The firmware of one PiPER arm on python-can virtual channel ``channel``, driving ``plant``.
 
-    Call ``advance(dt)`` after every plant step (or register ``hook`` with the world); feedback is
-    emitted at ``feedback_rate_hz`` of simulated time. ``time`` is the emulator's simulated clock
+    Call ``advance(dt)`` after every plant step (or register the emulator as a world post-step
+    hook, as ``attach`` does); feedback is emitted at ``feedback_rate_hz`` of simulated time. ``time`` is the emulator's simulated clock
     and never goes backwards (a world reset restarts the world's clock, not this one), so it is the
     clock to measure the SDK's feedback age against.
     """
@@ -208,12 +207,12 @@ class PiperCanEmulator:
         self.period = 1.0 / feedback_rate_hz
         # preserve_timestamps: the SDK then sees simulated times in every frame's timestamp.
         self._bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-        self._fk = C_PiperForwardKinematics(0x01)
         lo, hi = plant.limits
         self._lower, self._upper = np.asarray(lo, dtype=float).copy(), np.asarray(hi, dtype=float).copy()
         self.time = 0.0
         self._world_time: float | None = None
         self._tick = 1  # next feedback tick, emitted at tick * period
+        self._pending: list[can.Message] = []  # commands read by hook_horizon, handled by the next advance
         self.last_feedback_time: float | None = None
         self.frames_sent = 0
         self.commands_received = 0
@@ -235,6 +234,10 @@ class PiperCanEmulator:
 
     # ---------------------------------------------------------------- clock and I/O
 
+    def __call__(self, world) -> None:
+        """The emulator is itself a world post-step hook (``hook``) that knows its ``hook_horizon``."""
+        self.hook(world)
+
     def hook(self, world) -> None:
         """World post-step hook: advance to ``world.time`` (a world reset restarts from its t = 0)."""
         t = float(world.time)
@@ -247,6 +250,29 @@ class PiperCanEmulator:
         self._world_time = t
         if dt > 0:
             self.advance(dt)
+
+    def hook_horizon(self, world) -> int:
+        """How many physics steps of ``world`` may pass before ``hook`` must run again (>= 1).
+
+        Calling the hook once after n steps equals calling it after each of them while nothing
+        happens in between: no command is waiting, the world was not reset, the setpoints sit at
+        their targets (or the arm is limp, when its servos ignore them) and no feedback tick falls
+        due before the n-th step. Otherwise it is 1, so the velocity ramp, the e-stop hold and
+        command handling keep their per-step timing.
+        """
+        if self._world_time is None or world.time < self._world_time or self.plant.enabled != self.enabled:
+            return 1
+        if self._pending or self._poll_command():
+            return 1
+        if self.enabled and (self.estopped or self._ramping()):
+            return 1
+        # The tick is emitted by the first hook call whose time reaches tick * period (see advance).
+        due = self._tick * self.period - 1e-9 - self.time
+        return max(1, math.ceil(due / world.cfg.physics_dt))
+
+    def _ramping(self) -> bool:
+        joints = self.speed_percent > 0 and not np.array_equal(self._setpoint, self._target)
+        return joints or self._g_setpoint != self._g_target
 
     def advance(self, dt: float) -> None:
         """Process commands received so far, emit the feedback due in (time, time + dt], move the setpoints."""
@@ -280,15 +306,26 @@ class PiperCanEmulator:
         self._bus.send(_Frame(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=stamp))
         self.frames_sent += 1
 
+    def _poll_command(self) -> bool:
+        """Read one waiting command, if any, into the queue the next ``advance`` handles first."""
+        msg = self._bus.recv(0.0)
+        if msg is None:
+            return False
+        self._pending.append(msg)
+        return True
+
     def _drain_commands(self) -> None:
-        while True:
-            msg = self._bus.recv(0.0)
-            if msg is None:
-                return
-            if self.unplugged or msg.is_extended_id or msg.is_error_frame:
-                continue
-            self.commands_received += 1
-            self._handle(msg.arbitration_id, bytes(msg.data).ljust(8, b"\x00"))
+        pending, self._pending = self._pending, []
+        for msg in pending:
+            self._accept(msg)
+        while (msg := self._bus.recv(0.0)) is not None:
+            self._accept(msg)
+
+    def _accept(self, msg: can.Message) -> None:
+        if self.unplugged or msg.is_extended_id or msg.is_error_frame:
+            return
+        self.commands_received += 1
+        self._handle(msg.arbitration_id, bytes(msg.data).ljust(8, b"\x00"))
 
     # ---------------------------------------------------------------- commands
 
@@ -409,8 +446,7 @@ class PiperCanEmulator:
         send(ID_GRIPPER, _GRIPPER_FB.pack(int(round(g * 1e6)),
                                           _clamp_int(self.plant.gripper_effort() * 1000, -32768, 32767),
                                           g_status), stamp)
-        pose = self._fk.CalFK(q.tolist())[-1]  # [x, y, z mm, rx, ry, rz deg]
-        pose_i = [int(round(v * 1000)) for v in pose]
+        pose_i = [int(round(v * 1000)) for v in end_pose(q.tolist())]  # 0.001 mm, 0.001 deg
         for k, can_id in enumerate(ID_END_POSE):
             send(can_id, _I32.pack(pose_i[2 * k], pose_i[2 * k + 1]), stamp)
         # Rounded and saturated like the firmware's int16 / int32 fields, all joints at once; the
@@ -468,7 +504,7 @@ def attach(world, channels: dict[str, str], feedback_rate_hz: float | None = Non
     emulators = {side: PiperCanEmulator(world.arms[side], ch, feedback_rate_hz=rate, side=side)
                  for side, ch in channels.items()}
     for emu in emulators.values():
-        world.post_step_hooks.append(emu.hook)
+        world.post_step_hooks.append(emu)
     return emulators
 
 

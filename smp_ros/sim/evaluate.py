@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -65,6 +67,11 @@ class DirectArms:
             arm.set_joint_targets(sent[7 * k:7 * k + 6])
             arm.set_gripper_target(sent[7 * k + 6])
         return sent
+
+    def feedback_horizon(self) -> int:
+        """Physics steps until ``feedback_due`` can next be true (see ``BimanualWorld.step``)."""
+        due = self._next_feedback - 1e-9 - self.world.time
+        return max(1, math.ceil(due / self.world.cfg.physics_dt))
 
     def feedback_due(self) -> bool:
         """True once per period of ``cfg.feedback_rate_hz`` of simulated time (call after every physics step)."""
@@ -125,6 +132,11 @@ class PiperArms:
         """Send through the SDK; returns the (14,) targets actually sent after the driver's clipping."""
         return self.pair.send_action(action)
 
+    def feedback_horizon(self) -> int:
+        """No limit of its own: feedback appears only when an emulator hook runs, and the emulators
+        already end every run of physics steps at their feedback ticks."""
+        return sys.maxsize
+
     def feedback_due(self) -> bool:
         """True after a physics step in which the emulators emitted a new feedback tick."""
         stamp = self.emus["left"].last_feedback_time
@@ -146,6 +158,20 @@ class PiperArms:
         for emu in self.emus.values():
             emu.close()
         self.world.post_step_hooks.clear()
+
+
+class _FeedbackHook:
+    """World post-step hook calling ``on_feedback(arms)`` after each physics step with new feedback."""
+
+    def __init__(self, arms, on_feedback: Callable):
+        self.arms, self.on_feedback = arms, on_feedback
+
+    def __call__(self, world) -> None:
+        if self.arms.feedback_due():
+            self.on_feedback(self.arms)
+
+    def hook_horizon(self, world) -> int:
+        return self.arms.feedback_horizon()
 
 
 def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1):
@@ -180,10 +206,7 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
     dt = 1.0 / cfg.control_rate_hz
     world.reset(seed)
     arms = make_arms(world, backend)
-    def feedback_hook(_world) -> None:
-        if arms.feedback_due():
-            on_feedback(arms)
-
+    feedback_hook = _FeedbackHook(arms, on_feedback)
     if on_feedback is not None:
         world.post_step_hooks.append(feedback_hook)
     wall = time.perf_counter()

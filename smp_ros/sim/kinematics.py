@@ -16,6 +16,8 @@ length), seeded from ``q0`` so consecutive solutions along a path stay on one br
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # (alpha rad, a m, theta offset rad, d m) per joint; see module docstring.
@@ -83,6 +85,48 @@ def forward(q, tool: float = 0.0) -> np.ndarray:
     if tool:
         T = T @ homogeneous(np.eye(3), [0.0, 0.0, tool])
     return T
+
+
+# Per link, the constant part of T_i in plain floats: cos/sin(alpha), a, d, theta offset.
+_LINKS = tuple((math.cos(alpha), math.sin(alpha), a, d, off) for alpha, a, off, d in DH.tolist())
+
+
+def end_pose(q) -> tuple[float, float, float, float, float, float]:
+    """Flange pose as the firmware reports it (0x2A2-0x2A4): x, y, z in mm and roll, pitch, yaw in
+    degrees (R = Rz(yaw) Ry(pitch) Rx(roll)), for joint vector q (6,) in rad.
+
+    The same chain as ``forward``, written out in plain floats: the CAN emulator evaluates it at the
+    feedback rate for both arms, where numpy's per-call overhead on 4x4 matrices dominated. Near
+    pitch = +-90 deg yaw is set to 0 and the rotation about z is reported as roll, as the SDK does.
+    """
+    # Rotation rows (r0, r1, r2) and position p of the running product T_1 ... T_i.
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0
+    px = py = pz = 0.0
+    for (ca, sa, a, d, off), qi in zip(_LINKS, q):
+        ct, st = math.cos(qi + off), math.sin(qi + off)
+        # T_i = RotX(alpha) TransX(a) RotZ(theta) TransZ(d): rotation columns c0, c1, c2 and origin t.
+        c0 = (ct, ca * st, sa * st)
+        c1 = (-st, ca * ct, sa * ct)
+        c2 = (0.0, -sa, ca)
+        t = (a, -sa * d, ca * d)
+        px += r00 * t[0] + r01 * t[1] + r02 * t[2]
+        py += r10 * t[0] + r11 * t[1] + r12 * t[2]
+        pz += r20 * t[0] + r21 * t[1] + r22 * t[2]
+        r00, r01, r02 = (r00 * c0[0] + r01 * c0[1] + r02 * c0[2], r00 * c1[0] + r01 * c1[1] + r02 * c1[2],
+                         r00 * c2[0] + r01 * c2[1] + r02 * c2[2])
+        r10, r11, r12 = (r10 * c0[0] + r11 * c0[1] + r12 * c0[2], r10 * c1[0] + r11 * c1[1] + r12 * c1[2],
+                         r10 * c2[0] + r11 * c2[1] + r12 * c2[2])
+        r20, r21, r22 = (r20 * c0[0] + r21 * c0[1] + r22 * c0[2], r20 * c1[0] + r21 * c1[1] + r22 * c1[2],
+                         r20 * c2[0] + r21 * c2[1] + r22 * c2[2])
+    if r20 < -1.0 + 1e-4:
+        roll, pitch, yaw = math.atan2(r01, r11), math.pi / 2, 0.0
+    elif r20 > 1.0 - 1e-4:
+        roll, pitch, yaw = -math.atan2(r01, r11), -math.pi / 2, 0.0
+    else:
+        pitch = math.atan2(-r20, math.hypot(r00, r10))
+        c = math.cos(pitch)
+        roll, yaw = math.atan2(r21 / c, r22 / c), math.atan2(r10 / c, r00 / c)
+    return (px * 1000.0, py * 1000.0, pz * 1000.0, math.degrees(roll), math.degrees(pitch), math.degrees(yaw))
 
 
 def jacobian(q, tool: float = 0.0) -> np.ndarray:
