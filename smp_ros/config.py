@@ -366,6 +366,9 @@ class RuntimeConfig:
     ensemble_decay: float = 0.0  # ACT weight exp(-decay * n) per chunk; > 0 favours older plans
     blend_window_s: float = 0.1  # fade-in / cross-fade window of a new chunk (BENCHMARKS.md)
     threads: int = 0  # torch intra-op threads on the CPU; 0 = all cores the process may use
+    # Run the model in a worker process (runtime/worker.py): on a CPU shared with other Python threads
+    # (a simulator in the same process) that keeps torch's per-operator GIL hand-overs from stalling.
+    inference_process: bool = False
     sync_slop_s: float = 0.05
     task: str = TASKS[0]
     safety: SafetyConfig = field(default_factory=SafetyConfig)

@@ -7,8 +7,8 @@ writes the results JSON and one gate-trace PNG per task. Nothing is trained.
 
 The parameters are those of ``config/bimanual.yaml`` except the policy's timing: on a CPU shared
 with the simulator, inference takes a few hundred milliseconds, so the demo plans at
-``--policy-rate`` Hz with an ``--inference-deadline`` to match (each chunk covers 0.8 s) and one inference thread,
-instead of the file's 10 Hz for a GPU. The derived file is written next to the results.
+``--policy-rate`` Hz with an ``--inference-deadline`` to match (each chunk covers 0.8 s), in an inference worker
+process with one thread, instead of the file's 10 Hz in-process settings for a GPU. The derived file is written next to the results.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ def write_demo_params(source: Path, target: Path, policy_rate_hz: float, deadlin
         raise ConfigError(f"--policy-rate and --inference-deadline: expected > 0, got {policy_rate_hz}, {deadline_s}")
     data = load_yaml_mapping(source, "parameters file")
     policy = data.setdefault(POLICY_NODE, {}).setdefault("ros__parameters", {})
-    # One inference thread: the simulator shares the process and the cores (see smp_ros.sim.evaluate).
-    policy.update({"policy_rate_hz": float(policy_rate_hz), "inference_deadline_s": float(deadline_s), "threads": 1})
+    # The model in its own process with one thread: the simulator's Python threads would otherwise
+    # stall every torch operator at the GIL (smp_ros/runtime/worker.py).
+    policy.update({"policy_rate_hz": float(policy_rate_hz), "inference_deadline_s": float(deadline_s), "threads": 1,
+                   "inference_process": True})
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(data, sort_keys=False))
     return target

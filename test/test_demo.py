@@ -15,8 +15,9 @@ def test_demo_params_change_only_the_policy_timing(tmp_path):
     source, derived = load_yaml_mapping(demo.DEFAULT_CONFIG), load_yaml_mapping(target)
     changed = derived[POLICY_NODE]["ros__parameters"]
     assert changed["policy_rate_hz"] == 4.0 and changed["inference_deadline_s"] == 0.6 and changed["threads"] == 1
+    assert changed["inference_process"] is True
     for key, value in source[POLICY_NODE]["ros__parameters"].items():
-        if key not in ("policy_rate_hz", "inference_deadline_s", "threads"):
+        if key not in ("policy_rate_hz", "inference_deadline_s", "threads", "inference_process"):
             assert changed[key] == value
     assert {k: v for k, v in derived.items() if k != POLICY_NODE} == \
         {k: v for k, v in source.items() if k != POLICY_NODE}

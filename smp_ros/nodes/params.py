@@ -109,6 +109,7 @@ _RUNTIME_HELP = {
     "ensemble_decay": "temporal-ensemble weight decay per chunk (chunk_blend=ensemble)",
     "sync_slop_s": "largest stamp difference (s) between the streams of one observation",
     "task": "task to execute at activation; also settable with the set_task service",
+    "inference_process": "run the model in a worker process (CPU shared with a simulator in this process)",
     "safety.joint_lower": "lower joint limits j1..j6 (rad)",
     "safety.joint_upper": "upper joint limits j1..j6 (rad)",
     "safety.gripper_range": "gripper opening range [min, max] (m)",

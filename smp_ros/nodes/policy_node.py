@@ -34,6 +34,7 @@ from smp_ros.nodes.policy_core import Command, PolicyRunner
 from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, declare, from_stamp, joint_positions,
                                     joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
+from smp_ros.runtime.worker import EngineProcess
 from smp_ros.srv import SetTask
 
 POLICY_SPECS = [
@@ -94,7 +95,8 @@ class PolicyNode(LifecycleNode):
             if self.p[key]:
                 overrides[dotted] = self.p[key]
         try:
-            self.engine = InferenceEngine(self.p["model"], self.runtime, overrides=overrides)
+            engine_class = EngineProcess if self.runtime.inference_process else InferenceEngine
+            self.engine = engine_class(self.p["model"], self.runtime, overrides=overrides)
             self.engine.warmup()
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
@@ -149,8 +151,13 @@ class PolicyNode(LifecycleNode):
             self.destroy_subscription(sub)
         for pub in [*self.cmd_pubs.values(), self.skill_pub, self.status_pub]:
             self.destroy_lifecycle_publisher(pub)
-        self.engine = self.runner = None
+        self._close_engine()
         return TransitionCallbackReturn.SUCCESS
+
+    def _close_engine(self) -> None:
+        if isinstance(self.engine, EngineProcess):
+            self.engine.close()
+        self.engine = self.runner = None
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_timers()
@@ -162,6 +169,7 @@ class PolicyNode(LifecycleNode):
         self._stop_timers()
         if self.runner is not None:
             self.runner.stop()
+        self._close_engine()
         super().destroy_node()
 
     def _stop_timers(self) -> None:

@@ -1,0 +1,55 @@
+"""EngineProcess: the inference engine in a worker process gives the in-process engine's results."""
+
+import numpy as np
+import pytest
+import torch
+
+from smp_ros.config import RuntimeConfig, preset
+from smp_ros.model.checkpoint import save_model
+from smp_ros.model.policy import build_policy
+from smp_ros.runtime.engine import InferenceEngine
+from smp_ros.runtime.worker import EngineProcess, InferenceWorkerError
+
+D = 14
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    policy = build_policy(cfg.model)
+    lo, hi = [-1.0] * D, [1.0] * D
+    policy.set_normalizer({"action": {"min": lo, "max": hi}, "qpos": {"min": lo, "max": hi}})
+    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_worker"))
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir):
+    engine = EngineProcess(model_dir, RuntimeConfig(backend="eager", threads=1))
+    yield engine
+    engine.close()
+
+
+def test_worker_results_equal_the_in_process_engine(model_dir, worker):
+    local = InferenceEngine(model_dir, RuntimeConfig(backend="eager", threads=1))
+    assert worker.cfg == local.cfg and worker.cameras == local.cameras and worker.backend_name == "eager"
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        obs = {"qpos": rng.uniform(-0.5, 0.5, (1, local.cfg.obs_steps, D)).astype(np.float32),
+               "task": np.array([seed % 4])}
+        a, b = worker.infer(obs, seed=seed), local.infer(obs, seed=seed)
+        np.testing.assert_array_equal(a.action, b.action)
+        assert a.active == b.active and a.coverage == b.coverage
+        np.testing.assert_array_equal(a.gate, b.gate)
+
+
+def test_a_bad_observation_is_reported_and_the_worker_keeps_serving(worker):
+    with pytest.raises(InferenceWorkerError, match="qpos"):
+        worker.infer({"qpos": np.zeros((1, 99, D), np.float32), "task": np.array([0])})
+    obs = {"qpos": np.zeros((1, worker.cfg.obs_steps, D), np.float32), "task": np.array([0])}
+    assert worker.infer(obs, seed=0).action.shape == (worker.cfg.horizon, D)
+
+
+def test_a_model_that_cannot_load_is_named(tmp_path):
+    with pytest.raises(InferenceWorkerError, match=str(tmp_path)):
+        EngineProcess(tmp_path, RuntimeConfig(backend="eager", threads=1))
