@@ -9,7 +9,7 @@ venv:
 	@tools/bootstrap.sh
 
 demo: venv
-	$(VENV)/bin/smp-ros demo
+	$(VENV)/bin/smp-ros demo $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

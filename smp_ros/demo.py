@@ -27,7 +27,7 @@ DEFAULT_CONFIG = PACKAGE_ROOT / "config" / "bimanual.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model directory (default: the shipped one)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="ROS 2 parameters file")
-    parser.add_argument("--episodes", type=int, default=2, help="episodes per task")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes per task")
     parser.add_argument("--task", choices=TASKS, help="run only this task")
     parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), default="eager",
                         help="inference backend (eager starts at once; compiled spends minutes compiling on a CPU)")
