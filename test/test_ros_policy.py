@@ -122,7 +122,9 @@ def test_policy_drives_the_simulated_arms(ros, tiny_model):
 
     sim = SimNode(parameter_overrides=[Parameter("sim.cameras", value=[CAMERA]),
                                        Parameter("sim.image_size", value=[32, 32])])
-    policy = PolicyNode(parameter_overrides=policy_params(tiny_model))
+    # The simulator's thread shares this process: the model runs in a worker process, as the demo runs
+    # it, so torch's per-operator GIL hand-overs do not wait behind the simulator (runtime/worker.py).
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model, inference_process=True))
     graph = Graph(sim, policy)
     try:
         wait_for(lambda: len(graph.skills) >= 3 and len(graph.cmds) >= 100, timeout=90.0,

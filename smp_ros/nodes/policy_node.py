@@ -155,7 +155,8 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _close_engine(self) -> None:
-        if isinstance(self.engine, EngineProcess):
+        # getattr: destroy_node also runs for a node whose __init__ failed before the engine existed.
+        if isinstance(getattr(self, "engine", None), EngineProcess):
             self.engine.close()
         self.engine = self.runner = None
 
