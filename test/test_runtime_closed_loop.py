@@ -4,11 +4,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from smp_ros.config import RuntimeConfig, SimConfig, preset
-from smp_ros.model.checkpoint import save_model
-from smp_ros.model.policy import build_policy
 from smp_ros.runtime.closed_loop import LearnedPolicy, make_learned_policy
 from smp_ros.runtime.engine import InferenceEngine
 from smp_ros.sim.types import Observation
@@ -28,16 +25,6 @@ class RecordingEngine(InferenceEngine):
     def infer(self, obs, seed=None, active=None):
         self.calls.append({k: np.array(v) for k, v in obs.items()})
         return super().infer(obs, seed=seed, active=active)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    policy = build_policy(cfg.model)
-    lo, hi = [-1.0] * D, [1.0] * D
-    policy.set_normalizer({"action": {"min": lo, "max": hi}, "qpos": {"min": lo, "max": hi}})
-    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_cl"))
 
 
 @pytest.fixture()

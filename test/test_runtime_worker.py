@@ -2,25 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
-from smp_ros.config import RuntimeConfig, preset
-from smp_ros.model.checkpoint import save_model
-from smp_ros.model.policy import build_policy
+from smp_ros.config import RuntimeConfig
 from smp_ros.runtime.engine import InferenceEngine
 from smp_ros.runtime.worker import EngineProcess, InferenceWorkerError
 
 D = 14
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    policy = build_policy(cfg.model)
-    lo, hi = [-1.0] * D, [1.0] * D
-    policy.set_normalizer({"action": {"min": lo, "max": hi}, "qpos": {"min": lo, "max": hi}})
-    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_worker"))
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from smp_ros.cli import main
-from smp_ros.config import SimConfig, preset
-from smp_ros.model.checkpoint import save_model
-from smp_ros.model.policy import build_policy
+from smp_ros.config import SimConfig
 from smp_ros.sim.evaluate import evaluate, make_policy
 
 pytestmark = pytest.mark.sim
-
-D = 14
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = preset("tiny")  # low-dimensional: joints and task only, so no rendering is needed
-    policy = build_policy(cfg.model)
-    lo, hi = [-1.0] * D, [1.0] * D
-    policy.set_normalizer({"action": {"min": lo, "max": hi}, "qpos": {"min": lo, "max": hi}})
-    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_eval"))
 
 
 def test_a_model_directory_runs_closed_loop_and_is_reported(model_dir, tmp_path):
