@@ -159,6 +159,15 @@ class _PolicyBase(nn.Module):
         qpos = self.normalizer.normalize("qpos", obs[keys.QPOS].float())
         return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long())
 
+    def _timed_encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[_Timer, torch.Tensor]:
+        """Validate an observation, start the stage timer and run stage 1: (timer, s (B, d_s))."""
+        self._check(obs, segment=False)
+        self._require_normalizer()
+        timer = _Timer(self.device)
+        s = self.encode(obs)
+        timer.lap("encode")
+        return timer, s
+
     def _flatten_segments(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, int]:
         """Training batch (B, L, ...) -> observation dict over N = B*L control steps."""
         Bn, L = batch[keys.QPOS].shape[:2]
@@ -274,11 +283,7 @@ class SMPPolicy(_PolicyBase):
     def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
                        active: Any = None) -> PolicyOutput:
         """Algorithm 2 on raw observations (B, T_o, ...) -> PolicyOutput (action (B, H, D) raw units)."""
-        self._check(obs, segment=False)
-        self._require_normalizer()
-        timer = _Timer(self.device)
-        s = self.encode(obs)
-        timer.lap("encode")
+        timer, s = self._timed_encode(obs)
         g_bar = self.route(s)
         mask, coverage = self.select(g_bar, active)
         timer.lap("route_select")
@@ -329,11 +334,7 @@ class DensePolicy(_PolicyBase):
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
                        active: Any = None) -> PolicyOutput:
-        self._check(obs, segment=False)
-        self._require_normalizer()
-        timer = _Timer(self.device)
-        s = self.encode(obs)
-        timer.lap("encode")
+        timer, s = self._timed_encode(obs)
         Bn = s.shape[0]
         x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator, device=self.device)
         experts = self.unet.all_experts(s.device)
