@@ -238,9 +238,10 @@ def test_feedback_is_stamped_in_simulated_time_at_the_feedback_rate(bench):
     bench.step(0.1)
     assert bench.emu.last_feedback_time == pytest.approx(0.1)
     assert bench.sdk.GetArmStatus().time_stamp == pytest.approx(0.1)
-    # 200 Hz for 0.1 s: 20 ticks of 20 frames (3 joint, gripper, 3 pose, 6 + 6 motor, status),
-    # plus the 12 limit replies and 1 firmware reply to the connect queries.
-    assert bench.emu.frames_sent == 20 * 20 + 13
+    # A real arm's rates for 0.1 s: 14 frames at 200 Hz (3 joint, gripper, 3 pose, 6 high-speed
+    # motor, status) in 20 ticks, the 6 low-speed motor frames at 40 Hz (ticks 1, 6, 11, 16), plus the
+    # 12 limit replies and 1 firmware reply to the connect queries.
+    assert bench.emu.frames_sent == 14 * 20 + 6 * 4 + 13
 
 
 def test_bad_construction_arguments_name_the_parameter():

@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="pen_cap")
     p.add_argument("--steps", type=int, default=300, help="control steps per benchmarked episode")
+    p.add_argument("--control-rate", type=float, default=None,
+                   help="control rate in Hz (default: the simulator's, sim.control_rate_hz)")
     p.add_argument("--physics-steps", type=int, default=5000)
     p.add_argument("--frames", type=int, default=100, help="frames per camera")
     p.add_argument("--seed", type=int, default=3)
@@ -151,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     cfg = replace(SimConfig(), episode_steps=args.steps)
+    if args.control_rate is not None:
+        cfg = replace(cfg, control_rate_hz=args.control_rate)
     rows = [bench_physics(cfg, args.task, args.physics_steps), *bench_render(cfg, args.task, args.frames)]
     rows += [bench_episode(cfg, args.task, backend, args.seed) for backend in ("direct", "piper")]
     if not args.skip_record:
