@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -88,15 +89,6 @@ class Probe:
 
     def latest(self) -> np.ndarray:
         return np.array(self.states[-1].position)
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for
 import torch
 
 pytestmark = pytest.mark.ros
@@ -98,15 +99,6 @@ class Graph:
         self.thread.join()
         for node in self.nodes:
             node.destroy_node()
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ the evaluation interface (task, episode status, reset service). Real MuJoCo, rea
 
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 pytestmark = [pytest.mark.ros, pytest.mark.sim]
 
@@ -27,15 +27,6 @@ from smp_ros.nodes.sim_node import SimNode  # noqa: E402
 from smp_ros.srv import ResetEpisode  # noqa: E402
 
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def call(node, srv_type, name, request, timeout=30.0):
