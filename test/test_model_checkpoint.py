@@ -91,3 +91,35 @@ def test_runtime_overrides_allowed_shape_overrides_refused(saved):
         load_model(d, overrides={"model.num_experts": 2})
     with pytest.raises(ConfigError, match=r"model\.selection\.tau_m"):
         load_model(d, overrides={"model.selection.tau_m": 2.0})
+
+
+
+def _resign(d, name):
+    from smp_ros.model.checkpoint import _sha256
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": _sha256(d / name), "bytes": (d / name).stat().st_size}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_fitted_diffusion_scale_travels_with_the_weights(tmp_path):
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    policy = SMPPolicy(cfg.model)
+    policy.set_normalizer(STATS)
+    policy.z_scale.fill_(3.25)
+    loaded, _ = load_model(save_model(policy, cfg, tmp_path / "m"))
+    assert float(loaded.z_scale) == 3.25 and loaded._z_scale_fitted
+
+
+def test_weights_written_before_z_scale_load_with_the_scale_they_were_trained_with(saved):
+    """Models trained before the z_scale buffer existed diffused z itself (scale 1). They must load with 1,
+    not be refused and not be read as unfitted, and say that they should be retrained."""
+    from safetensors.torch import load_file, save_file
+    _, _, d = saved
+    state = load_file(str(d / "model.safetensors"))
+    del state["z_scale"]
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "smp_ros.model/1"})
+    _resign(d, "model.safetensors")
+    with pytest.warns(UserWarning, match="z_scale.*retrain"):
+        legacy, _ = load_model(d)
+    assert float(legacy.z_scale) == 1.0 and legacy._z_scale_fitted

@@ -70,6 +70,33 @@ def test_end_to_end_loss_falls_and_model_samples(trained):
     assert diag["summary"]["episodes"] == 1 and list((sdir / "diagnostics").glob("gate_trace_*.png"))
 
 
+def test_saved_model_diffuses_a_unit_scale_variable(trained):
+    """The experts must be trained on a variable whose forward marginal at DDIM's first timestep is close
+    to the N(0, I) that sampling starts from (test_model_policy has the why). The saved model carries the
+    fitted scale, and z_sg / z_scale of the training data is of unit RMS, well below the raw z_sg."""
+    from smp_ros.data.dataset import SegmentDataset, to_tensors
+    from smp_ros.model.gates import dirichlet_mean
+    out, _, result = trained
+    policy, cfg = load_model(out)
+    scale = float(policy.z_scale)
+    assert scale > 1.5  # z = B^T a / E_q[g] is about K (= 4) times a normalized action coordinate
+    state = torch.load(state_dir(out) / "state.pt", map_location="cpu", weights_only=True)
+    assert float(state["model"]["z_scale"]) == float(state["ema"]["z_scale"]) == scale
+    cache = DatasetCache.open(result.summary["data"]["cache"])
+    m = cfg.model
+    data = SegmentDataset(cache, list(range(len(cache.episodes))), m.obs_steps, m.horizon, 1)
+    batch = to_tensors(data.batch(np.arange(0, len(data), 7)))
+    with torch.no_grad():
+        s = policy.encode({"qpos": batch["qpos"][:, 0], "task": batch["task"]})
+        a = policy.normalizer.normalize("action", batch["action"][:, 0])
+        E_g = dirichlet_mean(policy.gates.posterior(s, a))
+        z = (a @ policy.skill_basis(s)) / (E_g + m.z_eps).unsqueeze(1)
+    x_rms = float((z / scale).pow(2).mean().sqrt())
+    assert 0.3 < x_rms < 2.0, x_rms
+    ab = policy.scheduler.alphas_cumprod[policy.scheduler.timesteps[0]]
+    assert float(ab) * x_rms ** 2 < 0.1
+
+
 def test_router_finetune_freezes_all_but_the_gates(trained, bags, tmp_path):
     base, _, _ = trained
     out = tmp_path / "router"

@@ -5,6 +5,10 @@
     normalizer.json     the normalizer statistics (normalizer.py format)
     manifest.json       format version, sha256 and size of each file above, optional ``extra``
 
+Weights without the SMP policy's ``z_scale`` buffer come from a model trained before it existed, when
+the experts diffused z itself: they load with z_scale = 1 (what they were trained with), with a warning
+that such a model samples badly and should be retrained (policy.py, "Scale of the diffusion variable").
+
 ``load_model`` verifies presence, size, sha256 and tensor shapes before it builds anything, and names the
 file and the mismatch when it refuses. Runtime settings may be overridden at load (RUNTIME_OVERRIDES and
 everything outside ``model``); shape settings may not.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +33,8 @@ FORMAT = "smp_ros.model/1"
 WEIGHTS, CONFIG, NORMALIZER, MANIFEST = "model.safetensors", "config.yaml", "normalizer.json", "manifest.json"
 HASHED = (WEIGHTS, CONFIG, NORMALIZER)
 # model.* keys that only change how a trained network is run, never its parameters.
+# Absent from the weights of models trained before the diffusion variable was scaled (policy.py).
+LEGACY_Z_SCALE_KEY = "z_scale"
 RUNTIME_OVERRIDES = ("model.selection.mode", "model.selection.tau_m", "model.selection.k", "model.selection.mass",
                      "model.scheduler.inference_steps", "model.scheduler.clip_sample")
 
@@ -105,6 +112,11 @@ def load_model(directory: str | Path, overrides: Mapping[str, Any] | None = None
     except SafetensorError as exc:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable safetensors ({exc})") from None
     expected = policy.state_dict()
+    if isinstance(policy, SMPPolicy) and LEGACY_Z_SCALE_KEY not in state:
+        state[LEGACY_Z_SCALE_KEY] = torch.tensor(1.0)
+        warnings.warn(f"{directory / WEIGHTS}: no {LEGACY_Z_SCALE_KEY!r}; this model was trained before the experts' "
+                      "diffusion variable was scaled and loads with z_scale = 1, as it was trained. Such models "
+                      "start DDIM far from their training distribution and act poorly; retrain it", stacklevel=2)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -15,7 +15,7 @@ Notation (code name -> paper symbol, equation)
     active       S_t as a (B, K) mask (Section 4.2)
 
 Training objective (Algorithm 1, eq. 6-8, 34-40): L = L_coeff + L_recon + L_gate + L_align with
-    L_coeff = sum_t E ||eps - eps_psi(z^(tau), tau, s_t)||^2 on z_sg          (eq. 36)
+    L_coeff = sum_t E ||eps - eps_psi(x^(tau), tau, s_t)||^2 on x = z_sg / c   (eq. 36, c = z_scale below)
     L_recon = sum_t ||a_t - B (g_t ⊙ z_rec)||^2 / (2 sigma_a^2)               (eq. 35)
     L_gate, L_align                                                             (eq. 38, 40; gates.py)
 Reduction: each term is summed over its event axes (H, K or H, D) and over the L steps of a segment,
@@ -31,14 +31,26 @@ Choices the paper leaves open, and why:
  - Gradient isolation: z_sg projects with sg(B), so L_coeff gives exactly zero gradient to the basis
    network; it does reach the amortizer through E_q[g_t] (A.3). L_recon moves B through both the
    projection B^T a and the decoder B(.).
- - Numerical range of z_sg: |z_i| = |b_i^T a| / (E_q[g_i] + eps) reaches |a| / eps ~ 10^3-10^4 for
-   an expert the amortizer switches off. The equations are kept as they are; the diffusion is kept
-   well scaled by (a) epsilon prediction (the default): the regression target eps is unit-variance
-   whatever the scale of z, so the loss itself stays well scaled, and (b) an asinh on the expert's
-   input (experts.py), part of eps_psi, which stops large z from saturating the first layer.
-   Large targets only arise for experts with a small gate; at inference those experts are not
-   selected, and the selected ones (large g_bar_i) have z_i of the order of the actions.
-   Sample prediction (model.scheduler.prediction = "sample") regresses z_sg itself and is only
+ - Scale of the diffusion variable: the experts diffuse x = z / c and sampling returns z = c x, where
+   c (the buffer ``z_scale``, saved with the weights) is the RMS of z_sg over training data under the
+   initial weights, fitted once before the first step (``fit_z_scale``; ``compute_loss`` fits it from
+   its first batch if nobody did), so x starts at unit RMS as Diffusion Policy's normalized actions do.
+   Why: z_i = b_i^T a / (E_q[g_i] + eps) is about 1 / E_q[g_i] times a normalized action coordinate,
+   K times it while the gates are spread evenly (std(z) = 6.4 on the sim demonstrations, K = 8). DDIM
+   starts from x ~ N(0, I) at its first timestep tau_0 (90 of 100), which is only the distribution
+   the experts were trained on if the forward marginal there, sqrt(ab) x + sqrt(1 - ab) eps, is close
+   to N(0, I): ab(tau_0) E[x^2] << 1 (ab(90) = 0.0195; 0.8 for std 6.4). A model that diffused z
+   itself saw an input at tau_0 that it was never trained on, returned |z| ~ 1.6 for data of |z| ~ 5.3,
+   and decoded chunks further from the demonstrations than the dataset mean. A fixed c = K fixes that
+   case but shrinks x well below unit scale when the actions use little of the normalizer's range,
+   which costs precision (eps errors are amplified by c); the fitted RMS adapts to both. As the gates
+   sharpen, the selected experts' x only get smaller (E_q[g_i] grows), never larger.
+ - Numerical range of z_sg: |z_i| reaches |a| / eps ~ 10^3-10^4 for an expert the amortizer switches
+   off. The equations are kept as they are; (a) epsilon prediction (the default) keeps the regression
+   target unit-variance whatever the scale of x, and (b) an asinh on the expert's input (experts.py),
+   part of eps_psi, stops large x from saturating the first layer. Such targets only arise for
+   experts with a small gate; at inference those experts are not selected.
+   Sample prediction (model.scheduler.prediction = "sample") regresses x itself and is only
    sensible together with a large model.z_eps.
 """
 
@@ -191,6 +203,12 @@ class SMPPolicy(_PolicyBase):
         e = cfg.expert
         self.experts = StackedUnet1D(cfg.num_experts, 1, cfg.encoder.state_dim, e.down_dims, e.kernel_size,
                                      e.n_groups, e.step_embed_dim, input_asinh=True)
+        # x = z / z_scale is what the experts diffuse (module docstring, "Scale of the diffusion variable").
+        # 0 = not fitted yet; persistent, so it travels with the weights. Model files written before it
+        # existed diffused z unscaled and load with 1 (checkpoint.py).
+        self.register_buffer("z_scale", torch.zeros(()))
+        self._z_scale_fitted = False  # host-side mirror of z_scale > 0, so training steps need no device read
+        self.register_load_state_dict_post_hook(_mirror_z_scale)
 
     # ---- training (Algorithm 1) ------------------------------------------------------------------
 
@@ -212,7 +230,9 @@ class SMPPolicy(_PolicyBase):
         a_rec = (E_g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
         recon = (a - a_rec).pow(2).sum((-1, -2)) / (2 * cfg.sigma_a ** 2)  # (N,)
 
-        x0 = z_sg.transpose(1, 2).unsqueeze(2)  # (N, K, 1, H): expert i sees its own coefficient sequence
+        if not self._z_scale_fitted:  # data-dependent initialisation, once (trainer: fit_z_scale first)
+            self._set_z_scale(z_sg)
+        x0 = (z_sg / self.z_scale).transpose(1, 2).unsqueeze(2)  # (N, K, 1, H): expert i's own sequence
         noise = torch.randn_like(x0)
         tau = self.scheduler.sample_timesteps(x0.shape[:2], x0.device)  # (N, K): each expert its own tau
         pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device))
@@ -246,13 +266,14 @@ class SMPPolicy(_PolicyBase):
         return self.basis(s)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z^(T) for all K experts (B, K, 1, H). Drawn for every expert so that an expert's sample does not
-        depend on which other experts are active."""
+        """x^(T) = z^(T) / z_scale for all K experts (B, K, 1, H). Drawn for every expert so that an expert's
+        sample does not depend on which other experts are active."""
         return torch.randn((batch_size, self.cfg.num_experts, 1, self.cfg.horizon), generator=generator,
                            device=self.device)
 
     def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """DDIM over the chosen experts only: x (B, E, 1, H) noise, experts (E,) -> z_0 (B, E, 1, H).
+        """DDIM over the chosen experts only: x (B, E, 1, H) noise, experts (E,) -> x_0 (B, E, 1, H), the
+        diffusion variable (z = z_scale * x_0, see ``coefficients``).
         Pure tensor ops over the precomputed schedule (capturable). The experts' weights are gathered
         once, before the loop: the set is the same at every step."""
         Bn = x.shape[0]
@@ -271,8 +292,13 @@ class SMPPolicy(_PolicyBase):
         x = self.initial_noise(Bn, generator)[:, experts]  # (B, E, 1, H)
         x = self.denoise_experts(x, s, experts)
         z = s.new_zeros(Bn, K, H)
-        z[:, experts] = x[:, :, 0]
+        z[:, experts] = self.coefficients(x[:, :, 0])
         return (z * active.unsqueeze(-1)).transpose(1, 2)  # (B, H, K)
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' denoised diffusion variable -> the skill coefficients z = z_scale * x (any shape).
+        An untrained policy (scale not fitted) uses 1. Pure tensor ops: no host read, capturable."""
+        return x * torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
 
     def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized: (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
@@ -295,6 +321,34 @@ class SMPPolicy(_PolicyBase):
         timer.lap("decode")
         timer.times["total"] = sum(timer.times.values())
         return PolicyOutput(action, g_bar, mask, coverage, timer.times)
+
+    @torch.no_grad()
+    def fit_z_scale(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """Fix ``z_scale`` to the RMS of z_sg (eq. 34) over a training batch (B, L, ...) under the current
+        weights, with the encoder in eval mode (no random crop, no RNG draws); returns it. Call once, before
+        training and before copying the model (EMA), after set_normalizer."""
+        self._check(batch, segment=True)
+        self._require_normalizer()
+        was_training = self.training
+        self.eval()
+        try:
+            obs, _, _ = self._flatten_segments(batch)
+            s = self.encode(obs)
+            a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)
+            E_g = dirichlet_mean(self.gates.posterior(s, a))
+            self._set_z_scale((a @ self.basis(s)) / (E_g + self.cfg.z_eps).unsqueeze(1))
+        finally:
+            self.train(was_training)
+        return float(self.z_scale)
+
+    @torch.no_grad()
+    def _set_z_scale(self, z: torch.Tensor) -> None:
+        rms = z.detach().float().pow(2).mean().sqrt()
+        if not bool(torch.isfinite(rms)) or float(rms) <= 0:
+            raise ValueError(f"fit_z_scale: the coefficients' RMS is {float(rms)}; the batch's actions are "
+                             "constant at the normalizer's centre or not finite")
+        self.z_scale.copy_(rms)
+        self._z_scale_fitted = True
 
     @torch.no_grad()
     def fit_pca_basis(self, actions: torch.Tensor) -> None:
@@ -346,6 +400,10 @@ class DensePolicy(_PolicyBase):
         timer.times["total"] = sum(timer.times.values())
         ones = s.new_ones(Bn, 1)
         return PolicyOutput(action, ones, ones.bool(), ones[:, 0], timer.times)
+
+
+def _mirror_z_scale(module: nn.Module, incompatible_keys: Any) -> None:
+    module._z_scale_fitted = bool(module.z_scale > 0)
 
 
 def build_policy(cfg: ModelConfig) -> SMPPolicy | DensePolicy:

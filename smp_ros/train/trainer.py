@@ -51,6 +51,7 @@ STATE_FILE = "state.pt"
 HISTORY_FILE = "history.jsonl"  # one JSON line per log step: loss terms, lr, grad norm
 SUMMARY_FILE = "training_summary.json"
 VAL_BATCHES = 4
+Z_SCALE_SEGMENTS = 256  # training segments the experts' diffusion scale is fitted on (policy.fit_z_scale)
 
 
 class TrainError(RuntimeError):
@@ -115,6 +116,10 @@ class EMA:
         ema = dict(self.model.named_parameters())
         src = [(ema[n], p) for n, p in model.named_parameters() if p.requires_grad]
         torch._foreach_lerp_([e for e, _ in src], [p.detach() for _, p in src], 1.0 - d)
+        # Buffers (the normalizer, the policy's z_scale) are not averaged: the copy follows the model's.
+        mine = dict(self.model.named_buffers())
+        for name, b in model.named_buffers():
+            mine[name].copy_(b)
 
 
 class _LossModule(nn.Module):
@@ -258,6 +263,11 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         if isinstance(policy, SMPPolicy) and m.basis.kind == "pca":
             policy.fit_pca_basis(torch.from_numpy(np.asarray(cache.action)))
     policy.to(device).train()
+    if isinstance(policy, SMPPolicy) and init_policy is None:
+        # The experts diffuse z / z_scale (policy.py): fix the scale from the data under the initial weights,
+        # on the same segments in every process, before the EMA copy is taken.
+        ids = np.random.default_rng([tcfg.seed, 13]).permutation(len(train_set))[:Z_SCALE_SEGMENTS]
+        policy.fit_z_scale(_to(to_tensors(train_set.batch(ids)), device))
     train_names = set(trainable_parameters(policy, req.finetune))
     for n, p in policy.named_parameters():
         p.requires_grad_(n in train_names)
@@ -279,6 +289,9 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
             diff = sorted(k for k in identity if saved.get(k) != identity[k])
             raise TrainError(f"{state_path}: training state of a different run (differs in {diff}); use another "
                              f"--out or delete {sdir} to start over")
+        if isinstance(policy, SMPPolicy) and "z_scale" not in state["model"]:
+            raise TrainError(f"{state_path}: training state from before the experts' diffusion variable was "
+                             f"scaled (no z_scale); it cannot be resumed. Delete {sdir} to start over")
         policy.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
