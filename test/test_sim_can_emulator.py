@@ -257,3 +257,28 @@ def test_bad_construction_arguments_name_the_parameter():
             rig.emulator.advance(float("nan"))
     finally:
         rig.close()
+
+
+def test_a_bounded_receive_queue_gets_the_same_feedback_as_an_unbounded_one():
+    """Each tick is delivered to unbounded queues in one batch and to bounded ones frame by frame;
+    both listeners must see the same frames, in the same order, with the bus's receive fields set."""
+    rig = PlantRig(unique("bounded"))
+    unbounded = can.Bus(interface="virtual", channel=rig.emulator.channel)
+    bounded = can.Bus(interface="virtual", channel=rig.emulator.channel, rx_queue_size=10_000)
+    try:
+        rig.step(0.05)
+        got = {}
+        for name, bus in (("unbounded", unbounded), ("bounded", bounded)):
+            frames = []
+            while (msg := bus.recv(0.0)) is not None:
+                frames.append((msg.arbitration_id, bytes(msg.data), msg.timestamp, msg.channel, msg.is_rx))
+            got[name] = frames
+        assert got["unbounded"] == got["bounded"]
+        # 10 ticks of 14 frames at 200 Hz plus the low-speed frames at 40 Hz (ticks 1 and 6).
+        assert len(got["bounded"]) == 14 * 10 + 6 * 2
+        assert all(ch == rig.emulator.channel and rx for *_, ch, rx in got["bounded"])
+        assert got["bounded"][-1][0] == 0x2A1 and got["bounded"][-1][2] == pytest.approx(0.05)
+    finally:
+        unbounded.shutdown()
+        bounded.shutdown()
+        rig.close()
