@@ -1,5 +1,6 @@
-"""Stacked diffusion experts: batched evaluation of an active subset equals per-expert evaluation, and the
-stacked layers equal PyTorch's reference layers with each expert's weights."""
+"""Stacked diffusion experts: batched evaluation of an active subset equals per-expert evaluation, the
+stacked layers (training form and inference form) equal PyTorch's reference layers with each expert's
+weights, and the network's two forms agree."""
 
 import torch
 import torch.nn.functional as F
@@ -33,43 +34,46 @@ def test_two_of_eight_experts_run_exactly_two_and_match_one_by_one():
         assert torch.allclose(out[:, j:j + 1], single, atol=1e-12)
 
 
-def _per_layer_gathers(net, x, tau, state, idx):
-    """The network written with every layer gathering its own weights at each call (layer(x, ..., idx))."""
-    M, E = x.shape[:2]
-    emb = sinusoidal_embedding(tau.unsqueeze(1).expand(M, E), net.step_embed_dim).to(x.dtype)  # (M, E, dsed)
-    emb = net.step_fc2(F.mish(net.step_fc1(emb, idx)), idx)
-    cond = torch.cat([emb, state.unsqueeze(1).expand(M, E, state.shape[-1])], dim=-1)  # (M, E, cond_dim)
-    h, skips = torch.asinh(x), []
-    for block1, block2, down in net.down:
-        h = block2(block1(h, cond, idx), cond, idx)
-        skips.append(h)
-        h = down(h, idx) if down is not None else h
-    for block in net.mid:
-        h = block(h, cond, idx)
-    for block1, block2, up in net.up:
-        h = torch.cat([h, skips.pop()], dim=2)  # (M, E, 2C, T)
-        h = block2(block1(h, cond, idx), cond, idx)
-        h = up(h, idx) if up is not None else h
-    return net.final_proj(net.final_block(h, idx), idx)
-
-
-def test_weights_gathered_once_equal_per_layer_gathers_and_single_experts():
-    net = _unet().float()
+def test_inference_form_equals_training_form_and_gathers_once():
+    """run(gather(experts)) against forward (grouped convolutions), in double precision so that any
+    difference is a bug, not rounding; one gather serves every step of a loop."""
+    net = _unet()
     M, H = 2, 8
     active = torch.tensor([6, 1, 4, 3])
-    state = torch.randn(M, 12)
+    state = torch.randn(M, 12, dtype=torch.float64)
     weights = net.gather(active)
-    x = torch.randn(M, len(active), 1, H)
-    for tau in torch.tensor([[90, 40], [50, 20], [10, 0]]):  # one gather serves every step of a loop
+    x = torch.randn(M, len(active), 1, H, dtype=torch.float64)
+    for tau in torch.tensor([[90, 40], [50, 20], [10, 0]]):
         before = net.expert_evaluations
         out = net.run(x, tau, state, weights)
         assert net.expert_evaluations - before == len(active) and net.last_experts.tolist() == active.tolist()
-        assert torch.equal(out, _per_layer_gathers(net, x, tau, state, active))
-        assert torch.equal(out, net(x, tau, state, active))
+        torch.testing.assert_close(out, net(x, tau, state, active), atol=1e-12, rtol=0)
+        assert torch.equal(out, net.run(x, tau, state, net.gather(active)))
         for j, e in enumerate(active.tolist()):
             single = net.run(x[:, j:j + 1], tau, state, net.gather(torch.tensor([e])))
-            torch.testing.assert_close(out[:, j:j + 1], single, atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[:, j:j + 1], single, atol=1e-12, rtol=0)
         x = out
+
+
+def test_selecting_from_all_experts_equals_gathering_the_subset():
+    net = _unet()
+    everyone = net.gather(net.all_experts())
+    for active in (torch.tensor([6, 1, 4]), torch.tensor([2])):
+        picked, direct = everyone.select(active), net.gather(active)
+        assert torch.equal(picked.experts, active)
+        for a, b in zip(torch.utils._pytree.tree_leaves(tuple(picked)), torch.utils._pytree.tree_leaves(tuple(direct))):
+            assert a is None and b is None or torch.equal(a, b)
+
+
+def test_inference_form_equals_training_form_in_float32_with_many_channels():
+    """The dense baseline's shape (C = D channels, one expert) and a 3-level UNet, in fp32."""
+    torch.manual_seed(2)
+    net = StackedUnet1D(1, 14, 12, (8, 16, 32), kernel_size=5, n_groups=4, step_embed_dim=8)
+    x, state, tau = torch.randn(3, 1, 14, 16), torch.randn(3, 12), torch.tensor([0, 40, 99])
+    experts = net.all_experts()
+    with torch.no_grad():
+        torch.testing.assert_close(net.run(x, tau, state, net.gather(experts)), net(x, tau, state, experts),
+                                   atol=2e-5, rtol=0)
 
 
 def test_unselected_experts_are_untouched():
@@ -84,30 +88,37 @@ def test_unselected_experts_are_untouched():
 
 
 def test_stacked_layers_equal_reference_layers_per_expert():
+    """Both forms of every layer against nn.Conv1d / nn.ConvTranspose1d / nn.GroupNorm / F.linear with
+    the expert's weights; the inference form takes (E, M, T, C) activations."""
     torch.manual_seed(1)
     idx = torch.tensor([4, 0, 7])
     x = torch.randn(5, 3, 6, 8, dtype=torch.float64)  # (M, E, C, T)
+    x_inf = x.permute(1, 0, 3, 2)  # (E, M, T, C)
+
+    def inference(layer, inp):
+        return layer.run(inp, layer.gather(idx))
 
     conv = StackedConv1d(K, 6, 10, 5, padding=2).double()
+    down = StackedConv1d(K, 6, 10, 3, stride=2, padding=1).double()
     tconv = StackedConvTranspose1d(K, 6, 4, 4, stride=2, padding=1).double()
     norm = StackedGroupNorm(K, 6, 3).double()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
     lin = StackedLinear(K, 6, 9).double()
-    y_conv, y_tconv, y_norm = conv(x, idx), tconv(x, idx), norm(x, idx)
     y_lin = lin(x[..., 0], idx)
+    y_lin_inf = inference(lin, x_inf[:, :, 0])  # (E, M, 9)
     for j, e in enumerate(idx.tolist()):
-        ref_conv = nn.Conv1d(6, 10, 5, padding=2).double()
-        ref_conv.weight.data, ref_conv.bias.data = conv.weight[e].data, conv.bias[e].data
-        assert torch.allclose(y_conv[:, j], ref_conv(x[:, j]), atol=1e-12)
-        ref_t = nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1).double()
-        ref_t.weight.data, ref_t.bias.data = tconv.weight[e].data, tconv.bias[e].data
-        assert torch.allclose(y_tconv[:, j], ref_t(x[:, j]), atol=1e-12)
-        ref_n = nn.GroupNorm(3, 6).double()
-        ref_n.weight.data, ref_n.bias.data = norm.weight[e].data, norm.bias[e].data
-        assert torch.allclose(y_norm[:, j], ref_n(x[:, j]), atol=1e-10)
-        assert torch.allclose(y_lin[:, j], F.linear(x[:, j, :, 0], lin.weight[e], lin.bias[e]), atol=1e-12)
+        for stacked, ref in ((conv, nn.Conv1d(6, 10, 5, padding=2)), (down, nn.Conv1d(6, 10, 3, stride=2, padding=1)),
+                             (tconv, nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1)), (norm, nn.GroupNorm(3, 6))):
+            ref = ref.double()
+            ref.weight.data, ref.bias.data = stacked.weight[e].data, stacked.bias[e].data
+            want = ref(x[:, j])  # (M, C_out, T')
+            torch.testing.assert_close(stacked(x, idx)[:, j], want, atol=1e-10, rtol=0)
+            torch.testing.assert_close(inference(stacked, x_inf)[j].transpose(1, 2), want, atol=1e-10, rtol=0)
+        want = F.linear(x[:, j, :, 0], lin.weight[e], lin.bias[e])
+        torch.testing.assert_close(y_lin[:, j], want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(y_lin_inf[j], want, atol=1e-12, rtol=0)
 
 
 def test_per_expert_diffusion_steps_and_shapes():

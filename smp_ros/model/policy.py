@@ -391,9 +391,9 @@ class DensePolicy(_PolicyBase):
         timer, s = self._timed_encode(obs)
         Bn = s.shape[0]
         x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator, device=self.device)
-        experts = self.unet.all_experts(s.device)
+        weights = self.unet.gather(self.unet.all_experts(s.device))  # the inference form, as SMP's experts
         for i in range(self.scheduler.num_inference_steps):
-            x = self.scheduler.step(i, x, self.unet(x, self.scheduler.timesteps[i].expand(Bn), s, experts))
+            x = self.scheduler.step(i, x, self.unet.run(x, self.scheduler.timesteps[i].expand(Bn), s, weights))
         timer.lap("denoise")
         action = self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (B, H, D)
         timer.lap("decode")
