@@ -41,6 +41,10 @@ def _nodes(context):
 
     nodes = []
     if use_sim:
+        from smp_ros.nodes.params import ParamsFile, sim_camera_size
+
+        # The policy's engine warms up (compiles) for the frames the simulator renders.
+        overrides["camera_size"] = sim_camera_size(ParamsFile.load(config))
         sim_parameters = [config] + ([{"task": overrides["task"]}] if "task" in overrides else [])
         nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
                           parameters=sim_parameters, output="screen"))

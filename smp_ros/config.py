@@ -371,6 +371,9 @@ class RuntimeConfig:
     inference_process: bool = False
     sync_slop_s: float = 0.05
     task: str = TASKS[0]
+    # (height, width) of the camera frames the model will receive. The engine's warmup compiles for
+    # it, so the first real frame does not trigger a recompilation; (0, 0) = the model's image size.
+    camera_size: tuple[int, int] = (0, 0)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self) -> None:
@@ -387,6 +390,8 @@ class RuntimeConfig:
         _require(self.blend_window_s >= 0, f"{w}.blend_window_s", f"expected >= 0, got {self.blend_window_s}")
         _require(self.threads >= 0, f"{w}.threads", f"expected >= 0 (0 = all cores), got {self.threads}")
         _require(self.task in TASKS, f"{w}.task", f"expected one of {TASKS}, got {self.task!r}")
+        _require(len(self.camera_size) == 2 and (tuple(self.camera_size) == (0, 0) or min(self.camera_size) >= 8),
+                 f"{w}.camera_size", f"expected (height, width) >= 8 px, or (0, 0), got {self.camera_size}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from smp_ros.config import RuntimeConfig, preset
+from smp_ros.config import ConfigError, RuntimeConfig, preset
 from smp_ros.model.checkpoint import save_model
 from smp_ros.model.policy import build_policy
 from smp_ros.model.selection import select_experts
@@ -221,3 +221,19 @@ def test_tensorrt_fp16_matches_eager(tiny_dir):
         assert got.active == want.active
         np.testing.assert_allclose(got.action, want.action, atol=FP16_ATOL, rtol=0)
     del torch_tensorrt
+
+
+def test_warmup_observation_has_the_configured_camera_frame_size():
+    """The compiled backend specialises on the image shape: warmup must use the frames the engine will
+    receive (runtime.camera_size), not the model's internal size, or the first real frame recompiles."""
+    torch.manual_seed(0)
+    policy = build_policy(preset("sim").model)
+    policy.set_normalizer(_stats())
+    engine = InferenceEngine(policy, RuntimeConfig(backend="eager", device="cpu", threads=1, camera_size=(120, 160)))
+    obs = engine.example_observation()
+    assert obs["images"].shape == (1, policy.cfg.obs_steps, len(engine.cameras), 120, 160, 3)
+    assert engine.infer(obs, seed=0).action.shape == (policy.cfg.horizon, D)
+    default = InferenceEngine(policy, RuntimeConfig(backend="eager", device="cpu", threads=1))
+    assert default.example_observation()["images"].shape[3:5] == tuple(policy.cfg.encoder.image_size)
+    with pytest.raises(ConfigError, match="runtime.camera_size"):
+        RuntimeConfig(camera_size=(0, 64))

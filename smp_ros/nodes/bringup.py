@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import CAMERAS, TASKS, ConfigError
-from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_config
+from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
 
 SWITCH_INTERVAL_S = 0.0005
 MODEL_LOAD_TIMEOUT_S = 600.0  # loading and warming up (compiling) a model on a slow CPU
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     policy_overrides = [Parameter(name, value=value) for name, value in
                         (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
+    if args.sim:  # the engine warms up for the frames the simulator renders
+        policy_overrides.append(Parameter("camera_size", value=sim_camera_size(params)))
     # Many threads share one GIL here (simulator, executor, inference). With the default 5 ms
     # switch interval a CPU-bound simulator thread makes every GIL hand-over of the inference
     # thread wait up to 5 ms, which multiplies the latency of a model made of many small ops.

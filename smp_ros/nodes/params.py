@@ -110,6 +110,7 @@ _RUNTIME_HELP = {
     "sync_slop_s": "largest stamp difference (s) between the streams of one observation",
     "task": "task to execute at activation; also settable with the set_task service",
     "inference_process": "run the model in a worker process (CPU shared with a simulator in this process)",
+    "camera_size": "[height, width] of the camera frames; warmup compiles for it ([0, 0] = the model's size)",
     "safety.joint_lower": "lower joint limits j1..j6 (rad)",
     "safety.joint_upper": "upper joint limits j1..j6 (rad)",
     "safety.gripper_range": "gripper opening range [min, max] (m)",
@@ -148,6 +149,11 @@ def safety_param_specs(defaults: SafetyConfig | None = None) -> list[ParamSpec]:
 def sim_param_specs(defaults: SimConfig | None = None) -> list[ParamSpec]:
     """SimConfig fields as ``sim.<field>`` parameters."""
     return _specs_of(defaults or SimConfig(), "sim.", {}, "")
+
+
+def sim_camera_size(params: "ParamsFile") -> list[int]:
+    """[height, width] of the simulator's camera frames as ``params`` configures ``/sim``."""
+    return list(sim_config(params.for_node(SIM_NODE), where=f"{params.path}: {SIM_NODE}").image_size)
 
 
 def _section(values: dict[str, Any], names: list[str], strip: str = "") -> dict[str, Any]:

@@ -170,12 +170,13 @@ class InferenceEngine:
             self.infer(obs, seed=0)
 
     def example_observation(self) -> dict[str, np.ndarray]:
-        """A valid observation of the model's shape (home-ish joint values, grey images)."""
+        """A valid observation of the model's shape (home-ish joint values, grey images of
+        ``runtime.camera_size``, the frames the engine will receive, or of the model's image size)."""
         cfg = self.cfg
         obs: dict[str, np.ndarray] = {keys.QPOS: np.zeros((1, cfg.obs_steps, cfg.action_dim), np.float32),
                                       keys.TASK: np.zeros((1,), np.int64)}
         if self.cameras:
-            h, w = cfg.encoder.image_size
+            h, w = self.runtime.camera_size if tuple(self.runtime.camera_size) != (0, 0) else cfg.encoder.image_size
             obs[keys.IMAGES] = np.full((1, cfg.obs_steps, len(self.cameras), h, w, 3), 128, np.uint8)
         return obs
 
