@@ -136,14 +136,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runtime = RuntimeConfig(backend=args.backend, device=args.device, threads=args.threads)
+    cfg = load_config(args.model) if args.model is not None else preset(args.preset)
+    # Observations carry camera frames at the simulator's size (``observations``): warm up for those.
+    runtime = RuntimeConfig(backend=args.backend, device=args.device, threads=args.threads,
+                            camera_size=cfg.sim.image_size)
     if args.model is not None:
-        cfg = load_config(args.model)
         overrides = {"model.scheduler.inference_steps": args.inference_steps} if args.inference_steps else None
         engine = InferenceEngine(args.model, runtime, overrides=overrides, max_active=cfg.model.num_experts)
         cfg = engine.smp_cfg
     else:
-        cfg = preset(args.preset)
         torch.manual_seed(0)
         policy = build_policy(cfg.model)
         policy.set_normalizer(random_weight_stats())
