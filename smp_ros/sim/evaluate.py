@@ -183,7 +183,8 @@ def make_policy(spec: str, world, inference_backend: str = "eager", inference_th
     from smp_ros.runtime.closed_loop import make_learned_policy
     # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
     # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
-    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend, threads=inference_threads))
+    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend, threads=inference_threads,
+                                                          camera_size=tuple(world.cfg.image_size)))
 
 
 def make_arms(world, backend: str):
