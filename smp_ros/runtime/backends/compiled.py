@@ -31,7 +31,7 @@ class CompiledBackend(Backend):
         # One compiled variant of the expert network per |S| (up to K <= D = 14) plus the stages.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         # Freezing: the engine loads the weights once and infers under inference_mode, so inductor may
-        # treat the stages' parameters as constants (folded, convolution weights pre-packed).
+        # treat the stages' parameters as constants and fold what depends only on them.
         frozen = {"freezing": True}
         # Channels-last convolution weights: oneDNN's fast layout on the CPU, and cuDNN's tensor-core
         # layout (encoder 6.5 -> 5.5 ms p50 on the sim preset, 2-core CPU, BENCHMARKS.md).
