@@ -106,9 +106,11 @@ class DiffusionScheduler(nn.Module):
         self.num_inference_steps = num_steps
         self.eta = eta
         self.register_buffer("timesteps", timesteps.to(device), persistent=False)
+        # sqrt(ab), sqrt(1 - ab) per step for the clipped path: indexing alphas_cumprod by the device
+        # tensor timesteps[i] inside the loop would read the index back to the host (a sync per step).
         for name, value in (("c_x0_x", c_x0_x), ("c_x0_m", c_x0_m), ("c_eps_x", c_eps_x), ("c_eps_m", c_eps_m),
                             ("c_prev_x0", ab_prev.sqrt()), ("c_prev_eps", (1 - ab_prev - sigma ** 2).sqrt()),
-                            ("sigma", sigma)):
+                            ("sigma", sigma), ("sqrt_ab", ab.sqrt()), ("sqrt_one_minus_ab", (1 - ab).sqrt())):
             self.register_buffer(name, value.float().to(device), persistent=False)
 
     def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor,
@@ -119,8 +121,7 @@ class DiffusionScheduler(nn.Module):
         if self.cfg.clip_sample > 0:
             # Clipping z_0_hat changes which eps is consistent with x; recompute it as DDIM does.
             x0 = x0.clamp(-self.cfg.clip_sample, self.cfg.clip_sample)
-            eps = (x - self.alphas_cumprod[self.timesteps[i]].sqrt() * x0) \
-                / (1 - self.alphas_cumprod[self.timesteps[i]]).sqrt()
+            eps = (x - self.sqrt_ab[i] * x0) / self.sqrt_one_minus_ab[i]
         x_prev = self.c_prev_x0[i] * x0 + self.c_prev_eps[i] * eps
         if noise is not None:
             x_prev = x_prev + self.sigma[i] * noise
