@@ -19,7 +19,9 @@ precomputed DDIM coefficients by Python ints and never reads a device value. On 
 input buffers (noise, s, expert indices) preallocated for every |S| at warmup, so the loop
 allocates nothing; any active set of that size replays the same graph, since the expert indices
 are an input of the graph, not a constant. On the CPU there are no graphs: the loop runs in Python
-around the (compiled) expert network and PyTorch's CPU allocator serves its intermediates.
+around the (compiled) expert network and PyTorch's CPU allocator serves its intermediates. On CUDA
+the observation is uploaded from page-locked staging buffers (``_upload``), so the copies are
+asynchronous and do not block the host either.
 
 Noise. ``initial_noise`` draws z^(T) for all K experts from a generator seeded per call and the
 engine gathers the active ones, exactly as ``SMPPolicy.predict_action`` does: with the same seed
@@ -138,6 +140,8 @@ class InferenceEngine:
         self._tau = [sched.timesteps[i].reshape(1) for i in range(self._steps)]  # (1,) per step, on device
         self._graphs: dict[int, _GraphedLoop] = {}
         self._generator = torch.Generator(device=self.device)
+        self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers of the CUDA uploads, per key
+        self._uploaded: Any = None  # CUDA event after the last uploads from those buffers
 
     @property
     def backend_name(self) -> str:
@@ -238,8 +242,7 @@ class InferenceEngine:
         task = np.asarray(obs[keys.TASK], dtype=np.int64).reshape(-1)
         if task.shape != (1,) or not 0 <= task[0] < cfg.encoder.num_tasks:
             raise ValueError(f"obs[{keys.TASK!r}]: expected one task id in 0..{cfg.encoder.num_tasks - 1}, got {task}")
-        out = {keys.QPOS: torch.from_numpy(qpos).to(self.device, non_blocking=True),
-               keys.TASK: torch.from_numpy(task).to(self.device, non_blocking=True)}
+        host = {keys.QPOS: qpos, keys.TASK: task}
         if self.cameras:
             images = np.asarray(obs[keys.IMAGES])
             if images.ndim == 5:
@@ -248,8 +251,29 @@ class InferenceEngine:
                     or images.shape[-1] != 3:
                 raise ValueError(f"obs[{keys.IMAGES!r}]: expected uint8 (1, T_o={cfg.obs_steps}, "
                                  f"N_cam={len(self.cameras)}, H, W, 3), got {images.dtype} {images.shape}")
-            out[keys.IMAGES] = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+            host[keys.IMAGES] = images
+        # Uploads only once everything is validated, so a refused observation starts no copy.
+        if self.device.type != "cuda":
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in host.items()}
+        if self._uploaded is not None:  # the previous call's copies out of the staging buffers are done
+            self._uploaded.synchronize()
+        out = {k: self._upload(k, v) for k, v in host.items()}
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
         return out
+
+    def _upload(self, key: str, array: np.ndarray) -> torch.Tensor:
+        """Host array -> CUDA tensor through a page-locked staging buffer per key, allocated once per
+        shape. A copy from pageable memory is staged by the driver and blocks the host; a copy from
+        pinned memory is an asynchronous DMA that overlaps with the encoder's first kernels. The
+        buffers are reused by the next call once ``_uploaded`` (an event after this call's copies) has
+        passed; every call's final device-to-host copy has normally drained them already."""
+        src = torch.from_numpy(np.ascontiguousarray(array))
+        buf = self._staging.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = self._staging[key] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        buf.copy_(src)
+        return buf.to(self.device, non_blocking=True)
 
     def _loop(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """DDIM over the precomputed schedule; pure tensor ops, no host reads (capturable). The active
