@@ -291,8 +291,9 @@ class SMPPolicy(_PolicyBase):
         experts = active.any(0).nonzero().flatten()  # (E,)
         x = self.initial_noise(Bn, generator)[:, experts]  # (B, E, 1, H)
         x = self.denoise_experts(x, s, experts)
-        z = s.new_zeros(Bn, K, H)
-        z[:, experts] = self.coefficients(x[:, :, 0])
+        coeff = self.coefficients(x[:, :, 0])  # (B, E, H)
+        z = coeff.new_zeros(Bn, K, H)  # coeff's dtype: under bf16 autocast s is bf16, the samples are not
+        z[:, experts] = coeff
         return (z * active.unsqueeze(-1)).transpose(1, 2)  # (B, H, K)
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
