@@ -209,8 +209,9 @@ class InferenceEngine:
                 x = self.policy.initial_noise(1, self._generator)[:, experts]  # (1, E, 1, H)
                 x_S = self._denoise(x, s, experts)  # (1, E, 1, H), the diffusion variable z / z_scale
             with clock.stage("decode"):
-                z = s.new_zeros(1, self.cfg.num_experts, self.cfg.horizon)  # (1, K, H)
-                z[:, experts] = self.policy.coefficients(x_S[:, :, 0])
+                coeff = self.policy.coefficients(x_S[:, :, 0])  # (1, E, H)
+                z = coeff.new_zeros(1, self.cfg.num_experts, self.cfg.horizon)  # (1, K, H)
+                z[:, experts] = coeff
                 action = self.policy.decode(Bm, g_bar, z.transpose(1, 2))  # (1, H, D)
                 action_np = action[0].float().cpu().numpy()
             active_set = tuple(int(i) for i in experts.cpu())
