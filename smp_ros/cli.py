@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("smp_ros.train.cli", "train a model from rosbag2 demonstrations or a dataset cache"),
     "diagnose": ("smp_ros.train.diagnose_cli", "write gate traces and skill diagnostics for a model on data"),
     "bench": ("smp_ros.runtime.bench", "latency benchmark of the inference engine against the dense baseline"),
+    "train-bench": ("smp_ros.train.bench", "training throughput of a preset, float32 against bf16 autocast"),
     "export": ("smp_ros.runtime.export", "export compiled inference engines next to a model"),
     "bringup": ("smp_ros.nodes.bringup", "start the bimanual ROS 2 system in one process (no ROS install needed)"),
     "record": ("smp_ros.nodes.record", "record the demonstration topics to rosbag2 (no ROS install needed)"),
