@@ -164,12 +164,24 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(engine.device), "warmup": args.warmup, "iters": args.iters,
         "inference_steps": engine.policy.scheduler.num_inference_steps, "engine_warmup_s": warmup_s,
     }
+    def save() -> None:
+        # After every section, so a run stopped by a time limit still leaves what it measured
+        # ("complete" says whether it got to the end).
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+
+    report["complete"] = False
+    save()
     natural, mean_active = measure(engine, obs, args.warmup, args.iters)
     report["smp"] = {"stages_ms": natural, "mean_active": mean_active}
+    save()
     sweep = {}
+    report["sweep"] = {}
     for n in range(1, K + 1):
         sweep[n], _ = measure(engine, obs, args.warmup, args.iters, active=list(range(n)))
-    report["sweep"] = {str(n): v for n, v in sweep.items()}
+        report["sweep"][str(n)] = sweep[n]
+        save()
     if K >= 2:
         den = {n: sweep[n]["denoise"]["p50"] for n in sweep}
         report["denoise_ratio_K_over_2"] = {"measured": den[K] / den[2], "proportional": K / 2}
@@ -195,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         dense_policy.set_normalizer(random_weight_stats())
         dense_policy.set_inference_steps(report["inference_steps"])
         del engine  # free the SMP weights before building the dense model (paper: ~1 GB each)
+        save()
         dense_engine = InferenceEngine(dense_policy, runtime)
         dense_engine.warmup(iterations=1)
         dense_stages, _ = measure(dense_engine, obs, args.warmup, args.iters)
@@ -205,10 +218,10 @@ def run(args: argparse.Namespace) -> int:
             "denoise": report["smp"]["denoise_ms_at_avg_active"] / dense_stages["denoise"]["p50"],
             "avg_active": avg,
         }
+    report["complete"] = True
+    save()
     print_report(report, K)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     return 0
 
