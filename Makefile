@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -16,6 +16,16 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	OUT=runs/gpu_check_dry tools/gpu_check.sh --dry-run
+
+# The GPU check (BENCHMARKS.md, "GPU check"): `make gpu-wheels` here, then `make gpu-check` (or
+# `bash tools/gpu_check.sh`) on the GPU machine with .whl/ carried. No venv target: the GPU machine
+# has no network, the check builds its own environment from the image and .whl/.
+gpu-wheels: venv
+	tools/fetch_gpu_wheels.sh
+
+gpu-check:
+	tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 bench: venv
 	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json
