@@ -26,7 +26,13 @@ from smp_ros.config import ModelConfig
 
 
 def signed_qr(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., D, K) -> B (..., D, K) with orthonormal columns and R_eff (..., K, K) with diag >= 0."""
+    """(..., D, K) -> B (..., D, K) with orthonormal columns and R_eff (..., K, K) with diag >= 0.
+
+    A half-precision W is factorised in float32 (and B returned in float32): CUDA's QR has no bf16 or
+    fp16 kernel, and CUDA autocast, unlike the CPU's, does not promote linalg_qr, so under bf16
+    training the basis network's output would reach it in bf16."""
+    if W.dtype in (torch.float16, torch.bfloat16):
+        W = W.float()
     Q, R = torch.linalg.qr(W, mode="reduced")
     diag = torch.diagonal(R, dim1=-2, dim2=-1)  # (..., K)
     signs = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
