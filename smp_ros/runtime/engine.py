@@ -256,7 +256,9 @@ class InferenceEngine:
         # Uploads only once everything is validated, so a refused observation starts no copy.
         if self.device.type != "cuda":
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in host.items()}
-        if self._uploaded is not None:  # the previous call's copies out of the staging buffers are done
+        # The previous call's copies out of the staging buffers must be done before they are refilled. They
+        # normally are (its action chunk's copy to the host waited for them): query, and only wait if not.
+        if self._uploaded is not None and not self._uploaded.query():
             self._uploaded.synchronize()
         out = {k: self._upload(k, v) for k, v in host.items()}
         self._uploaded = torch.cuda.Event()
