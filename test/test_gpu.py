@@ -166,6 +166,21 @@ def test_policy_bf16_autocast_stays_near_float32(device_name, kind, name):
         torch.testing.assert_close(got, want, atol=BF16_REL * _scale(want), rtol=0)
 
 
+def test_skill_basis_qr_accepts_the_bf16_activations_of_cuda_autocast():
+    """CUDA autocast runs the basis network's Linear in bf16 and, unlike CPU autocast, leaves linalg_qr
+    alone, so W(s) reaches the QR in bf16, for which CUDA has no kernel. The CPU has none either: calling
+    it with bf16 here is what CUDA autocast does there."""
+    from smp_ros.model.basis import signed_qr
+
+    W = torch.randn(3, D, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    B, R = signed_qr(W)
+    assert B.dtype == R.dtype == torch.float32
+    eye = torch.eye(8).expand(3, 8, 8)
+    torch.testing.assert_close(B.transpose(-1, -2) @ B, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(B @ R, W.float(), atol=1e-5, rtol=0)
+    assert bool((torch.diagonal(R, dim1=-2, dim2=-1) >= 0).all())
+
+
 # ---- training: a bf16 step, the trainer, DDP, throughput ---------------------------------------------
 
 
@@ -310,14 +325,20 @@ def test_engine_backend_matches_the_policy_on_its_device(device_name, backend, t
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_cuda_uploads_and_the_denoising_loop_do_not_synchronise(backend, tiny_dir):
-    """After warmup the observation upload and the captured denoising loop never wait for the GPU;
-    the selection's read of the expert indices is the call's one sync (engine.py)."""
+@pytest.mark.parametrize("model,backend", [("tiny", "eager"), ("tiny", "compiled"), ("sim", "eager")])
+def test_cuda_uploads_and_the_denoising_loop_do_not_synchronise(model, backend, tiny_dir):
+    """After warmup the observation upload (images included, from pinned buffers) and the captured
+    denoising loop never wait for the GPU; the selection's read of the expert indices is the call's one
+    sync (engine.py)."""
     _device("cuda")
-    engine = InferenceEngine(tiny_dir, RuntimeConfig(backend=backend, device="cuda"))
+    source = tiny_dir if model == "tiny" else _policy("sim", "smp")
+    engine = InferenceEngine(source, RuntimeConfig(backend=backend, device="cuda", camera_size=(128, 128)),
+                             max_active=2)
     engine.warmup(iterations=1)
     obs = {k: v.numpy() for k, v in _observation(engine.cfg, 0).items()}
+    engine.infer(obs, seed=0)
+    assert set(engine._staging) >= ({"qpos", "task"} | ({"images"} if engine.cameras else set()))
+    assert all(buf.is_pinned() for buf in engine._staging.values())
     with torch.inference_mode():
         tensors = engine._to_tensors(obs)
         s = engine.backend.encode(tensors)
