@@ -395,6 +395,24 @@ def test_fallback_order_tensorrt_compiled_eager(device_name, monkeypatch, caplog
         assert chosen.name == "eager" and "Triton" in chosen.reason
 
 
+def test_tensorrt_must_match_the_torch_release(monkeypatch, tiny_dir):
+    """The version gate alone (torch_tensorrt cannot be installed here): a Torch-TensorRT of another torch
+    release is refused with the version to install; the matching one gets as far as the engine files."""
+    import types
+
+    from smp_ros.runtime.backends.tensorrt import tensorrt_available
+
+    cuda = torch.device("cuda")
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    monkeypatch.setitem(__import__("sys").modules, "torch_tensorrt", types.SimpleNamespace(__version__="1.0.0"))
+    ok, why = tensorrt_available(cuda, tiny_dir, (1,))
+    assert not ok and f"install torch-tensorrt {torch_mm}.x" in why
+    monkeypatch.setitem(__import__("sys").modules, "torch_tensorrt",
+                        types.SimpleNamespace(__version__=f"{torch_mm}.0+cu130"))
+    ok, why = tensorrt_available(cuda, tiny_dir, (1,))
+    assert not ok and "no engines in" in why and "smp-ros export" in why
+
+
 @pytest.mark.parametrize("device_name", DEVICES)
 def test_a_backend_that_fails_at_warmup_falls_back_to_eager(device_name, tiny_dir, monkeypatch, caplog):
     """A compiler failure at warmup (here: torch.compile raising) must leave a working eager engine."""

@@ -187,7 +187,7 @@ fi
 run_step env 60 "$PY" tools/gpu_env.py "$OUT/env.json"
 [ "$DRY" = 1 ] || nvidia-smi >> "$OUT/env.log" 2>&1
 
-run_step pytest_gpu 180 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+run_step pytest_gpu 180 "$PY" -m pytest -m gpu -v -rA -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
   test/test_gpu.py test/test_runtime_engine.py
 
 BENCH=("${SMP[@]}" bench --device "$DEV" "${BENCH_ITERS[@]}")

@@ -69,8 +69,11 @@ def tensorrt_available(device: torch.device, model_dir: Path | None, sizes: tupl
         import torch_tensorrt
     except ImportError:
         return False, "torch_tensorrt is not installed (pip install smp_ros[tensorrt])"
-    if not torch_tensorrt.__version__.startswith(PINNED_VERSION):
-        return False, f"torch_tensorrt {torch_tensorrt.__version__} installed, {PINNED_VERSION}.x is supported"
+    # Torch-TensorRT is built against one torch release (its major.minor): another one does not load
+    # engines reliably. The API used here is 2.14's (PINNED_VERSION, the extra's pin beside torch 2.14).
+    if _major_minor(torch_tensorrt.__version__) != _major_minor(torch.__version__):
+        return False, (f"torch_tensorrt {torch_tensorrt.__version__} does not match torch {torch.__version__} "
+                       f"(install torch-tensorrt {_major_minor(torch.__version__)}.x)")
     if model_dir is None:
         return False, "no model directory to load engines from"
     meta = read_meta(model_dir)
@@ -83,6 +86,10 @@ def tensorrt_available(device: torch.device, model_dir: Path | None, sizes: tupl
     if missing:
         return False, f"no engine for |S| in {missing} (re-export with --max-active {max(sizes)})"
     return True, f"TensorRT {meta['precision']} engines for |S| = {meta['sizes']}"
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
 
 
 def read_meta(model_dir: Path) -> dict | None:
