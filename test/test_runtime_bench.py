@@ -30,6 +30,7 @@ def test_bench_writes_every_section(tmp_path, capsys):
     report = json.loads(out.read_text())
     K = preset("tiny").model.num_experts
     assert report["random_weights"] and report["backend"] == "eager" and report["complete"]
+    assert "wall" in report["smp"]["stages_ms"]  # the host clock around each call, beside the stage sum
     assert set(report["sweep"]) == {str(n) for n in range(1, K + 1)}
     for stages in (report["smp"]["stages_ms"], report["dense"]["stages_ms"], report["sweep"]["2"]):
         assert stages["total"]["p50"] > 0 and stages["total"]["p99"] >= stages["total"]["p50"]

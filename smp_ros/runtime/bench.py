@@ -99,7 +99,7 @@ def observations(cfg: SMPConfig, n: int, seed: int = 0) -> list[dict[str, np.nda
 
 def percentiles(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Stage -> {p50, p99, mean} in milliseconds."""
-    names = [n for n in (*STAGES, "total") if n in samples[0]]
+    names = [n for n in (*STAGES, "total", "wall") if n in samples[0]]
     out = {}
     for name in names:
         ms = np.array([s[name] for s in samples]) * 1e3

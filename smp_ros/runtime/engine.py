@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -59,7 +60,10 @@ class InferenceResult:
     active: tuple[int, ...]  # the active set S (expert indices, ascending)
     gate: np.ndarray  # (K,) router mean g_bar
     coverage: float  # mass share of S
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage and "total"
+    # Seconds per stage, "total" (their sum; on CUDA each stage is timed by events on the GPU) and
+    # "wall" (the host's clock around the whole call, what a caller waits: on CUDA it also holds the
+    # host's launch work between stages and the final copies of gate and indices).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,6 +195,7 @@ class InferenceEngine:
         """One observation (``qpos`` (1, T_o, D) or (T_o, D), ``task`` (1,) or int, ``images``
         (1, T_o, N_cam, H, W, 3) uint8 in vision mode; raw units) -> action chunk and diagnostics.
         ``active`` forces the active set (expert indices), as in ``predict_action``."""
+        start = time.perf_counter()
         clock = StageClock(self.device)
         with clock.stage("preprocess"):
             tensors = self._to_tensors(obs)
@@ -228,6 +233,7 @@ class InferenceEngine:
             active_set, gate_np, cov = (0,), np.ones(1, np.float32), 1.0
         timings = clock.seconds()
         timings["total"] = sum(timings.values())
+        timings["wall"] = time.perf_counter() - start
         return InferenceResult(action_np, active_set, gate_np, cov, timings)
 
     def _to_tensors(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
