@@ -367,7 +367,10 @@ def test_inference_worker_on_the_device_equals_the_in_process_engine(device_name
             obs = {k: v.numpy() for k, v in _observation(local.cfg, seed).items()}
             a, b = worker.infer(obs, seed=seed), local.infer(obs, seed=seed)
             assert a.active == b.active
-            np.testing.assert_allclose(a.action, b.action, atol=1e-6 * _scale(torch.from_numpy(b.action)), rtol=0)
+            # Same code and kernels: identical on the CPU; on CUDA two processes may pick different cuBLAS
+            # algorithms for the same shapes, so float32 rounding is allowed there.
+            atol = 0.0 if device.type == "cpu" else FP32_REL * _scale(torch.from_numpy(b.action))
+            np.testing.assert_allclose(a.action, b.action, atol=atol, rtol=0)
     finally:
         worker.close()
 
