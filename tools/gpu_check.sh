@@ -197,7 +197,7 @@ run_step train_bench 120 "${SMP[@]}" train-bench "${TRAIN_BENCH[@]}" --device "$
 run_step bench_sim_compiled 180 "${BENCH[@]}" --preset "$SIM" --backend compiled --json "$OUT/bench_sim_compiled.json"
 run_step bench_paper_compiled 200 "${BENCH[@]}" --preset "$PAPER" --backend compiled \
   --json "$OUT/bench_paper_compiled.json"
-run_step cpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/cpu_tests.xml" "${CPU_TESTS[@]}"
+run_step cpu_tests 150 "$PY" -m pytest -v -p no:cacheprovider --junitxml="$OUT/cpu_tests.xml" "${CPU_TESTS[@]}"
 
 if [ "$E2E" = 1 ]; then
   run_step e2e 600 bash tools/gpu_e2e.sh "$PY" "$OUT/e2e"
