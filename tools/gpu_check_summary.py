@@ -39,6 +39,19 @@ def junit(path: Path) -> dict[str, Any] | None:
     return {**counts, "failed_tests": failed}
 
 
+def verbose_log(path: Path) -> dict[str, Any]:
+    """Counts from a ``pytest -v`` log, for a run stopped before it wrote its JUnit XML."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    def count(word: str) -> int:
+        return sum(1 for line in lines if line.startswith("test/") and f" {word}" in line)
+    failed = [line.split(" ")[0] for line in lines if line.startswith("test/") and (" FAILED" in line or " ERROR" in line)]
+    return {"passed": count("PASSED"), "failures": count("FAILED"), "errors": count("ERROR"),
+            "skipped": count("SKIPPED"), "failed_tests": failed, "partial": True}
+
+
 def proportionality(sweep: dict[str, Any]) -> dict[str, float] | None:
     """Denoising p50 per |S| against the line through the origin that fits it best (least squares):
     the largest relative deviation; 0 = exactly proportional."""
@@ -84,7 +97,7 @@ def headline(step: str, out: Path) -> dict[str, Any]:
         return {k: env.get(k) for k in ("python", "torch", "cuda", "cudnn", "gpu", "render", "missing")} | {
             "torch_tensorrt": (env.get("modules") or {}).get("torch_tensorrt")}
     if step in ("pytest_gpu", "cpu_tests"):
-        return junit(out / f"{step}.xml") or {}
+        return junit(out / f"{step}.xml") or verbose_log(out / f"{step}.log")
     if step.startswith("bench_"):
         report = _load(out / f"{step}.json")
         return bench_headline(report) if report else {}
@@ -122,6 +135,8 @@ def brief(step: str, h: dict[str, Any]) -> str:
                 f"render {str(h.get('render'))[:40]}; missing {h.get('missing')}")
     if step in ("pytest_gpu", "cpu_tests"):
         text = f"{h.get('passed')} passed, {h.get('failures', 0) + h.get('errors', 0)} failed, {h.get('skipped')} skipped"
+        if h.get("partial"):
+            text += " (from the log: stopped before the end)"
         return text + (f" ({', '.join(h['failed_tests'][:4])})" if h.get("failed_tests") else "")
     if step.startswith("bench_"):
         parts = [f"backend {h.get('backend')}"]
