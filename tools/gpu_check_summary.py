@@ -198,7 +198,7 @@ def main(out_dir: str) -> int:
             continue
         name = status["step"]
         try:
-            h = headline(name, out)
+            h = headline(name, out) if status["status"] != "skipped" else {}
         except Exception as exc:  # noqa: BLE001 - a malformed result must not lose the rest of the summary
             h = {"summary_error": f"{type(exc).__name__}: {exc}"}
         steps[name] = {**status, "headline": h}
