@@ -119,7 +119,7 @@ def test_partly_corrupt_bag_set_keeps_readable_episodes(tmp_path):
     assert [os.path.basename(e.bag) for e in cache.episodes] == ["good0", "good1"]
     skipped = {os.path.basename(s["bag"]): s["reason"] for s in cache.skipped}
     assert set(skipped) == {"truncated", "no_metadata", "short"}
-    assert "reindex" in skipped["no_metadata"] and "control steps" in skipped["short"]
+    assert "smp-ros bag repair" in skipped["no_metadata"] and "control steps" in skipped["short"]
     with pytest.raises(DataError, match="no_metadata: bag storage files without metadata.yaml"):
         prepare_cache(bags, cfg(on_bad_episode="error"), cache_dir=tmp_path / "c2", workers=1, progress=False)
     shutil.rmtree(bags / "good0"), shutil.rmtree(bags / "good1")

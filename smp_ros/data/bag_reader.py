@@ -81,11 +81,13 @@ def find_bags(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str
             root = root.parent
         candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
         for d in candidates:
+            if any(parent in bags for parent in d.resolve().parents):
+                continue  # inside a bag: e.g. the split a killed recorder was writing (smp-ros bag repair)
             if (d / "metadata.yaml").is_file():
                 bags.add(d.resolve())
             elif any(f.suffix in BAG_SUFFIXES for f in d.iterdir() if f.is_file()):
-                unreadable.append((d, "bag storage files without metadata.yaml; "
-                                      "run `ros2 bag reindex` on it to recover the recording"))
+                unreadable.append((d, "bag storage files without metadata.yaml (an interrupted recording?); "
+                                      f"run `smp-ros bag repair {d}` to recover it"))
     return sorted(bags), unreadable
 
 

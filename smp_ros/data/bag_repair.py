@@ -305,6 +305,8 @@ def repair_bag(bag: str | Path) -> RepairReport:
     storage_files = [p for p in bag.iterdir() if p.is_file() and p.suffix in (".mcap", ".db3")]
     if any(p.name.endswith((".db3-journal", ".db3-wal")) for p in bag.iterdir()):
         report.actions.append("SQLite journal present: the interrupted transaction is rolled back on open")
+    if not storage_files and old_meta and not old_meta.get("relative_file_paths"):
+        return report  # an empty recording (killed before its first flush): a valid bag with no messages
     if not storage_files:
         raise BagError(bag, "no .mcap or .db3 storage file to repair" + (
             " (compressed bags are not repaired)" if any(p.suffix == ".zstd" for p in bag.iterdir()) else ""))
