@@ -200,7 +200,7 @@ def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None
     cameras = tuple(cfg.topics.cameras)
     skipped = []
     for bag, reason in unreadable:
-        _bad(cfg, str(bag), reason if str(bag) in reason else f"{bag}: {reason}", skipped)
+        _bad(cfg, str(bag), reason if reason.startswith(str(bag)) else f"{bag}: {reason}", skipped)
     stats = _Stats()
     episodes: list[dict] = []
     start = 0
