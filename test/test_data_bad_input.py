@@ -98,7 +98,10 @@ def test_unknown_and_missing_task(tmp_path):
     w = write_bag(tmp_path / "bag", BagSpec(cameras={"cam_high": (30.0, "rgb8")}, task="juggle"))
     with pytest.raises(BagError, match=r"unknown task 'juggle'; expected one of \['pen_cap'"):
         load(w.path)
-    assert read_bag(w.path, cfg(), task="handover").task == "handover"  # a --task value wins
+    # --task never relabels a bag that names its own task, unless asked to
+    with pytest.raises(BagError, match=r"names its task 'juggle' \(on /smp/task\) but --task says 'handover'"):
+        read_bag(w.path, cfg(), task="handover")
+    assert read_bag(w.path, cfg(), task="handover", override_task=True).task == "handover"
     w2 = write_bag(tmp_path / "bag2", BagSpec(cameras={"cam_high": (30.0, "rgb8")}, task=None))
     with pytest.raises(BagError, match=r"topic /smp/task"):
         load(w2.path)
