@@ -77,3 +77,13 @@ def test_inspect_names_an_unreadable_bag(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "x") in err and "smp-ros bag repair" in err
+
+
+def test_the_example_overlay_is_a_valid_config():
+    from pathlib import Path
+
+    from smp_ros.train.trainer import load_config
+    cfg = load_config("sim", Path(__file__).resolve().parents[1] / "config" / "topics_example.yaml")
+    topics = cfg.data.topics
+    assert topics.action_source == "leader" and topics.task_source == "topic" and topics.task_topic == "/episode/task"
+    assert topics.joint_names[-1] == "gripper" and set(topics.cameras) == {"cam_high", "cam_left_wrist", "cam_right_wrist"}
