@@ -69,8 +69,10 @@ class FileInfo:
 
 
 def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list[FileInfo],
-                   custom_data: dict[str, str] | None = None, ros_distro: str = "rosbags") -> None:
-    """Write ``bag/metadata.yaml`` (rosbag2 format 9) atomically: readers see the old or the new file."""
+                   custom_data: dict[str, str] | None = None, ros_distro: str = "rosbags",
+                   fsync_dir: bool = False) -> None:
+    """Write ``bag/metadata.yaml`` (rosbag2 format 9) atomically: readers see the old or the new file.
+    ``fsync_dir`` also makes the renames in ``bag`` durable across a power cut."""
     nonempty = [f for f in files if f.count]
     start = min((f.start_ns for f in nonempty), default=0)
     end = max((f.end_ns for f in nonempty), default=0)
@@ -101,6 +103,12 @@ def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, bag / "metadata.yaml")
+    if fsync_dir:
+        fd = os.open(bag, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class SplitBagWriter:
@@ -218,7 +226,7 @@ class SplitBagWriter:
         self.files.append(FileInfo(name, sum(self._split_counts), self._split_start, self._split_end))
 
     def _publish(self) -> None:
-        write_metadata(self.path, self.storage, self.topics, self.files, self.custom_data)
+        write_metadata(self.path, self.storage, self.topics, self.files, self.custom_data, fsync_dir=self.fsync)
 
     def __enter__(self) -> "SplitBagWriter":
         return self

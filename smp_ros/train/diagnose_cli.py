@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
         cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task,
                               override_task=args.override_task)
+        print(cache.summary_text())
         episodes = list(range(len(cache.episodes)))
         if args.episodes == "val":
             episodes = split_episodes(cache, cfg.train.val_fraction, cfg.train.seed)[1] or episodes
