@@ -347,8 +347,11 @@ def repair_bag(bag: str | Path) -> RepairReport:
     if report.actions:
         # Keep what the recorder stored about the recording itself.
         custom = old_meta.get("custom_data") if isinstance(old_meta.get("custom_data"), dict) else None
+        compression = (str(old_meta.get("compression_format") or ""), str(old_meta.get("compression_mode") or ""))
+        if compression[1].lower() == "file":
+            raise BagError(bag, "file-compressed bags (*.zstd) are not repaired; decompress the files first")
         write_metadata(bag, storage, list(topics.values()), files, custom,
-                       ros_distro=str(old_meta.get("ros_distro") or "rosbags"))
+                       ros_distro=str(old_meta.get("ros_distro") or "rosbags"), compression=compression)
     report.files = files
     report.message_count = sum(f.count for f in files)
     return report

@@ -70,9 +70,10 @@ class FileInfo:
 
 def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list[FileInfo],
                    custom_data: dict[str, str] | None = None, ros_distro: str = "rosbags",
-                   fsync_dir: bool = False) -> None:
+                   fsync_dir: bool = False, compression: tuple[str, str] = ("", "")) -> None:
     """Write ``bag/metadata.yaml`` (rosbag2 format 9) atomically: readers see the old or the new file.
-    ``fsync_dir`` also makes the renames in ``bag`` durable across a power cut."""
+    ``fsync_dir`` also makes the renames in ``bag`` durable across a power cut. ``compression`` is
+    (format, mode) of a bag whose messages are compressed ("zstd", "message"), else empty."""
     nonempty = [f for f in files if f.count]
     start = min((f.start_ns for f in nonempty), default=0)
     end = max((f.end_ns for f in nonempty), default=0)
@@ -88,8 +89,8 @@ def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list
                                 "offered_qos_profiles": dump_qos_v9(list(t.qos)), "type_description_hash": t.type_hash},
              "message_count": t.count}
             for t in topics],
-        "compression_format": "",
-        "compression_mode": "",
+        "compression_format": compression[0],
+        "compression_mode": compression[1],
         "files": [{"path": f.name, "starting_time": {"nanoseconds_since_epoch": f.start_ns if f.count else 0},
                    "duration": {"nanoseconds": max(0, f.end_ns - f.start_ns) if f.count else 0},
                    "message_count": f.count} for f in files],

@@ -290,7 +290,7 @@ def _ingest_into(tmp: Path, bags: list[Path], cfg: DataConfig, root: Path, task:
 def _bad(cfg: DataConfig, bag: str, reason: str, skipped: list[dict]) -> None:
     if cfg.on_bad_episode == "error":
         raise DataError(reason)
-    warnings.warn(f"skipping episode: {reason}", stacklevel=3)
+    warnings.warn(f"skipping episode: {reason}", stacklevel=4)
     skipped.append({"bag": bag, "reason": reason})
 
 

@@ -36,7 +36,9 @@ class RecorderNode(Node):
         unknown = sorted(t for t, kind in topics.items() if kind not in _TYPES)
         if unknown:
             raise ValueError(f"record: no message type known for {unknown}; expected types {sorted(_TYPES)}")
-        self.writer = bag_writer.SplitBagWriter(out, storage=storage, flush_period_s=flush_period_s, fsync=fsync)
+        # The task also goes into metadata.yaml (data.topics.task_source: metadata reads it there).
+        self.writer = bag_writer.SplitBagWriter(out, storage=storage, flush_period_s=flush_period_s, fsync=fsync,
+                                                custom_data={"smp_task": task} if task is not None else None)
         for topic, kind in topics.items():
             rclpy_qos, stored_qos = _qos_for(topic)
             handle = self.writer.add_connection(topic, kind, [stored_qos])

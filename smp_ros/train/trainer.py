@@ -268,7 +268,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     out_state = sdir / STATE_FILE
     data_changed = None
     if out_state.is_file():
-        saved_identity = json.loads(torch.load(out_state, map_location="cpu", weights_only=True)["identity"])
+        saved_identity = json.loads(torch.load(out_state, map_location="cpu", weights_only=True,
+                                               mmap=True)["identity"])
         if saved_identity.get("data") != cache.fingerprint:
             data_changed = saved_identity
         elif (req.init is None and req.on_data_change == "finetune" and saved_identity.get("init")
@@ -371,8 +372,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         start = int(state["step"])
         if start >= tcfg.steps and (out / SUMMARY_FILE).is_file():
             _say(req, ddp, f"{out}: already trained to step {start} on this data (dataset fingerprint "
-                 f"{cache.fingerprint[:12]}); nothing to do. Add or change bags, raise --steps, or delete {sdir} "
-                 "to train again")
+                 f"{cache.fingerprint[:12]}); nothing to do. New or changed bags start a new run; to train again on "
+                 f"the same data, delete {sdir} or choose another --out")
             return TrainResult(out=out, steps=start, summary=json.loads((out / SUMMARY_FILE).read_text()),
                                already_done=True)
         _say(req, ddp, f"resuming from {state_path} at step {start}")
