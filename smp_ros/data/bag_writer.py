@@ -74,6 +74,27 @@ def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list
     """Write ``bag/metadata.yaml`` (rosbag2 format 9) atomically: readers see the old or the new file.
     ``fsync_dir`` also makes the renames in ``bag`` durable across a power cut. ``compression`` is
     (format, mode) of a bag whose messages are compressed ("zstd", "message"), else empty."""
+    text = metadata_yaml(storage, topics, files, custom_data, ros_distro, compression)
+    tmp = bag / "metadata.yaml.tmp"
+    with open(tmp, "w", encoding="utf8") as f:
+        f.write(text)
+        if fsync_dir:  # a process kill needs no fsync (the kernel has the data); a power cut does
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, bag / "metadata.yaml")
+    if fsync_dir:
+        fd = os.open(bag, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def metadata_yaml(storage: str, topics: list[TopicInfo], files: list[FileInfo],
+                  custom_data: dict[str, str] | None = None, ros_distro: str = "rosbags",
+                  compression: tuple[str, str] = ("", ""), inner: bool = False) -> str:
+    """The text of metadata.yaml; ``inner``: only the ``rosbag2_bagfile_information`` mapping, as
+    rosbag2 also stores it inside each storage file."""
     nonempty = [f for f in files if f.count]
     start = min((f.start_ns for f in nonempty), default=0)
     end = max((f.end_ns for f in nonempty), default=0)
@@ -97,19 +118,9 @@ def write_metadata(bag: Path, storage: str, topics: list[TopicInfo], files: list
         "custom_data": dict(custom_data) if custom_data else None,
         "ros_distro": ros_distro,
     }
-    text = yaml.safe_dump({"rosbag2_bagfile_information": info}, sort_keys=False)
-    tmp = bag / "metadata.yaml.tmp"
-    with open(tmp, "w", encoding="utf8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, bag / "metadata.yaml")
-    if fsync_dir:
-        fd = os.open(bag, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    # libyaml's emitter when present: this runs twice per split, in the recorder's message thread.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(info if inner else {"rosbag2_bagfile_information": info}, Dumper=dumper, sort_keys=False)
 
 
 class SplitBagWriter:
@@ -213,10 +224,19 @@ class SplitBagWriter:
 
     def _close_split(self) -> None:
         writer, self._split = self._split, None
-        writer.close()
         scratch = self._scratch(len(self.files))
         name = f"{self.path.name}_{len(self.files)}{SUFFIXES[self.storage]}"
-        src = writer.path / f"{writer.path.name}{SUFFIXES[self.storage]}"
+        info = FileInfo(name, sum(self._split_counts), self._split_start, self._split_end)
+        split_topics = [TopicInfo(t.topic, t.msgtype, t.qos, t.type_hash, t.serialization_format, n)
+                        for t, n in zip(self.topics, self._split_counts)]
+        # Close the storage (MCAP summary and footer / sqlite3 commit) with the split's metadata text
+        # from libyaml: rosbags' Writer.close would emit the same through ruamel.yaml, which costs
+        # most of a split's close time, and would write a metadata.yaml in the scratch directory
+        # that nothing reads.
+        storage, writer.storage = writer.storage, None
+        storage.close(BAG_VERSION, metadata_yaml(self.storage, split_topics, [info], self.custom_data,
+                                                 inner=True).strip())
+        src = Path(storage.path)
         if self.fsync:
             with open(src, "rb") as f:
                 os.fsync(f.fileno())
@@ -224,7 +244,7 @@ class SplitBagWriter:
         shutil.rmtree(scratch, ignore_errors=True)
         for i, n in enumerate(self._split_counts):
             self.topics[i].count += n
-        self.files.append(FileInfo(name, sum(self._split_counts), self._split_start, self._split_end))
+        self.files.append(info)
 
     def _publish(self) -> None:
         write_metadata(self.path, self.storage, self.topics, self.files, self.custom_data, fsync_dir=self.fsync)
