@@ -223,3 +223,38 @@ def test_a_quiet_split_is_flushed_by_poll_and_listed_atomically(tmp_path):
     assert _read_all(bag) == [(T0, "pen_cap")]
     assert sorted(p.name for p in bag.iterdir()) == ["metadata.yaml", "quiet_0.mcap"]
     writer.close()
+
+
+_DEMO_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from smp_ros.data import synthetic
+    from smp_ros.data.bag_writer import SplitBagWriter
+    spec = synthetic.BagSpec(storage="mcap", duration_s=4.0, cameras={"cam_high": (30.0, "rgb8")})
+    messages, _ = synthetic._messages(spec)
+    w = SplitBagWriter(sys.argv[1], flush_period_s=0.5)
+    handles = {}
+    for i, (ns, topic, kind, msg) in enumerate(messages):
+        if topic not in handles:
+            handles[topic] = w.add_connection(topic, kind)
+        w.write(handles[topic], ns, synthetic.TYPESTORE.serialize_cdr(msg, kind))
+        if i == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_demonstration_recording_ingests(tmp_path):
+    """Our ingest path (read_bag -> align) on what a recorder killed 70 % into a 4 s demonstration left."""
+    from smp_ros.config import DataConfig, TopicMap
+    from smp_ros.data.align import align_episode
+    from smp_ros.data.bag_reader import read_bag
+    from smp_ros.data.synthetic import BagSpec, _messages
+
+    n = len(_messages(BagSpec(storage="mcap", duration_s=4.0, cameras={"cam_high": (30.0, "rgb8")}))[0])
+    bag = tmp_path / "demo"
+    child = subprocess.run([sys.executable, "-c", _DEMO_CHILD, str(bag), str(int(0.7 * n))], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    cfg = DataConfig(topics=TopicMap(cameras={"cam_high": "/cameras/cam_high/image_raw"}), image_size=(8, 8))
+    ep = align_episode(read_bag(bag, cfg), cfg)
+    # 70 % of 4 s were written; at most one 0.5 s flush period of it is lost
+    assert ep.task == "pen_cap" and 2.8 - 0.5 - 0.15 <= ep.t[-1] <= 2.8
