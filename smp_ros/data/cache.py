@@ -37,7 +37,7 @@ from smp_ros.data.align import Episode, align_episode
 from smp_ros.data.bag_reader import find_bags, read_bag
 from smp_ros.data.errors import CacheMismatchError, DataError
 
-CACHE_FORMAT = 2  # 2: every value validated finite at ingest; "notes" and per-episode seconds in the index
+CACHE_FORMAT = 2  # 2: every joint value validated finite at ingest; "notes" (e.g. image framing) in the index
 INDEX = "index.json"
 # on_bad_episode decides what happens to bad bags, not what a good episode looks like.
 _NOT_INGEST_KEYS = ("on_bad_episode",)
