@@ -153,10 +153,14 @@ def _image_cdr(i: int) -> bytes:
     return TYPESTORE.serialize_cdr(msg, "sensor_msgs/msg/Image")
 
 
-def test_repair_rebuilds_an_mcap_without_footer_and_metadata(tmp_path):
+@pytest.mark.parametrize("chunk_compression", [False, True])
+def test_repair_rebuilds_an_mcap_without_footer_and_metadata(tmp_path, chunk_compression):
     """What a killed `ros2 bag record` leaves: chunks on disk, no summary, no footer, no metadata.yaml."""
+    from rosbags.rosbag2.enums import CompressionFormat, CompressionMode
     bag = tmp_path / "killed"
     writer = Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    if chunk_compression:  # zstd-compressed chunks, as `ros2 bag record --storage-preset-profile zstd_fast`
+        writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
     writer.open()
     conn = writer.add_connection("/cameras/cam_high/image_raw", "sensor_msgs/msg/Image", typestore=TYPESTORE)
     for i in range(400):  # ~1.2 MB: rosbags writes its first 1 MiB chunk to the file, keeps the rest in memory
