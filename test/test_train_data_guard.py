@@ -133,3 +133,26 @@ def test_fail_on_skip_lists_bad_bags_and_stops(tmp_path, cfg, capsys):
                    "--no-progress", "--no-diagnostics"])
     out = capsys.readouterr().out
     assert rc == 0 and "data: 2 episode(s) used" in out and "1 bag(s) skipped" in out and "ep2" in out
+
+
+def test_non_finite_weights_with_a_finite_loss_are_not_checkpointed(tmp_path, cfg, monkeypatch):
+    bags, out = tmp_path / "bags", tmp_path / "model"
+    for i in range(2):
+        _bag(bags, i)
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *a, **kw):  # fault injection: the update of step 8 leaves an infinite weight
+        result = real(self, *a, **kw)
+        overflowing.calls += 1
+        if overflowing.calls == 8:  # after the loss of step 8 was computed (finite)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+    overflowing.calls = 0
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    with pytest.raises(TrainError, match=r"non-finite weights after step 8 \(.*\); training stopped"):
+        train(cfg, _req(bags, out, progress=False))
+    assert not out.exists()
+    state = torch.load(state_dir(out) / "state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 4

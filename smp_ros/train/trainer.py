@@ -50,7 +50,7 @@ from torch import nn
 from smp_ros.config import SMPConfig
 from smp_ros.data.cache import DatasetCache, prepare_cache
 from smp_ros.data.dataset import SegmentDataset, StepBatches, split_episodes, to_tensors
-from smp_ros.model.checkpoint import CheckpointError, load_model, save_model
+from smp_ros.model.checkpoint import CheckpointError, load_model, nonfinite_tensors, save_model
 from smp_ros.model.policy import SMPPolicy, build_policy
 
 LOSS_TERMS = ("loss", "coeff", "recon", "gate", "align")
@@ -468,6 +468,14 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         if bar is not None:
             bar.update(1)
         if done % tcfg.checkpoint_every == 0 or done == end:
+            # A finite loss does not prove finite weights (the step after it may have overflowed them).
+            broken = nonfinite_tensors(dict(policy.named_parameters())) + nonfinite_tensors(ema.model.state_dict())
+            if broken:
+                if writer is not None:
+                    writer.close()
+                raise TrainError(f"non-finite weights after step {done} ({', '.join(broken[:3])}); training "
+                                 f"stopped. The last checkpoint in {sdir} is kept and no model was written. "
+                                 "Lower train.lr or check the data")
             _checkpoint(state_path, done, identity, policy, ema, optimizer, schedule, device, ddp)
             if writer is not None and len(val_set):
                 val = validate(ema.model, val_set, tcfg.batch_size, tcfg.seed, device, done)
