@@ -29,11 +29,12 @@ _CHILD = textwrap.dedent("""
     import os, signal, sys
     from smp_ros.data.bag_writer import SplitBagWriter, TYPESTORE
     path, storage, period, dt_ns, kill_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    pad = " " * int(sys.argv[6]) if len(sys.argv) > 6 else ""
     w = SplitBagWriter(path, storage=storage, flush_period_s=period)
     h = w.add_connection("/seq", "std_msgs/msg/String")
     cls = TYPESTORE.types["std_msgs/msg/String"]
     for i in range(kill_at + 1):
-        w.write(h, {t0} + i * dt_ns, TYPESTORE.serialize_cdr(cls(data=str(i)), "std_msgs/msg/String"))
+        w.write(h, {t0} + i * dt_ns, TYPESTORE.serialize_cdr(cls(data=str(i) + pad), "std_msgs/msg/String"))
     os.kill(os.getpid(), signal.SIGKILL)
 """).format(t0=T0)
 
@@ -262,3 +263,18 @@ def test_a_killed_demonstration_recording_ingests(tmp_path):
     ep = align_episode(read_bag(bag, cfg), cfg)
     # 70 % of 4 s were written; at most one 0.5 s flush period of it is lost
     assert ep.task == "pen_cap" and 2.8 - 0.5 - 0.15 <= ep.t[-1] <= 2.8
+
+
+def test_repair_salvages_the_chunks_a_killed_split_had_written(tmp_path):
+    """A split holding more than rosbags' 1 MiB chunk has whole chunks on disk when killed; repair keeps them."""
+    period_s, dt_ns, pad = 10.0, 10_000_000, 20_000  # 20 kB messages: a chunk every ~50 messages
+    bag = tmp_path / "bag"
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(bag), "mcap", str(period_s), str(dt_ns), "180",
+                            str(pad)], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert _read_all(bag) == []  # nothing flushed yet: the first split was still open
+    report = repair_bag(bag)
+    assert any("salvaged" in a and "bag_0.recording" in a for a in report.actions), report.actions
+    got = [int(d.strip()) for _, d in _read_all(bag)]
+    assert 100 <= len(got) < 181 and got == list(range(len(got)))
+    assert verify_bag(bag) == {"/seq": len(got)}
