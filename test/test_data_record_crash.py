@@ -83,6 +83,7 @@ def test_record_killed_at_random_times_leaves_an_open_bag(tmp_path):
     os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     rng = np.random.default_rng()
+    recorders: list[subprocess.Popen] = []
     rclpy.init()
     node = rclpy.create_node("crash_test_publisher")
     pub = node.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
@@ -94,6 +95,7 @@ def test_record_killed_at_random_times_leaves_an_open_bag(tmp_path):
             rec = subprocess.Popen([sys.executable, "-m", "smp_ros.cli", "record", "--out", str(bag), "--task",
                                     "pen_cap", "--cameras", "cam_high", "--flush-period", "0.25"],
                                    env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            recorders.append(rec)
             sent = 0
 
             def publish(n):
@@ -141,6 +143,10 @@ def test_record_killed_at_random_times_leaves_an_open_bag(tmp_path):
             report = repair_bag(bag)
             assert report.message_count >= len(seqs) + len(tasks)
     finally:
+        for rec in recorders:  # a failed assertion must not leave a recorder running
+            if rec.poll() is None:
+                rec.kill()
+                rec.wait(timeout=60)
         node.destroy_node()
         rclpy.try_shutdown()
 
