@@ -287,9 +287,14 @@ class DataConfig:
     tasks: tuple[str, ...] = TASKS
     image_size: tuple[int, int] = (128, 128)  # (height, width) frames are resized to in the cache
     min_episode_steps: int = 8  # shorter episodes (in control steps) count as bad
+    # How frames of another aspect ratio than image_size are brought to it: "resize" (stretch),
+    # "center_crop" (cut to the aspect ratio, then scale) or "letterbox" (scale to fit, pad black).
+    image_fit: str = "resize"
 
     def __post_init__(self) -> None:
         w = "data"
+        _require(self.image_fit in ("resize", "center_crop", "letterbox"), f"{w}.image_fit",
+                 f"expected 'resize', 'center_crop' or 'letterbox', got {self.image_fit!r}")
         _require(self.control_rate_hz > 0, f"{w}.control_rate_hz", f"expected > 0, got {self.control_rate_hz}")
         _require(len(self.image_size) == 2 and min(self.image_size) >= 8, f"{w}.image_size",
                  f"expected (height, width) >= 8 px, got {self.image_size}")

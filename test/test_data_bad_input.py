@@ -98,7 +98,10 @@ def test_unknown_and_missing_task(tmp_path):
     w = write_bag(tmp_path / "bag", BagSpec(cameras={"cam_high": (30.0, "rgb8")}, task="juggle"))
     with pytest.raises(BagError, match=r"unknown task 'juggle'; expected one of \['pen_cap'"):
         load(w.path)
-    assert read_bag(w.path, cfg(), task="handover").task == "handover"  # a --task value wins
+    # --task never relabels a bag that names its own task, unless asked to
+    with pytest.raises(BagError, match=r"names its task 'juggle' \(on /smp/task\) but --task says 'handover'"):
+        read_bag(w.path, cfg(), task="handover")
+    assert read_bag(w.path, cfg(), task="handover", override_task=True).task == "handover"
     w2 = write_bag(tmp_path / "bag2", BagSpec(cameras={"cam_high": (30.0, "rgb8")}, task=None))
     with pytest.raises(BagError, match=r"topic /smp/task"):
         load(w2.path)
@@ -119,7 +122,7 @@ def test_partly_corrupt_bag_set_keeps_readable_episodes(tmp_path):
     assert [os.path.basename(e.bag) for e in cache.episodes] == ["good0", "good1"]
     skipped = {os.path.basename(s["bag"]): s["reason"] for s in cache.skipped}
     assert set(skipped) == {"truncated", "no_metadata", "short"}
-    assert "reindex" in skipped["no_metadata"] and "control steps" in skipped["short"]
+    assert "smp-ros bag repair" in skipped["no_metadata"] and "control steps" in skipped["short"]
     with pytest.raises(DataError, match="no_metadata: bag storage files without metadata.yaml"):
         prepare_cache(bags, cfg(on_bad_episode="error"), cache_dir=tmp_path / "c2", workers=1, progress=False)
     shutil.rmtree(bags / "good0"), shutil.rmtree(bags / "good1")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smp_ros.config import ACTION_DIM, ARMS, DataConfig
-from smp_ros.data.bag_reader import JointStream, RawEpisode, decode_image
+from smp_ros.data.bag_reader import JointStream, RawEpisode, decode_image, fit_note
 from smp_ros.data.errors import EpisodeError
 
 
@@ -101,6 +101,14 @@ def align_episode(raw: RawEpisode, cfg: DataConfig) -> Episode:
         action = np.concatenate([_interp(raw.actions[arm], grid_ns, start_ns) for arm in ARMS], axis=1)
     assert qpos.shape == (n, ACTION_DIM) and action.shape == (n, ACTION_DIM)
 
+    bad = [(name, np.argwhere(~np.isfinite(v))[0]) for name, v in (("qpos", qpos), ("action", action))
+           if not np.all(np.isfinite(v))]
+    if bad:  # read_bag refuses non-finite joints; this guards the arithmetic above (e.g. overflowing stamps)
+        name, (k, j) = bad[0]
+        raise EpisodeError(bag, f"{name}[{j}] is not finite at grid step {k}", time_s=grid_ns[k] / 1e9)
+
+    notes = list(raw.warnings)
+    seen: dict[str, tuple[int, int]] = {}
     images = {}
     for cam, stream in raw.images.items():
         stamps, order = _sorted(stream.stamps_ns)
@@ -111,11 +119,14 @@ def align_episode(raw: RawEpisode, cfg: DataConfig) -> Episode:
         for k, p in enumerate(pick):  # pick is non-decreasing, so each frame is decoded once
             src = int(order[p])
             if src != last_src:
-                last_src, last_frame = src, decode_image(stream, src, cfg.image_size, bag)
+                last_src, last_frame = src, decode_image(stream, src, cfg.image_size, bag, cfg.image_fit, seen)
             frames[k] = last_frame
         images[cam] = frames
+        note = fit_note(cam, seen[stream.topic], cfg.image_size, cfg.image_fit) if stream.topic in seen else None
+        if note:
+            notes.append(note)
 
     task_id = cfg.tasks.index(raw.task)
     return Episode(bag=bag, task=raw.task, task_id=task_id, t=(grid_ns - start_ns) / 1e9, t0_ns=start_ns,
                    qpos=qpos.astype(np.float32), action=action.astype(np.float32), images=images,
-                   warnings=list(raw.warnings))
+                   warnings=notes)

@@ -81,11 +81,13 @@ def find_bags(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str
             root = root.parent
         candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
         for d in candidates:
+            if any(parent in bags for parent in d.resolve().parents):
+                continue  # inside a bag: e.g. the split a killed recorder was writing (smp-ros bag repair)
             if (d / "metadata.yaml").is_file():
                 bags.add(d.resolve())
             elif any(f.suffix in BAG_SUFFIXES for f in d.iterdir() if f.is_file()):
-                unreadable.append((d, "bag storage files without metadata.yaml; "
-                                      "run `ros2 bag reindex` on it to recover the recording"))
+                unreadable.append((d, "bag storage files without metadata.yaml (an interrupted recording?); "
+                                      f"run `smp-ros bag repair {d}` to recover it"))
     return sorted(bags), unreadable
 
 
@@ -134,7 +136,13 @@ class _Collector:
             if position.shape[0] < len(names):
                 raise BagError(self.bag, f"{len(names)} joint names but {position.shape[0]} positions",
                                self.topic, receive_ns / 1e9)
-            self.values.append(position[index])
+            values = position[index]
+            if not np.all(np.isfinite(values)):
+                bad = [f"{names[i]}={position[i]}" for i in index if not np.isfinite(position[i])]
+                raise BagError(self.bag, f"non-finite joint position(s) {', '.join(bad)}; a bad episode "
+                               "(data.on_bad_episode decides: skip it or stop)", self.topic, _stamp_ns(msg) / 1e9
+                               if _stamp_ns(msg) > 0 else receive_ns / 1e9)
+            self.values.append(values)
         else:
             self.values.append(msg)
 
@@ -149,8 +157,13 @@ class _Collector:
         return np.asarray(self.receive_ns, dtype=np.int64), "receive"
 
 
-def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None) -> RawEpisode:
-    """Read the configured topics of one bag. ``task`` is the command-line task (task_source "cli")."""
+def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None, override_task: bool = False) -> RawEpisode:
+    """Read the configured topics of one bag.
+
+    ``task`` is the command-line task: it labels bags that do not name their own task (on the task
+    topic or in metadata.yaml, per data.topics.task_source). A bag that names another task is an
+    error, unless ``override_task`` says to relabel it.
+    """
     bag = Path(bag)
     topics = cfg.topics
     wanted: dict[str, tuple[str, str | None]] = {}  # topic -> (kind, arm or camera)
@@ -160,7 +173,7 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None) -> RawEp
             wanted[topics.action[arm]] = ("action", arm)
     for cam, topic in topics.cameras.items():
         wanted[topic] = ("image", cam)
-    task_source = "cli" if task is not None else topics.task_source
+    task_source = "cli" if task is not None and (override_task or topics.task_source == "cli") else topics.task_source
     if task_source == "topic":
         wanted[topics.task_topic] = ("task", None)
 
@@ -173,6 +186,11 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None) -> RawEp
     warn: list[str] = []
     try:
         present = {c.topic: c.msgtype for c in reader.connections}
+        if task is not None and task_source == "topic" and topics.task_topic not in present:
+            del wanted[topics.task_topic]  # the bag names no task: --task labels it
+        if not any(c.msgcount for c in reader.connections) and next(reader.messages(), None) is None:
+            raise BagError(bag, f"the bag is empty: 0 messages on its {len(present)} topic(s) "
+                           "(a recording stopped before anything arrived?)")
         missing = [t for t in wanted if t not in present]
         if missing:
             raise BagError(bag, f"topic(s) {missing} not in the bag; it has {sorted(present)}. "
@@ -209,15 +227,17 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None) -> RawEp
             raise BagError(bag, "data.topics.task_source is 'cli' but no task was given (--task NAME)")
         task_name = task
     elif task_source == "topic":
-        if not task_names:
-            raise BagError(bag, "no task message; expected one std_msgs/String with the task name", topics.task_topic)
-        task_name = task_names[0]
+        if not task_names and task is None:
+            raise BagError(bag, "no task message; expected one std_msgs/String with the task name "
+                           "(or give --task NAME)", topics.task_topic)
+        task_name = _resolve_task(bag, task_names[0] if task_names else None, task, f"on {topics.task_topic}")
     else:
         custom = _custom_data(bag)
-        if topics.task_metadata_key not in custom:
+        if topics.task_metadata_key not in custom and task is None:
             raise BagError(bag, f"metadata.yaml custom_data has no {topics.task_metadata_key!r} key "
                            f"(has {sorted(custom)}); record with --custom-data or use --task")
-        task_name = custom[topics.task_metadata_key]
+        task_name = _resolve_task(bag, custom.get(topics.task_metadata_key), task,
+                                  f"in metadata.yaml custom_data {topics.task_metadata_key!r}")
     if task_name not in cfg.tasks:
         raise BagError(bag, f"unknown task {task_name!r}; expected one of {list(cfg.tasks)}")
 
@@ -240,6 +260,16 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None) -> RawEp
     return RawEpisode(bag, task_name, joints, actions, images, warn)
 
 
+def _resolve_task(bag: Path, own: str | None, given: str | None, where: str) -> str:
+    """The bag's own task, or ``given`` (--task) when it names none; a disagreement is an error."""
+    if own is None:
+        return str(given)
+    if given is not None and given != own:
+        raise BagError(bag, f"the bag names its task {own!r} ({where}) but --task says {given!r}; "
+                       "remove --task, or pass --override-task to relabel every bag as --task")
+    return own
+
+
 def _custom_data(bag: Path) -> dict[str, str]:
     """custom_data of metadata.yaml (rosbag2 format >= 6; absent in older recordings)."""
     try:
@@ -249,8 +279,58 @@ def _custom_data(bag: Path) -> dict[str, str]:
         raise BagError(bag, f"metadata.yaml unreadable ({exc})") from None
 
 
-def decode_image(stream: ImageStream, i: int, size: tuple[int, int], bag: object = "") -> np.ndarray:
-    """Frame ``i`` of a stream as an RGB uint8 array resized to ``size`` = (height, width)."""
+IMAGE_FITS = ("resize", "center_crop", "letterbox")
+
+
+def fit_image(rgb: np.ndarray, size: tuple[int, int], fit: str = "resize") -> np.ndarray:
+    """An (H, W, 3) frame brought to ``size`` = (height, width).
+
+    resize: stretch to the size (the aspect ratio changes when it differs); center_crop: cut the
+    largest centred region of the target aspect ratio, then scale; letterbox: scale the whole frame
+    to fit inside and pad the rest with black."""
+    out_h, out_w = size
+    h, w = rgb.shape[:2]
+    if (h, w) == (out_h, out_w):
+        return np.ascontiguousarray(rgb)
+    if fit == "center_crop":
+        # Keep the largest centred window whose aspect ratio is out_w / out_h.
+        if w * out_h > h * out_w:
+            cw = max(1, round(h * out_w / out_h))
+            x0 = (w - cw) // 2
+            rgb = rgb[:, x0 : x0 + cw]
+        else:
+            ch = max(1, round(w * out_h / out_w))
+            y0 = (h - ch) // 2
+            rgb = rgb[y0 : y0 + ch]
+    elif fit == "letterbox":
+        scale = min(out_h / h, out_w / w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        inner = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((out_h, out_w, 3), np.uint8)
+        y0, x0 = (out_h - nh) // 2, (out_w - nw) // 2
+        canvas[y0 : y0 + nh, x0 : x0 + nw] = inner
+        return canvas
+    elif fit != "resize":
+        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
+    # INTER_AREA averages when shrinking, which avoids aliasing on downsampled camera frames.
+    return cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+
+def fit_note(camera: str, source_hw: tuple[int, int], size: tuple[int, int], fit: str) -> str | None:
+    """A one-line report when a camera's frames have another aspect ratio than ``size``; else None."""
+    (h, w), (out_h, out_w) = source_hw, size
+    if abs(w * out_h - h * out_w) <= 0.01 * h * out_w:
+        return None
+    what = {"resize": "stretched to fit (the aspect ratio changes)", "center_crop": "centre-cropped to the target "
+            "aspect ratio, then scaled", "letterbox": "scaled to fit and padded with black bars"}[fit]
+    return (f"camera {camera}: frames are {w}x{h} (aspect {w / h:.3g}), data.image_size is {out_w}x{out_h} "
+            f"(aspect {out_w / out_h:.3g}): {what} (data.image_fit = {fit!r}; resize, center_crop or letterbox)")
+
+
+def decode_image(stream: ImageStream, i: int, size: tuple[int, int], bag: object = "", fit: str = "resize",
+                 seen: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
+    """Frame ``i`` of a stream as an RGB uint8 array brought to ``size`` = (height, width) by ``fit``
+    (see ``fit_image``). ``seen``, when given, records the stream's source (height, width)."""
     msg = stream.frames[i]
     t = stream.stamps_ns[i] / 1e9
     if stream.msgtype == COMPRESSED_TYPE:
@@ -270,9 +350,12 @@ def decode_image(stream: ImageStream, i: int, size: tuple[int, int], bag: object
                            f"{sorted(RAW_ENCODINGS)} or a jpeg/png CompressedImage", stream.topic, t)
         h, w, step = int(msg.height), int(msg.width), int(msg.step)
         data = np.asarray(msg.data, dtype=np.uint8)
-        if step < w * channels or data.size < h * step:
-            raise BagError(bag, f"{enc} image {w}x{h} with step {step} needs >= {h * max(step, w * channels)} "
-                           f"bytes, has {data.size}", stream.topic, t)
+        if step < w * channels:
+            raise BagError(bag, f"{enc} image {w}x{h}: step {step} bytes per row is less than width x channels "
+                           f"= {w * channels}", stream.topic, t)
+        if data.size < h * step:
+            raise BagError(bag, f"{enc} image {w}x{h} with step {step} needs {h} x {step} = {h * step} bytes, "
+                           f"has {data.size}", stream.topic, t)
         # Rows may be padded past width * channels: view (h, step), then keep each row's pixels.
         pixels = data[: h * step].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
         if enc == "rgb8":
@@ -285,8 +368,6 @@ def decode_image(stream: ImageStream, i: int, size: tuple[int, int], bag: object
             rgb = pixels[..., :3]
         else:  # bgra8
             rgb = pixels[..., 2::-1]
-    out_h, out_w = size
-    if rgb.shape[:2] != (out_h, out_w):
-        # INTER_AREA averages when shrinking, which avoids aliasing on downsampled camera frames.
-        rgb = cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(rgb)
+    if seen is not None:
+        seen.setdefault(stream.topic, tuple(rgb.shape[:2]))
+    return fit_image(rgb, size, fit)

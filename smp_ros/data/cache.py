@@ -37,18 +37,20 @@ from smp_ros.data.align import Episode, align_episode
 from smp_ros.data.bag_reader import find_bags, read_bag
 from smp_ros.data.errors import CacheMismatchError, DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: every joint value validated finite at ingest; "notes" (e.g. image framing) in the index
 INDEX = "index.json"
 # on_bad_episode decides what happens to bad bags, not what a good episode looks like.
 _NOT_INGEST_KEYS = ("on_bad_episode",)
 
 
-def ingest_config(cfg: DataConfig, task: str | None) -> dict:
+def ingest_config(cfg: DataConfig, task: str | None, override_task: bool = False) -> dict:
     """The part of the config that determines cache contents (compared on reuse)."""
     plain = SMPConfig(data=cfg).to_dict()["data"]
     for key in _NOT_INGEST_KEYS:
         plain.pop(key)
     plain["task_override"] = task
+    if override_task:  # only present when set, so caches built without it still match
+        plain["task_override_forced"] = True
     return plain
 
 
@@ -109,6 +111,32 @@ class DatasetCache:
     def num_steps(self) -> int:
         return int(self.index["num_steps"])
 
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the bags (paths, sizes, modification times) and the ingest config it was built from."""
+        blob = json.dumps([self.index.get("fingerprint", {}).get("digest"), self.index.get("ingest_config")],
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def summary(self) -> dict:
+        """Episodes used, skipped (with reasons), data time covered, notes: what every run reports."""
+        rate = float(self.index["control_rate_hz"])
+        return {"cache": str(self.root), "episodes": len(self.episodes), "control_steps": self.num_steps,
+                "seconds": round(self.num_steps / rate, 3), "tasks": sorted({e.task for e in self.episodes}),
+                "skipped": [dict(s) for s in self.skipped], "notes": list(self.index.get("notes", []))}
+
+    def summary_text(self) -> str:
+        s = self.summary()
+        lines = [f"data: {s['episodes']} episode(s) used, {s['seconds']:.1f} s of demonstrations "
+                 f"({s['control_steps']} control steps; tasks {', '.join(s['tasks'])}) from {s['cache']}"]
+        if s["skipped"]:
+            lines.append(f"data: {len(s['skipped'])} bag(s) skipped:")
+            lines += [f"  - {k['reason']}" for k in s["skipped"]]
+        else:
+            lines.append("data: 0 bags skipped")
+        lines += [f"data: note: {n}" for n in s["notes"]]
+        return "\n".join(lines)
+
     @classmethod
     def open(cls, root: str | Path, expect: DataConfig | None = None, task: str | None = None) -> "DatasetCache":
         """Open a cache; with ``expect``, refuse one whose ingest config differs in anything but the
@@ -135,18 +163,19 @@ class DatasetCache:
         return cls(root, index)
 
 
-def _load(job: tuple[str, dict, str | None]) -> tuple[str, Episode | None, str | None]:
-    bag, cfg_plain, task = job
+def _load(job: tuple[str, dict, str | None, bool]) -> tuple[str, Episode | None, str | None]:
+    bag, cfg_plain, task, override_task = job
     cfg = SMPConfig.from_dict({"data": cfg_plain}).data
     try:
-        return bag, align_episode(read_bag(bag, cfg, task), cfg), None
+        return bag, align_episode(read_bag(bag, cfg, task, override_task), cfg), None
     except DataError as exc:
         return bag, None, str(exc)
 
 
-def _episodes(bags: list[Path], cfg: DataConfig, task: str | None, workers: int) -> Iterator[tuple]:
+def _episodes(bags: list[Path], cfg: DataConfig, task: str | None, workers: int,
+              override_task: bool = False) -> Iterator[tuple]:
     plain = SMPConfig(data=cfg).to_dict()["data"]
-    jobs = [(str(b), plain, task) for b in bags]
+    jobs = [(str(b), plain, task, override_task) for b in bags]
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_load, jobs)
         return
@@ -179,16 +208,20 @@ class _Stats:
             var = np.maximum(self.sq[k] / self.n - mean * mean, 0.0)
             out[k] = {"min": self.min[k].tolist(), "max": self.max[k].tolist(), "mean": mean.tolist(),
                       "std": np.sqrt(var).tolist()}
+            for name, v in out[k].items():
+                if not np.all(np.isfinite(v)):  # episodes are validated; this would be a bug, not bad data
+                    raise DataError(f"normalizer statistics {k}.{name} are not finite: {v}")
         return out
 
 
 def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None = None,
            unreadable: list[tuple[Path, str]] = (), workers: int | None = None,
-           progress: bool = True) -> DatasetCache:
+           progress: bool = True, override_task: bool = False) -> DatasetCache:
     """Decode and align every bag into a new cache at ``root`` (replacing an old one).
 
     Bad bags are skipped with a warning (``cfg.on_bad_episode == "skip"``) and listed in
     ``index["skipped"]``, or raise (``"error"``). ``unreadable`` lists bags found without metadata.
+    Whatever ends the ingest early leaves no ``<root>.partial`` behind and the old cache untouched.
     """
     root = Path(root)
     if root.exists() and any(root.iterdir()) and not (root / INDEX).is_file():
@@ -197,17 +230,26 @@ def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _ingest_into(tmp, bags, cfg, root, task, unreadable, workers, progress, override_task)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after success too: it was renamed to root
+
+
+def _ingest_into(tmp: Path, bags: list[Path], cfg: DataConfig, root: Path, task: str | None,
+                 unreadable, workers: int, progress: bool, override_task: bool) -> DatasetCache:
     cameras = tuple(cfg.topics.cameras)
     skipped = []
     for bag, reason in unreadable:
-        _bad(cfg, str(bag), reason if str(bag) in reason else f"{bag}: {reason}", skipped)
+        _bad(cfg, str(bag), reason if reason.startswith(str(bag)) else f"{bag}: {reason}", skipped)
     stats = _Stats()
     episodes: list[dict] = []
+    notes: list[str] = []  # once each: e.g. one aspect-ratio report per camera, not one per bag
     start = 0
     files = {"qpos": open(tmp / "qpos.f32", "wb"), "action": open(tmp / "action.f32", "wb")}
     files.update({c: open(tmp / f"images_{c}.u8", "wb") for c in cameras})
     try:
-        stream = _episodes(bags, cfg, task, workers)
+        stream = _episodes(bags, cfg, task, workers, override_task)
         if progress:
             from tqdm import tqdm
             stream = tqdm(stream, total=len(bags), desc="ingest", unit="bag")
@@ -222,15 +264,20 @@ def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None
             stats.add(ep)
             episodes.append({"bag": bag, "task": ep.task, "task_id": ep.task_id, "start": start,
                              "length": len(ep), "t0_ns": ep.t0_ns})
+            for note in ep.warnings:
+                if note not in notes:
+                    notes.append(note)
+                    if progress:
+                        print(f"ingest: {note}")
             start += len(ep)
     finally:
         for f in files.values():
             f.close()
     if not episodes:
-        shutil.rmtree(tmp, ignore_errors=True)
         reasons = "; ".join(s["reason"] for s in skipped[:5]) or "no bags found"
         raise DataError(f"no usable episodes in {len(bags)} bag(s) ({len(skipped)} skipped): {reasons}")
-    index = {"format": CACHE_FORMAT, "ingest_config": ingest_config(cfg, task), "fingerprint": bag_fingerprint(bags),
+    index = {"format": CACHE_FORMAT, "ingest_config": ingest_config(cfg, task, override_task),
+             "fingerprint": bag_fingerprint(bags), "notes": notes,
              "cameras": list(cameras), "image_size": list(cfg.image_size), "control_rate_hz": cfg.control_rate_hz,
              "tasks": list(cfg.tasks), "num_steps": start, "episodes": episodes, "stats": stats.result(),
              "skipped": skipped}
@@ -243,7 +290,7 @@ def ingest(bags: list[Path], cfg: DataConfig, root: str | Path, task: str | None
 def _bad(cfg: DataConfig, bag: str, reason: str, skipped: list[dict]) -> None:
     if cfg.on_bad_episode == "error":
         raise DataError(reason)
-    warnings.warn(f"skipping episode: {reason}", stacklevel=3)
+    warnings.warn(f"skipping episode: {reason}", stacklevel=4)
     skipped.append({"bag": bag, "reason": reason})
 
 
@@ -252,7 +299,8 @@ def is_cache(path: str | Path) -> bool:
 
 
 def prepare_cache(data: list[str | Path] | str | Path, cfg: DataConfig, cache_dir: str | Path | None = None,
-                  task: str | None = None, workers: int | None = None, progress: bool = True) -> DatasetCache:
+                  task: str | None = None, workers: int | None = None, progress: bool = True,
+                  override_task: bool = False) -> DatasetCache:
     """A cache for ``data``: an existing cache directory, or bags (ingested only when needed).
 
     Bags are cached in ``cache_dir`` (default ``.smp_cache`` in the first data folder, or beside it
@@ -273,7 +321,12 @@ def prepare_cache(data: list[str | Path] | str | Path, cfg: DataConfig, cache_di
         root = (first.parent if (first / "metadata.yaml").is_file() else first) / ".smp_cache"
     if (root / INDEX).is_file():
         index = json.loads((root / INDEX).read_text())
-        if (index.get("format") == CACHE_FORMAT and index.get("ingest_config") == ingest_config(cfg, task)
+        if (index.get("format") == CACHE_FORMAT
+                and index.get("ingest_config") == ingest_config(cfg, task, override_task)
                 and index.get("fingerprint", {}).get("digest") == bag_fingerprint(bags)["digest"]):
+            if cfg.on_bad_episode == "error" and index.get("skipped"):
+                # Built in skip mode: strict mode must not quietly train on what it would have refused.
+                raise DataError(index["skipped"][0]["reason"])
             return DatasetCache(root, index)
-    return ingest(bags, cfg, root, task=task, unreadable=unreadable, workers=workers, progress=progress)
+    return ingest(bags, cfg, root, task=task, unreadable=unreadable, workers=workers, progress=progress,
+                  override_task=override_task)

@@ -9,8 +9,9 @@ Weights without the SMP policy's ``z_scale`` buffer come from a model trained be
 the experts diffused z itself: they load with z_scale = 1 (what they were trained with), with a warning
 that such a model samples badly and should be retrained (policy.py, "Scale of the diffusion variable").
 
-``load_model`` verifies presence, size, sha256 and tensor shapes before it builds anything, and names the
-file and the mismatch when it refuses. Runtime settings may be overridden at load (RUNTIME_OVERRIDES and
+``load_model`` verifies presence, size, sha256, tensor shapes and that every weight and normalizer value
+is finite before it builds anything, and names the file and the mismatch when it refuses; ``save_model``
+never writes a model with a non-finite weight (a diverged training run must not leave a loadable model). Runtime settings may be overridden at load (RUNTIME_OVERRIDES and
 everything outside ``model``); shape settings may not.
 """
 
@@ -52,8 +53,12 @@ def save_model(policy: SMPPolicy | DensePolicy, cfg: SMPConfig | ModelConfig, di
     if not policy.normalizer.fitted:
         raise CheckpointError("save_model: the policy's normalizer is not fitted (call set_normalizer first)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"save_model {directory}: {len(bad)} tensor(s) hold NaN or infinite values "
+                              f"({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); refusing to write the model")
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
     root.to_yaml(directory / CONFIG)
     (directory / NORMALIZER).write_text(json.dumps(policy.normalizer.stats(), indent=1))
@@ -127,6 +132,11 @@ def load_model(directory: str | Path, overrides: Mapping[str, Any] | None = None
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{directory / WEIGHTS}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"{directory / CONFIG} implies {tuple(expected[key].shape)}")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{directory / WEIGHTS}: {len(bad)} tensor(s) hold NaN or infinite values "
+                              f"({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); the model is unusable "
+                              "(a diverged training run?): retrain it")
     policy.load_state_dict(state)
     try:
         policy.set_normalizer(json.loads((directory / NORMALIZER).read_text()))
@@ -153,6 +163,11 @@ def apply_overrides(cfg: SMPConfig, overrides: Mapping[str, Any], where: str = "
             raise ConfigError(f"{where}: unknown key {key!r}")
         node[parts[-1]] = value
     return SMPConfig.from_dict(data, where=where)
+
+
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _sha256(path: Path) -> str:

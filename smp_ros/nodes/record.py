@@ -1,7 +1,9 @@
 """``smp-ros record``: record the demonstration topics to a rosbag2 bag (MCAP) without a ROS install.
 
 Subscribes with live rclpy subscriptions that deliver the serialized CDR bytes (no deserialization)
-and writes them with rosbags, stamped with their receive time, as ``ros2 bag record`` does. The
+and writes them with rosbags, stamped with their receive time, as ``ros2 bag record`` does. The bag
+is crash-safe: split files are closed every ``--flush-period`` seconds (data/bag_writer.py), so a
+killed recorder leaves a bag that opens and misses at most that much. The
 topics are the demonstration-bag contract of docs/ARCHITECTURE.md; ``--task`` also publishes the
 task on ``/smp/task`` (latched) so the bag says what was demonstrated. On a ROS install,
 ``ros2 launch smp_ros record.launch.py`` does the same with ``ros2 bag record -s mcap``.
@@ -14,6 +16,7 @@ import threading
 from pathlib import Path
 
 from smp_ros.config import ARMS, CAMERAS, TASKS
+from smp_ros.data.bag_writer import DEFAULT_FLUSH_PERIOD_S
 
 TASK_TOPIC = "/smp/task"
 
@@ -34,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), help="cameras to record")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
+    parser.add_argument("--flush-period", type=float, default=DEFAULT_FLUSH_PERIOD_S, metavar="SECONDS",
+                        help="close the bag's current split file this often: a crash loses at most this much "
+                             f"(default {DEFAULT_FLUSH_PERIOD_S:g} s)")
+    parser.add_argument("--fsync", action="store_true",
+                        help="also force each closed split to the disk (survives power loss; adds latency)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,13 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from smp_ros.nodes.recorder_node import RecorderNode
 
     out = Path(args.out)
+    if not args.flush_period > 0:
+        raise SystemExit(f"smp-ros record: --flush-period must be > 0 s, got {args.flush_period}")
     if out.exists():
         raise SystemExit(f"smp-ros record: --out {out} exists already; rosbag2 bags are never overwritten")
     rclpy.init()
     node = None
     executor = SingleThreadedExecutor()  # one thread: the bag writer is not thread-safe
     try:
-        node = RecorderNode(out, demonstration_topics(tuple(args.cameras)), storage=args.storage, task=args.task)
+        node = RecorderNode(out, demonstration_topics(tuple(args.cameras)), storage=args.storage, task=args.task,
+                            flush_period_s=args.flush_period, fsync=args.fsync)
         executor.add_node(node)
         if args.duration > 0:
             threading.Timer(args.duration, executor.shutdown).start()

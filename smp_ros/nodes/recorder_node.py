@@ -1,14 +1,19 @@
-"""A node that writes serialized messages of given topics to a rosbag2 bag with rosbags."""
+"""A node that writes serialized messages of given topics to a crash-safe rosbag2 bag.
+
+The bag is written by ``data.bag_writer.SplitBagWriter``: every ``flush_period_s`` of receive time
+the file being written is closed and listed in ``metadata.yaml``, so a recorder killed at any moment
+leaves a bag that opens, missing at most the last period.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rclpy.node import Node
-from rosbags.rosbag2 import Writer
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
+from smp_ros.data import bag_writer
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
 from smp_ros.sim import recorder as bagfmt
 
@@ -26,33 +31,42 @@ def _qos_for(topic: str):
 
 class RecorderNode(Node):
     def __init__(self, out: Path, topics: dict[str, str], *, storage: str = "mcap", task: str | None = None,
-                 **kwargs) -> None:
+                 flush_period_s: float = bag_writer.DEFAULT_FLUSH_PERIOD_S, fsync: bool = False, **kwargs) -> None:
         super().__init__("recorder", **kwargs)
         unknown = sorted(t for t, kind in topics.items() if kind not in _TYPES)
         if unknown:
             raise ValueError(f"record: no message type known for {unknown}; expected types {sorted(_TYPES)}")
-        self.writer = Writer(out, version=bagfmt.BAG_VERSION, storage_plugin=bagfmt.STORAGES[storage])
-        self.writer.open()
-        self.counts = {topic: 0 for topic in topics}
+        # The task also goes into metadata.yaml (data.topics.task_source: metadata reads it there).
+        self.writer = bag_writer.SplitBagWriter(out, storage=storage, flush_period_s=flush_period_s, fsync=fsync,
+                                                custom_data={"smp_task": task} if task is not None else None)
         for topic, kind in topics.items():
             rclpy_qos, stored_qos = _qos_for(topic)
-            conn = self.writer.add_connection(topic, kind, typestore=bagfmt.TYPESTORE,
-                                              offered_qos_profiles=[stored_qos])
-            self.create_subscription(_TYPES[kind], topic, lambda data, c=conn, t=topic: self._write(c, t, data),
+            handle = self.writer.add_connection(topic, kind, [stored_qos])
+            self.create_subscription(_TYPES[kind], topic, lambda data, h=handle: self._write(h, data),
                                      rclpy_qos, raw=True)
+        # A quiet topic must not hold data back: check the split's age a few times per period.
+        self.create_timer(flush_period_s / 4, self._poll)
         if task is not None:
             self.task_pub = self.create_publisher(String, "/smp/task", LATCHED_QOS)
             self.task_pub.publish(String(data=task))
-        self.get_logger().info(f"recording {len(topics)} topics to {out}")
+        self.get_logger().info(f"recording {len(topics)} topics to {out} (flushed every {flush_period_s:g} s)")
 
-    def _write(self, conn, topic: str, data: bytes) -> None:
+    @property
+    def counts(self) -> dict[str, int]:
+        return self._final_counts if self.writer is None else self.writer.counts
+
+    def _write(self, handle: int, data: bytes) -> None:
         if self.writer is None:
             return
-        self.writer.write(conn, self.get_clock().now().nanoseconds, bytes(data))
-        self.counts[topic] += 1
+        self.writer.write(handle, self.get_clock().now().nanoseconds, bytes(data))
+
+    def _poll(self) -> None:
+        if self.writer is not None:
+            self.writer.poll(self.get_clock().now().nanoseconds)
 
     def close(self) -> dict[str, int]:
         if self.writer is not None:
             self.writer.close()
+            self._final_counts = self.writer.counts
             self.writer = None
         return dict(self.counts)

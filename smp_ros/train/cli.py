@@ -5,7 +5,8 @@
                   [--task NAME]
 
 Data parallel: ``torchrun --nproc-per-node N -m smp_ros.cli train ...`` (see smp_ros/train/trainer.py).
-Rerunning the same command resumes from MODEL_DIR.train/state.pt.
+Rerunning the same command resumes from MODEL_DIR.train/state.pt when the data is unchanged; new or
+changed bags start a new run (or, with --on-data-change finetune, fine-tune the model in MODEL_DIR).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --init: adapt all weights (few-shot, Table 3) or only the router/gates (Table 4)")
     parser.add_argument("--config", type=Path, default=None, help="YAML overlay on the preset (any subset of the tree)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--task", default=None, help="task name of every bag (instead of the bag's task topic)")
+    parser.add_argument("--task", default=None,
+                        help="task name of bags that name none; a bag naming another task is an error")
+    parser.add_argument("--override-task", action="store_true",
+                        help="with --task: relabel every bag as --task, even bags that name their own task")
+    parser.add_argument("--on-data-change", choices=("restart", "finetune"), default="restart",
+                        help="when the bags under --data changed since the training state in OUT.train was made: "
+                             "start a new run (default) or fine-tune the model in OUT on the new data")
+    parser.add_argument("--fail-on-skip", action="store_true",
+                        help="in skip mode (data.on_bad_episode: skip), list every bad bag and then stop with "
+                             "exit status 2 instead of training on the rest")
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         if args.task is not None and args.task not in cfg.data.tasks:
             raise ConfigError(f"--task: unknown task {args.task!r}; expected one of {list(cfg.data.tasks)}")
         req = TrainRequest(data=[str(p) for p in args.data], out=args.out, init=args.init, finetune=args.finetune,
-                           device=args.device, task=args.task, cache_dir=args.cache,
+                           device=args.device, task=args.task, override_task=args.override_task,
+                           on_data_change=args.on_data_change, fail_on_skip=args.fail_on_skip, cache_dir=args.cache,
                            progress=not args.no_progress, diagnostics=not args.no_diagnostics)
         result = train(cfg, req)
     except (ConfigError, DataError, TrainError, CheckpointError) as exc:
@@ -58,5 +69,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.summary:
         final = result.summary.get("final_train") or {}
-        print(f"wrote {result.out} (step {result.steps}, loss {final.get('loss', float('nan')):.4g})")
+        if result.already_done:
+            print(f"{result.out}: unchanged (already trained to step {result.steps} on this data)")
+        else:
+            loss = final.get("loss")
+            print(f"wrote {result.out} (step {result.steps}" + (f", loss {loss:.4g})" if loss is not None else ")"))
+        data = result.summary.get("data") or {}
+        skipped = data.get("skipped_bags") or []
+        print(f"data: {data.get('episodes')} episode(s) used ({data.get('seconds', '?')} s of demonstrations), "
+              f"{len(skipped) if skipped else data.get('skipped', 0)} bag(s) skipped"
+              + "".join(f"\n  - {k['reason']}" for k in skipped))
     return 0

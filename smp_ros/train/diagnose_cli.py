@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default MODEL.train/diagnostics)")
     parser.add_argument("--episodes", choices=("all", "val"), default="all",
                         help="every episode, or the validation split of the model's training config")
-    parser.add_argument("--task", default=None, help="task name of every bag (instead of the bag's task topic)")
+    parser.add_argument("--task", default=None,
+                        help="task name of bags that name none; a bag naming another task is an error")
+    parser.add_argument("--override-task", action="store_true",
+                        help="with --task: relabel every bag as --task, even bags that name their own task")
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--tau-m", type=float, default=None, help="coverage threshold (default: the model's)")
@@ -39,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         policy, cfg = load_model(args.model, overrides=overrides, map_location=args.device)
         if not isinstance(policy, SMPPolicy):
             raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
-        cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task)
+        cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task,
+                              override_task=args.override_task)
+        print(cache.summary_text())
         episodes = list(range(len(cache.episodes)))
         if args.episodes == "val":
             episodes = split_episodes(cache, cfg.train.val_fraction, cfg.train.seed)[1] or episodes

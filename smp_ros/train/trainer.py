@@ -14,7 +14,13 @@ Output layout for ``out = models/foo``::
                            losses), tb/ (TensorBoard), diagnostics/ (gate traces, flip-rate,
                            segment lengths; PNG + JSON)
 
-Running the same command again resumes from ``state.pt`` (e.g. after the process was killed).
+Running the same command again resumes from ``state.pt`` (e.g. after the process was killed), if the
+data is the same: the resume check includes the dataset fingerprint (bag paths, sizes, modification
+times and the ingest config). New or changed bags under ``--data`` with the same ``--out`` start a new
+run, announced, with the old training state moved aside (``on_data_change = "restart"``), or fine-tune
+the model already in ``--out`` on the new data (``"finetune"``). A finished run on unchanged data is
+reported as such and left alone. A non-finite loss stops training with an error before anything with
+non-finite weights is checkpointed or saved.
 Data parallel: ``torchrun --nproc-per-node N -m smp_ros.cli train ...`` (NCCL on CUDA, gloo on the
 CPU); several machines: the same command on each with ``--nnodes M --node-rank R
 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` and the data and ``--out`` on a shared file system.
@@ -30,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +50,7 @@ from torch import nn
 from smp_ros.config import SMPConfig
 from smp_ros.data.cache import DatasetCache, prepare_cache
 from smp_ros.data.dataset import SegmentDataset, StepBatches, split_episodes, to_tensors
-from smp_ros.model.checkpoint import load_model, save_model
+from smp_ros.model.checkpoint import CheckpointError, load_model, nonfinite_tensors, save_model
 from smp_ros.model.policy import SMPPolicy, build_policy
 
 LOSS_TERMS = ("loss", "coeff", "recon", "gate", "align")
@@ -67,7 +74,10 @@ class TrainRequest:
     init: Path | None = None  # a model directory to start from
     finetune: str | None = None  # None | "full" | "router"
     device: str = "auto"
-    task: str | None = None  # task name for every bag (overrides the bag's task topic)
+    task: str | None = None  # task name of bags that name none (a bag naming another task is an error)
+    override_task: bool = False  # with task: relabel every bag as task, even ones naming their own
+    on_data_change: str = "restart"  # "restart" | "finetune": what a changed dataset does to an existing state
+    fail_on_skip: bool = False  # stop (after listing them) when data.on_bad_episode = skip skipped any bag
     cache_dir: Path | None = None
     ingest_workers: int | None = None  # processes decoding bags (default: up to 2)
     progress: bool = True
@@ -203,10 +213,20 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    already_done: bool = False  # a finished run on unchanged data: nothing was trained or written
+
+
+def _say(req: TrainRequest, ddp: "_Dist", text: str) -> None:
+    if ddp.main and req.progress:
+        print(text, flush=True)
 
 
 def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     """Train (or resume, or fine-tune) and write the model directory; see the module docstring."""
+    if req.on_data_change not in ("restart", "finetune"):
+        raise TrainError(f"on_data_change: expected restart or finetune, got {req.on_data_change!r}")
+    if req.override_task and req.task is None:
+        raise TrainError("--override-task needs --task NAME (the task to label every bag with)")
     if req.finetune is not None and req.init is None:
         raise TrainError(f"--finetune {req.finetune} needs --init MODEL_DIR (the model to adapt)")
     if req.finetune not in (None, "full", "router"):
@@ -230,13 +250,64 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     cache: DatasetCache | None = None
     if ddp.main:
         cache = prepare_cache(req.data, data_cfg, cache_dir=req.cache_dir, task=req.task,
-                              workers=req.ingest_workers, progress=req.progress)
+                              workers=req.ingest_workers, progress=req.progress, override_task=req.override_task)
+        _say(req, ddp, cache.summary_text())
+        if req.fail_on_skip and cache.skipped:
+            raise TrainError(f"{len(cache.skipped)} bag(s) were skipped (listed above; first: "
+                             f"{cache.skipped[0]['reason']}); --fail-on-skip stops here. Fix or remove them")
     if ddp.world > 1:
         root = [str(cache.root) if cache else None]
         dist.broadcast_object_list(root, src=0)
         if not ddp.main:
             cache = DatasetCache.open(root[0])
     assert cache is not None
+    for key, part in cache.stats.items():
+        if isinstance(part, dict) and not all(math.isfinite(v) for vals in part.values() for v in vals):
+            raise TrainError(f"{cache.root}: normalizer statistics {key} are not finite; the cache predates value "
+                             "validation or is damaged: delete it to re-ingest the bags")
+    out_state = sdir / STATE_FILE
+    data_changed = None
+    if out_state.is_file():
+        saved_identity = json.loads(torch.load(out_state, map_location="cpu", weights_only=True,
+                                               mmap=True)["identity"])
+        if saved_identity.get("data") != cache.fingerprint:
+            data_changed = saved_identity
+        elif (req.init is None and req.on_data_change == "finetune" and saved_identity.get("init")
+              and Path(saved_identity["init"]).parent.name.startswith(sdir.name + ".before-")):
+            # Resuming an interrupted fine-tune that an earlier data change started.
+            req = dataclasses.replace(req, init=Path(saved_identity["init"]), finetune=saved_identity["finetune"])
+            init_policy, init_cfg = load_model(req.init)
+            cfg = dataclasses.replace(cfg, model=init_cfg.model)
+    if data_changed is not None:
+        old = data_changed.get("data_summary") or {}
+        archive = sdir.with_name(f"{sdir.name}.before-{(data_changed.get('data') or 'unknown')[:8]}")
+        finetune_from = None
+        if req.on_data_change == "finetune":
+            if req.init is not None:
+                raise TrainError("--on-data-change finetune fine-tunes the model in --out; do not also give --init")
+            finetune_from = out
+        _say(req, ddp, f"NEW DATA: the dataset differs from the one the training state in {sdir} was made with "
+             f"({old.get('episodes', '?')} -> {len(cache.episodes)} episodes, {old.get('seconds', '?')} -> "
+             f"{cache.summary()['seconds']} s). " + (
+                 f"Fine-tuning the model in {out} on it (--on-data-change finetune)." if finetune_from else
+                 "Starting a new run from scratch (--on-data-change finetune would adapt the existing model "
+                 "instead).") + f" The old training state moves to {archive}.")
+        if ddp.world > 1:
+            dist.barrier()  # every rank has read the old identity before rank 0 moves it
+        if ddp.main:
+            shutil.rmtree(archive, ignore_errors=True)
+            os.replace(sdir, archive)
+        if ddp.world > 1:
+            dist.barrier()
+        if finetune_from is not None:
+            try:
+                init_policy, init_cfg = load_model(finetune_from)
+            except CheckpointError as exc:
+                raise TrainError(f"--on-data-change finetune: no usable model in {out} to fine-tune ({exc})") from None
+            cfg = dataclasses.replace(cfg, model=init_cfg.model)
+            req = dataclasses.replace(req, init=archive / "model", finetune=req.finetune or "full")
+            if ddp.main:
+                shutil.copytree(out, archive / "model")  # the starting point, kept with the state it came from
     train_eps, val_eps = split_episodes(cache, tcfg.val_fraction, tcfg.seed)
     m = cfg.model
     cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
@@ -279,7 +350,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     torch.manual_seed(tcfg.seed * 1000 + ddp.rank)
 
     identity = {"config": cfg.to_dict(), "finetune": req.finetune, "init": str(req.init) if req.init else None,
-                "world_size": ddp.world}
+                "world_size": ddp.world, "data": cache.fingerprint,
+                "data_summary": {"episodes": len(cache.episodes), "seconds": cache.summary()["seconds"]}}
     start = 0
     state_path = sdir / STATE_FILE
     if state_path.is_file():
@@ -298,8 +370,13 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         schedule.load_state_dict(state["schedule"])
         _set_rng_state(state["rng"][ddp.rank], device)
         start = int(state["step"])
-        if ddp.main and req.progress:
-            print(f"resuming from {state_path} at step {start}")
+        if start >= tcfg.steps and (out / SUMMARY_FILE).is_file():
+            _say(req, ddp, f"{out}: already trained to step {start} on this data (dataset fingerprint "
+                 f"{cache.fingerprint[:12]}); nothing to do. New or changed bags start a new run; to train again on "
+                 f"the same data, delete {sdir} or choose another --out")
+            return TrainResult(out=out, steps=start, summary=json.loads((out / SUMMARY_FILE).read_text()),
+                               already_done=True)
+        _say(req, ddp, f"resuming from {state_path} at step {start}")
 
     module: nn.Module = _LossModule(policy)
     if ddp.world > 1:
@@ -331,6 +408,10 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     history: list[dict[str, float]] = []
     # Summed on the device and read once per log step, so CUDA is not synchronised every step.
     running = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
+    # Set on the device when a loss is NaN/inf and read at log and checkpoint steps, so CUDA is not
+    # synchronised every step; nothing trained past a bad step is ever checkpointed or saved.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    first_unchecked = start
     count = 0
     t_start = time.time()
     step = start
@@ -345,8 +426,23 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         schedule.step()
         ema.update(policy, step)
         running += torch.stack([terms[k].detach().double() for k in LOSS_TERMS])
+        nonfinite |= ~torch.isfinite(terms["loss"].detach())
         count += 1
         done = step + 1
+        if done % tcfg.log_every == 0 or done % tcfg.checkpoint_every == 0 or done == end:
+            if ddp.world > 1:
+                dist.all_reduce(nonfinite_any := nonfinite.to(torch.int32), op=dist.ReduceOp.MAX)
+                bad = bool(nonfinite_any.item())
+            else:
+                bad = bool(nonfinite.item())
+            if bad:
+                if writer is not None:
+                    writer.close()
+                raise TrainError(f"non-finite loss (NaN or inf) at a step in [{first_unchecked + 1}, {done}]; "
+                                 f"training stopped. The last checkpoint in {sdir} (step {first_unchecked} or "
+                                 "earlier) is kept and no model was written. Check the data (normalizer "
+                                 "statistics in the cache's index.json) or lower train.lr")
+            first_unchecked = done
         if done % tcfg.log_every == 0 or done == end:
             avg = running / count
             if ddp.world > 1:
@@ -372,6 +468,14 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         if bar is not None:
             bar.update(1)
         if done % tcfg.checkpoint_every == 0 or done == end:
+            # A finite loss does not prove finite weights (the step after it may have overflowed them).
+            broken = nonfinite_tensors(dict(policy.named_parameters())) + nonfinite_tensors(ema.model.state_dict())
+            if broken:
+                if writer is not None:
+                    writer.close()
+                raise TrainError(f"non-finite weights after step {done} ({', '.join(broken[:3])}); training "
+                                 f"stopped. The last checkpoint in {sdir} is kept and no model was written. "
+                                 "Lower train.lr or check the data")
             _checkpoint(state_path, done, identity, policy, ema, optimizer, schedule, device, ddp)
             if writer is not None and len(val_set):
                 val = validate(ema.model, val_set, tcfg.batch_size, tcfg.seed, device, done)
@@ -394,7 +498,9 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
             "preset": cfg.preset, "final_train": history[-1] if history else None, "val": val,
             "data": {"cache": str(cache.root), "episodes": len(cache.episodes), "train_episodes": len(train_eps),
                      "val_episodes": len(val_eps), "control_steps": cache.num_steps,
-                     "skipped": len(cache.skipped), "tasks": sorted({e.task for e in cache.episodes})},
+                     "seconds": cache.summary()["seconds"], "skipped": len(cache.skipped),
+                     "skipped_bags": cache.skipped, "notes": cache.summary()["notes"],
+                     "tasks": sorted({e.task for e in cache.episodes}), "fingerprint": cache.fingerprint},
             "trainable_parameters": sum(p.numel() for p in params),
             "state_dir": str(sdir),
         }
