@@ -123,17 +123,22 @@ def joint_state_msg(names: Sequence[str], stamp: float, position: np.ndarray,
 
 
 def joint_positions(msg: JointState, names: Sequence[str], topic: str) -> np.ndarray:
-    """Positions of ``names`` (in that order) from a JointState; ValueError naming the topic and
-    what is missing or malformed. Values are not range-checked here (the safety layers do that)."""
+    """Positions of ``names`` (in that order) from a JointState; RefusedInput (a ValueError) naming
+    the topic and what is missing, malformed or non-finite. Values are not range-checked here (the
+    safety layers do that)."""
     if len(msg.position) != len(msg.name):
-        raise ValueError(f"{topic}: {len(msg.name)} names but {len(msg.position)} positions; "
+        raise RefusedInput(f"{topic}: {len(msg.name)} names but {len(msg.position)} positions; "
                          f"expected one position per name")
     index = {n: i for i, n in enumerate(msg.name)}
     missing = [n for n in names if n not in index]
     if missing:
-        raise ValueError(f"{topic}: missing joint(s) {missing}; expected names {list(names)}, "
-                         f"got {list(msg.name)}")
-    return np.array([msg.position[index[n]] for n in names], dtype=np.float64)
+        raise RefusedInput(f"{topic}: missing joint(s) {missing}; expected names {list(names)}, "
+                           f"got {list(msg.name)}")
+    q = np.array([msg.position[index[n]] for n in names], dtype=np.float64)
+    if not np.all(np.isfinite(q)):
+        bad = [n for n, v in zip(names, q) if not math.isfinite(v)]
+        raise RefusedInput(f"{topic}: non-finite position for {bad}; expected finite rad / m")
+    return q
 
 
 class GuardedNode:

@@ -2,7 +2,7 @@
 
 It exposes exactly what the real drivers and cameras do, so the policy cannot tell the
 difference: ``/left|right/joint_states``, ``joint_cmd``, ``arm_status`` and the ``enable``,
-``disable``, ``emergency_stop``, ``reset`` services (each arm is the real piper_sdk talking over a
+``disable``, ``emergency_stop``, ``reset``, ``start`` services (each arm is the real piper_sdk talking over a
 python-can virtual bus to ``smp_ros.sim.can_emulator``), and ``/cameras/<name>/image_raw`` plus
 ``camera_info``. For evaluation it adds ``/smp/task`` (latched), ``/smp/episode``
 (smp_ros/EpisodeStatus, 10 Hz) and the ``/sim/reset_episode`` service (smp_ros/ResetEpisode).
@@ -34,7 +34,7 @@ from smp_ros.msg import EpisodeStatus
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
-from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, declare, now_seconds, run, to_stamp
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
 from smp_ros.sim.can_emulator import attach, wait_until_parsed
 from smp_ros.sim.world import BimanualWorld
 from smp_ros.srv import ResetEpisode
@@ -52,13 +52,14 @@ SIM_SPECS = [
 MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops trying to catch up
 
 
-class SimNode(Node):
+class SimNode(GuardedNode, Node):
     def __init__(self, **kwargs) -> None:
         # destroy_node() also runs on a node that failed to start.
         self._thread: threading.Thread | None = None
         self.arms: dict[str, PiperArm] = {}
         self.world: BimanualWorld | None = None
         self.emulators = {}
+        self.bridges: list[ArmBridge] = []
         super().__init__("sim", **kwargs)
         p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
         self.cfg = sim_config(p, where="parameters")
@@ -117,6 +118,10 @@ class SimNode(Node):
         """The current episode's status; frozen at its final values once ``done``."""
         return self._status
 
+    def on_callback_fault(self, name: str, message: str) -> None:
+        for bridge in self.bridges:
+            bridge.hold()  # the arms keep their last safe targets
+
     def destroy_node(self) -> None:
         if self._thread is not None:
             self._stop.set()
@@ -162,8 +167,9 @@ class SimNode(Node):
                     next_status = sim_elapsed + status_period
                     self._publish_status()
         except Exception as exc:
-            self.get_logger().fatal(f"simulator thread stopped: {type(exc).__name__}: {exc}")
-            raise
+            # Without the simulator nothing moves or reports: the process must end, non-zero.
+            self.fatal_error = f"simulator thread stopped: {type(exc).__name__}: {exc}"
+            self.get_logger().fatal(self.fatal_error)
         finally:
             # Here, not in destroy_node: the renderer's OpenGL context is current in this thread only.
             self._close_world()

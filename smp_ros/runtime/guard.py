@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import threading
 import time
 import traceback
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 class RefusedInput(ValueError):
     """A message a callback refuses at the boundary (malformed, wrong size or names, non-finite).
     The guard logs its message without a traceback: the sender is at fault, not the code."""
+
+
+def cause_of(reason: str) -> str:
+    """A reason without its numbers: the same cause at another age or count is not a new state
+    (state-change logging keys on this, so a changing age never makes a log line per tick)."""
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", reason)
 
 
 SUMMARY_PERIOD_S = 10.0  # one summary line per failing callback per this many seconds
@@ -51,16 +58,22 @@ class CallbackGuard:
         self._lock = threading.Lock()
         self._faults: dict[str, Fault] = {}
 
-    def wrap(self, name: str, callback: Callable, *, service: bool = False) -> Callable:
+    def wrap(self, name: str, callback: Callable, *, service: bool = False,
+             passthrough: tuple[type[BaseException], ...] = ()) -> Callable:
         """``callback`` guarded under ``name``. Its signature is kept (rclpy inspects it to decide
         whether to pass MessageInfo or TimerInfo). A failed service call answers its response with
-        ``success = False`` and the reason, when the response has those fields."""
+        ``success = False`` and the reason, when the response has those fields. Exceptions in
+        ``passthrough`` are not contained: the caller has a remedy of its own for them."""
         @functools.wraps(callback)
         def guarded(*args, **kwargs):
             try:
                 result = callback(*args, **kwargs)
+            except passthrough:
+                raise
             except Exception as exc:
-                self.record(name, exc)
+                # A failed service call is answered and reported, but does not hold: the callback
+                # will not run again by itself, so nothing would ever clear the fault.
+                self.record(name, exc, hold=not service)
                 if service and len(args) >= 2:
                     response = args[-1]
                     if hasattr(response, "success"):
@@ -74,14 +87,14 @@ class CallbackGuard:
 
         return guarded
 
-    def record(self, name: str, exc: BaseException) -> None:
+    def record(self, name: str, exc: BaseException, *, hold: bool = True) -> None:
         message = str(exc) if isinstance(exc, RefusedInput) else f"{type(exc).__name__}: {exc}"
         now = self.clock()
         with self._lock:
             fault = self._faults.setdefault(name, Fault())
             first = not fault.active
             fault.count += 1
-            fault.active = True
+            fault.active = hold
             fault.message = message
             fault.since_log += 1
             due = first or now - fault.logged_at >= self.summary_period_s
@@ -96,7 +109,7 @@ class CallbackGuard:
             else:
                 self.log.error(f"{name}: {count} failures in the last {self.summary_period_s:g} s "
                                f"({fault.count} in all); latest: {message}")
-        if self.on_fault is not None:
+        if hold and self.on_fault is not None:
             self.on_fault(name, message)
 
     def _succeeded(self, name: str) -> None:
