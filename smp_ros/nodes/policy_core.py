@@ -97,6 +97,11 @@ class ObservationSync:
         with self._lock:
             self._history.clear()
 
+    def newest_joints(self, arm: str) -> tuple[float, np.ndarray] | None:
+        """(stamp, q (7,)) of the newest joint state received from ``arm``, or None."""
+        with self._lock:
+            return self._joints[arm][-1] if self._joints[arm] else None
+
     def stale_reason(self, now: float) -> str:
         """Why the newest observation cannot be acted on at ``now`` ('' if it can)."""
         with self._lock:
@@ -211,6 +216,7 @@ class PolicyRunner:
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
         self._safety_started = False
+        self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,6 +251,7 @@ class PolicyRunner:
             self._restart_locked()
 
     def _restart_locked(self) -> None:
+        self._generation += 1  # an inference in flight now plans for a past that no longer exists
         self.executor.reset()
         self.sync.reset()
         self._deadline_hold = ""
@@ -341,7 +348,7 @@ class PolicyRunner:
             return
         stamp, qpos, images = history
         with self._lock:
-            task = self.task
+            task, generation = self.task, self._generation
             if stamp <= self._planned_stamp:
                 return  # no newer observation since the last chunk: nothing new to plan from
             self._planned_stamp = stamp
@@ -358,8 +365,8 @@ class PolicyRunner:
             self.stats.latencies.append(latency)
             self.stats.completed.append(time.monotonic())
             self.stats.gates.append((stamp, result.gate.copy(), result.active))
-            if task != self.task:
-                return  # planned for the previous task
+            if generation != self._generation:
+                return  # planned before a restart or task change: never executed
             if latency > self.deadline:
                 self.stats.missed_deadlines += 1
                 self._deadline_hold = (f"inference missed its deadline: {latency:.3f} s > "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 
@@ -227,6 +228,11 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
     Destroyable" exceptions behind."""
     if spinner is not None:
         spinner.stop()
+    # Callbacks already handed to the thread pool must finish before the executor's guard
+    # condition is destroyed, or they fail on it and rclpy prints "exception was never retrieved".
+    deadline = time.monotonic() + 1.0
+    while any(not f.done() for f in list(getattr(executor, "_futures", []))) and time.monotonic() < deadline:
+        time.sleep(0.01)
     executor.shutdown(timeout_sec=1.0)
     for node in reversed(list(nodes)):
         node.destroy_node()
@@ -241,8 +247,7 @@ def spin_node(node: Node) -> None:
         while spinner.running():
             spinner.thread.join(0.2)
     finally:
-        spinner.stop()
-        executor.shutdown(timeout_sec=1.0)
+        shutdown_nodes(spinner, executor, [])
     if spinner.failure:
         raise RuntimeError(spinner.failure)
 
