@@ -134,6 +134,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
+        self.runner.guard.closing = self.closing
 
         self.cmd_pubs = {arm: self.create_lifecycle_publisher(JointState, f"/{arm}/joint_cmd", COMMAND_QOS)
                          for arm in ARMS}

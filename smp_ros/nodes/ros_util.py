@@ -155,9 +155,13 @@ class GuardedNode:
         guard = self.__dict__.get("_guard")
         if guard is None:  # lazily: rclpy's base classes create services before our __init__ runs
             guard = CallbackGuard(self.get_logger(), on_fault=self.on_callback_fault,
-                                  on_recover=self.on_callback_recovered)
+                                  on_recover=self.on_callback_recovered, closing=self.closing)
             self.__dict__["_guard"] = guard
         return guard
+
+    def closing(self) -> bool:
+        """The context is shut down (a signal): failures are expected then and not reported."""
+        return not self.context.ok()
 
     def on_callback_fault(self, name: str, message: str) -> None:
         """Hold hook: a guarded callback just failed."""
@@ -185,8 +189,9 @@ class Spinner:
 
     def __init__(self, executor, nodes: Sequence[Node]) -> None:
         self.executor = executor
-        self.nodes = list(nodes)
+        self.nodes = [(node, node.get_fully_qualified_name()) for node in nodes]
         self.error = ""
+        self._final: str | None = None  # the failure as it stood when spinning ended
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._spin, name="executor", daemon=True)
 
@@ -197,22 +202,28 @@ class Spinner:
     def _spin(self) -> None:
         context = self.executor.context
         try:
-            while context.ok() and not self._stop.is_set() and not self.failure:
+            while context.ok() and not self._stop.is_set() and not self._current_failure():
                 self.executor.spin_once(timeout_sec=0.1)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         except Exception as exc:  # a callback outside the guard, or rclpy itself
             self.error = f"executor stopped: {''.join(traceback.format_exception(exc)).rstrip()}"
+        # Latched: what nodes report while being torn down after a signal is not a crash.
+        self._final = self._current_failure()
+
+    def _current_failure(self) -> str:
+        if self.error:
+            return self.error
+        for node, name in self.nodes:
+            fatal = getattr(node, "fatal_error", "")
+            if fatal:
+                return f"{name}: {fatal}"
+        return ""
 
     @property
     def failure(self) -> str:
-        if self.error:
-            return self.error
-        for node in self.nodes:
-            fatal = getattr(node, "fatal_error", "")
-            if fatal:
-                return f"{node.get_fully_qualified_name()}: {fatal}"
-        return ""
+        """Why spinning ended abnormally ('' while healthy or after a clean stop)."""
+        return self._final if self._final is not None else self._current_failure()
 
     def running(self) -> bool:
         return self.thread.is_alive()

@@ -143,7 +143,7 @@ class SimNode(GuardedNode, Node):
         next_camera = next_status = 0.0
         warned = False
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.context.ok():
                 self._serve_requests()
                 behind = (time.monotonic() - wall0) * rtf - sim_elapsed
                 if behind > MAX_LAG_S:
@@ -167,6 +167,8 @@ class SimNode(GuardedNode, Node):
                     next_status = sim_elapsed + status_period
                     self._publish_status()
         except Exception as exc:
+            if self._stop.is_set() or not self.context.ok():
+                return  # shutting down: publishing into a closed context is expected to fail
             # Without the simulator nothing moves or reports: the process must end, non-zero.
             self.fatal_error = f"simulator thread stopped: {type(exc).__name__}: {exc}"
             self.get_logger().fatal(self.fatal_error)

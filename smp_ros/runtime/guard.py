@@ -49,8 +49,10 @@ class CallbackGuard:
 
     def __init__(self, logger, *, on_fault: Callable[[str, str], None] | None = None,
                  on_recover: Callable[[str], None] | None = None, summary_period_s: float = SUMMARY_PERIOD_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, closing: Callable[[], bool] = lambda: False) -> None:
         self.log = logger
+        # True while the owner shuts down: callbacks then fail on closed publishers, expectedly.
+        self.closing = closing
         self.on_fault = on_fault
         self.on_recover = on_recover
         self.summary_period_s = summary_period_s
@@ -71,6 +73,8 @@ class CallbackGuard:
             except passthrough:
                 raise
             except Exception as exc:
+                if self.closing():
+                    return None
                 # A failed service call is answered and reported, but does not hold: the callback
                 # will not run again by itself, so nothing would ever clear the fault.
                 self.record(name, exc, hold=not service)

@@ -26,6 +26,7 @@ worker ends) and exits when the parent's end of the socket closes, so it never o
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -207,7 +208,12 @@ def _child_main(argv: list[str]) -> int:
         return 0
     _serve(conn, model, runtime, overrides)
     conn.close()
-    return 0
+    # The worker holds no files or state worth tearing down, and the interpreter's teardown of a
+    # process with torch loaded takes about a second on a busy 2-core machine: the parent's
+    # shutdown would wait for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
