@@ -183,6 +183,7 @@ class FakeRobot:
                             for a in ("left", "right")}
         self.live = {"left": True, "right": True, CAMERA: True}
         self.joints = {a: HOME[:7].copy() for a in ("left", "right")}  # what each arm reports
+        self.names = dict(NAMES)
         self.frame = Image(height=32, width=32, encoding="rgb8", step=96)
         self.frame.data = np.full((32, 32, 3), 90, np.uint8).tobytes()
         for arm in ("left", "right"):
@@ -209,7 +210,7 @@ class FakeRobot:
             t = now.nanoseconds * 1e-9
             for arm, pub in self.joint_pubs.items():
                 if self.live[arm]:
-                    pub.publish(joint_state_msg(NAMES[arm], t, self.joints[arm]))
+                    pub.publish(joint_state_msg(self.names[arm], t, self.joints[arm]))
             if self.live[CAMERA] and i % 10 == 0:
                 msg = self.frame
                 msg.header.stamp = now.to_msg()
@@ -299,14 +300,12 @@ def test_bad_input_is_refused_and_held_on_without_a_crash(ros, tiny_model, capfd
             elif kind == "joints":
                 robot.joints["left"] = bad
             else:
-                robot.node.destroy_publisher(robot.joint_pubs["right"])
-                robot.joint_pubs["right"] = _MisnamedJoints(robot.node)
+                robot.names["right"] = NAMES["left"]  # the right arm's states under the left's names
             wait_for(lambda: _holding_on(graph, topic) and text in graph.status[-1].reason,
                      what=f"a hold naming {topic} ({text})")
             count = len(graph.cmds)
             robot.frame, robot.joints["left"] = good_frame, good_joints
-            if kind == "names":
-                robot.joint_pubs["right"].restore()
+            robot.names["right"] = NAMES["right"]
             _commands_resume(graph, count, f"commands after good input returned on {topic}")
         assert graph.executor is not None and graph.thread.is_alive()  # the executor never died
         assert graph.status[-1].callback_errors >= len(cases)
@@ -316,23 +315,6 @@ def test_bad_input_is_refused_and_held_on_without_a_crash(ros, tiny_model, capfd
     finally:
         robot.close()
         graph.close()
-
-
-class _MisnamedJoints:
-    """Stands in for the right arm's joint-state publisher, sending the left arm's names until restored."""
-
-    def __init__(self, node):
-        self.node = node
-        self.pub = node.create_publisher(JointState, "/right/joint_states", SENSOR_QOS)
-        self.misnamed = True
-
-    def publish(self, msg):
-        if self.misnamed:
-            msg.name = [n.replace("right", "left") for n in msg.name]
-        self.pub.publish(msg)
-
-    def restore(self):
-        self.misnamed = False
 
 
 def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
@@ -363,6 +345,31 @@ def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
         assert abs(after[0].position[0] - 0.3) <= step + 1e-9, \
             f"first command after the restart at {after[0].position[0]:.3f} rad, measured 0.3 rad"
         assert held_at < resumed_at
+    finally:
+        robot.close()
+        graph.close()
+
+
+def test_a_killed_inference_worker_is_restarted_while_the_node_holds(ros, tiny_model, capfd):
+    import signal
+
+    robot = FakeRobot()
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model, inference_process=True))
+    graph = Graph(policy, robot.node)
+    robot.start()
+    try:
+        _commands_resume(graph, 0, "commands")
+        pid = policy.engine.pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _holding_on(graph, "inference worker"), timeout=60.0, what="a hold naming the dead worker")
+        assert "signal 9" in graph.status[-1].reason
+        wait_for(lambda: graph.status[-1].worker_restarts >= 1, timeout=300.0, what="the worker restarted")
+        assert policy.engine.pid != pid
+        count = len(graph.cmds)
+        _commands_resume(graph, count, "commands from the new worker")
+        log = capfd.readouterr().err
+        assert log.count("restarting it (attempt 1 of") == 1  # said once, not per planning cycle
+        assert "Traceback" not in log
     finally:
         robot.close()
         graph.close()

@@ -174,6 +174,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
                                         callback_group=self._command_group)
         self._status_timer = self.create_timer(STATUS_PERIOD_S, self._publish_status,
                                                callback_group=self._command_group)
+        self._hold_ticks.clear()
+        self._ticks, self._summary_time = 0, time.monotonic()
         self.get_logger().info(f"active: task {self.runner.task}, {self.runtime.command_rate_hz:g} Hz commands, "
                                f"{self.runtime.policy_rate_hz:g} Hz inference")
         return super().on_activate(state)
