@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all test-stress bench clean
 
 venv:
 	@tools/bootstrap.sh
@@ -16,6 +16,11 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The default suite with every core saturated by a busy-loop process (killed at the end): tests must
+# hold on a busy machine.
+test-stress: venv
+	$(PY) test/stress.py $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json

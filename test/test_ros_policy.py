@@ -127,7 +127,7 @@ def test_policy_drives_the_simulated_arms(ros, tiny_model):
         assert np.all(np.diff(stamps) > 0)
         first_chunk = graph.skills[0].header.stamp
         assert stamps[0] >= first_chunk.sec + 1e-9 * first_chunk.nanosec
-        assert graph.status[-1].command_rate > 0 and graph.status[-1].inference_rate > 0
+        assert any(m.command_rate > 0 for m in graph.status) and any(m.inference_rate > 0 for m in graph.status)
         assert list(graph.cmds[-1].name) == NAMES["left"]
         assert np.all(np.isfinite(graph.cmds[-1].position))
         limits = SafetyConfig()

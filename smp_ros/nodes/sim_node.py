@@ -35,7 +35,7 @@ from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
 from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
-from smp_ros.sim.can_emulator import attach, wait_until_parsed
+from smp_ros.sim.can_emulator import PARSE_WAIT_S, attach, wait_until_parsed
 from smp_ros.sim.world import BimanualWorld
 from smp_ros.srv import ResetEpisode
 
@@ -243,7 +243,8 @@ class SimNode(GuardedNode, Node):
         self.world.step(0.1)
         for side, arm in self.arms.items():
             if not wait_until_parsed(arm.sdk, self.emulators[side].last_feedback_time or 0.0):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within 2 s")
+                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within "
+                                   f"{PARSE_WAIT_S:g} s; its receive thread is not running")
 
     def _begin_episode(self) -> None:
         self.episode += 1
