@@ -79,6 +79,7 @@ class SimNode(GuardedNode, Node):
         self.channels = {side: f"smp_sim_{side}_{os.getpid()}_{id(self):x}" for side in ("left", "right")}
 
         self._status: EpisodeStatus | None = None
+        self.muted_cameras: set[str] = set()  # fault injection: cameras that stopped (fault matrix)
         self._build_world(self.task, self.seed)
         self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
                                     speed_percent=p["speed_percent"], clock=partial(self._emulator_time, side))
@@ -199,7 +200,7 @@ class SimNode(GuardedNode, Node):
         stamp = to_stamp(now_seconds(self))
         for name in self.cfg.cameras:
             # Rendering is the simulator's largest cost: skip cameras nobody listens to.
-            if self.image_pubs[name].get_subscription_count() == 0:
+            if self.image_pubs[name].get_subscription_count() == 0 or name in self.muted_cameras:
                 continue
             frame = self.world.render(name)
             self.image_pubs[name].publish(rgb_to_msg(frame, stamp, name))
