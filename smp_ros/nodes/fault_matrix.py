@@ -9,9 +9,10 @@ commanded again. It prints one row per fault and writes them to ``--json``:
 
     fault | expected | detected after | reason | resumed after | first-command jump | result
 
-"first-command jump" is the largest joint distance between the first command after the resume
-and the measured pose at that moment; it must not exceed ``safety.max_joint_step``. Exit status
-0 when every row passed. The waits are generous (a busy machine makes it slower, not failed);
+"first-command jump" is the largest joint distance of the first command after the resume from
+the last command before the fault (the command stream never jumps), or, for the cases after
+which the policy restarts (e-stop, CAN loss), from the measured pose (the restart starts there); it must not exceed ``safety.max_joint_step``.
+Exit status 0 when every row passed. The waits are generous (a busy machine makes it slower, not failed);
 the times are wall-clock and only describe this run.
 """
 
@@ -59,6 +60,8 @@ class Probe:
         from std_srvs.srv import Trigger
 
         from smp_ros.msg import ArmStatus, PolicyStatus
+        from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
         from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
 
         self.node = node
@@ -71,8 +74,9 @@ class Probe:
         node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_status, LATCHED_QOS)
         for arm in ARMS:
             node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
+            # Depth 100, not the commands' 1: the record must not lose a command on a busy machine.
             node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._keep(self.cmds[a], m),
-                                     COMMAND_QOS)
+                                     QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
             node.create_subscription(JointState, f"/{arm}/joint_states",
                                      lambda m, a=arm: self._keep(self.states[a], m), SENSOR_QOS)
         self.image_pub = node.create_publisher(Image, f"/cameras/{camera}/image_raw", SENSOR_QOS)
@@ -120,15 +124,17 @@ class Probe:
         with self.lock:
             return next((m for m in self.status if _stamp(m) >= t0 and m.holding and text in m.reason), None)
 
-    def first_jump_after(self, t0: float) -> float | None:
-        """Largest joint distance of the first command after t0 from the measured pose then."""
+    def first_jump_after(self, t0: float, measured: bool = False) -> float | None:
+        """Largest joint distance of the first command after t0 from the last command before t0
+        (or, with ``measured``, from the measured pose just before that first command)."""
         jumps = []
         with self.lock:
             for arm in ARMS:
                 cmd = next((c for c in self.cmds[arm] if _stamp(c) > t0), None)
                 if cmd is None:
                     return None
-                before = [s for s in self.states[arm] if _stamp(s) <= _stamp(cmd)]
+                reference = self.states[arm] if measured else self.cmds[arm]
+                before = [s for s in reference if _stamp(s) < _stamp(cmd)]
                 if not before:
                     return None
                 jumps.append(float(np.max(np.abs(np.array(cmd.position[:6]) - np.array(before[-1].position[:6])))))
@@ -154,7 +160,7 @@ class Matrix:
     def now(self) -> float:
         return self.probe.node.get_clock().now().nanoseconds * 1e-9
 
-    def run(self, fault: str, expected: str, text: str, inject, clear, *, during=None, resume_from_measured=True):
+    def run(self, fault: str, expected: str, text: str, inject, clear, *, during=None, from_measured=False):
         """Inject (repeatedly, while waiting, if ``during``), wait for a hold naming ``text``,
         clear, wait for commands again and check the first command's jump."""
         row = Row(fault, expected)
@@ -178,10 +184,10 @@ class Matrix:
         clear()
         t1 = self.now()
         row.resumed_s = _wait(lambda: self.probe.commanding() and self.probe.first_jump_after(t1) is not None)
-        row.jump_rad = self.probe.first_jump_after(t1) if row.resumed_s is not None else None
+        row.jump_rad = self.probe.first_jump_after(t1, from_measured) if row.resumed_s is not None else None
         alive = self.spinner.running() and not self.spinner.failure
-        row.ok = bool(held is not None and row.resumed_s is not None and alive
-                      and (not resume_from_measured or row.jump_rad <= self.step_limit + 1e-6))
+        row.ok = bool(held is not None and row.resumed_s is not None and alive and row.jump_rad is not None
+                      and row.jump_rad <= self.step_limit + 1e-6)
         if not alive:
             row.note = f"system died: {self.spinner.failure}"
         self.rows.append(row)
@@ -233,7 +239,8 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
     m.run("camera stops", "hold: stale camera", f"stale {image_topic}",
           lambda: sim.muted_cameras.add(camera), lambda: sim.muted_cameras.discard(camera))
     m.run("CAN bus of the left arm silent (unplugged)", "arm disconnected, hold; restart from the measured pose",
-          "left arm", lambda: sim.emulators["left"].unplug(), lambda: sim.emulators["left"].replug())
+          "left arm", lambda: sim.emulators["left"].unplug(), lambda: sim.emulators["left"].replug(),
+          from_measured=True)
 
     # E-stop during motion, then reset: no motion until start.
     moved_after_reset = {}
@@ -251,7 +258,7 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
         probe.call("left", "start")
 
     row = m.run("e-stop, reset, start", "hold; no motion after reset until start; resume from measured pose",
-                "left arm estopped", estop, reset_then_start)
+                "left arm estopped", estop, reset_then_start, from_measured=True)
     moved = moved_after_reset.get("rad", float("nan"))
     row.note = f"moved {moved:.4f} rad between reset and start"
     row.ok = row.ok and moved < 2e-3
