@@ -142,3 +142,23 @@ def test_bringup_stops_cleanly_on_a_signal(model_dir, tmp_path, sig):
         assert not any(bad in proc.output for bad in BAD_SHUTDOWN), proc.output[-3000:]
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_fault_matrix_passes_in_the_simulated_system(tmp_path):
+    """Every fault of the checklist in the running system (tools/fault_matrix.sh), in its own process."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fault_matrix.json"
+    proc = Process(["-m", "smp_ros.nodes.fault_matrix", "--json", str(out)], cwd=root)
+    try:
+        code = proc.proc.wait(1800)
+        proc._reader.join(10.0)
+        rows = json.loads(out.read_text())
+        failed = [r for r in rows if not r["ok"]]
+        assert code == 0 and not failed, f"{failed}\n{proc.output[-3000:]}"
+        assert len(rows) >= 12
+    finally:
+        proc.kill()
