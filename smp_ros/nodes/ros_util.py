@@ -207,7 +207,10 @@ class Spinner:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         except Exception as exc:  # a callback outside the guard, or rclpy itself
-            self.error = f"executor stopped: {''.join(traceback.format_exception(exc)).rstrip()}"
+            # A signal shuts the context down under a running spin_once (rclpy then fails to build
+            # its wait set): that is a stop, not a crash.
+            if context.ok():
+                self.error = f"executor stopped: {''.join(traceback.format_exception(exc)).rstrip()}"
         # Latched: what nodes report while being torn down after a signal is not a crash.
         self._final = self._current_failure()
 
