@@ -252,6 +252,8 @@ def test_stale_streams_make_the_policy_hold(ros, tiny_model, capfd):
         log = capfd.readouterr().err
         assert f"HOLD: stale /cameras/{CAMERA}/image_raw" in log and "HOLD: stale /left/joint_states" in log
         assert "safety.stale_after_s" in log
+        # The age in the reason changes every tick; the log line does not repeat with it.
+        assert log.count(f"HOLD: stale /cameras/{CAMERA}/image_raw") < 5
     finally:
         robot.close()
         graph.close()
@@ -385,7 +387,10 @@ def test_missed_inference_deadline_holds(ros, tiny_model, capfd):
         wait_for(lambda: _holding_on(graph, "deadline") and graph.status[-1].missed_deadlines >= 2,
                  what="a hold on missed deadlines")
         assert graph.cmds == [] and graph.skills == []
-        assert "HOLD: inference missed its deadline" in capfd.readouterr().err
+        log = capfd.readouterr().err
+        assert "HOLD: inference missed its deadline" in log
+        # One line per change of cause, not one per tick or per latency figure.
+        assert log.count("HOLD: inference missed its deadline") < 5
     finally:
         robot.close()
         graph.close()
