@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench gpu-wheels gpu-check clean
+.PHONY: venv demo test test-all test-stress bench gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -26,6 +26,11 @@ gpu-wheels: venv
 
 gpu-check:
 	tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The default suite with every core saturated by a busy-loop process (killed at the end): tests must
+# hold on a busy machine.
+test-stress: venv
+	$(PY) test/stress.py $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json

@@ -46,9 +46,10 @@ def test_bad_runtime_values_name_the_field(values, field):
 def test_bad_driver_settings_name_the_parameter():
     good = {"can_channel": "can_left", "bus_type": "socketcan", "enable_on_start": True, "command_rate_hz": 200.0,
             "speed_percent": 50, "gripper_effort": 1.0, "enable_timeout_s": 2.0,
-            "joint_names": [f"j{i}" for i in range(7)]}
+            "joint_names": [f"j{i}" for i in range(7)], "owner_timeout_s": 0.5}
     assert driver_settings("left", good).can_channel == "can_left"
-    for key, value in (("bus_type", "usb"), ("speed_percent", 0), ("joint_names", ["a"] * 7)):
+    for key, value in (("bus_type", "usb"), ("speed_percent", 0), ("joint_names", ["a"] * 7),
+                       ("owner_timeout_s", 0.0)):
         with pytest.raises(ConfigError, match=f"parameter {key}"):
             driver_settings("left", {**good, key: value})
 

@@ -131,6 +131,11 @@ def test_emergency_stop_service_is_offered_per_arm(sim):
     wait_for(lambda: got["status"]["left"].emergency_stopped, what="left e-stop status")
     assert call(probe, Trigger, "/left/reset", Trigger.Request()).success
     wait_for(lambda: not got["status"]["left"].emergency_stopped, what="left e-stop cleared")
+    # Reset does not start motion: the arm waits for an explicit start (ISO 13850).
+    wait_for(lambda: got["status"]["left"].state == "awaiting_start", what="left arm awaiting start")
+    assert got["status"]["right"].state == "running"
+    assert call(probe, Trigger, "/left/start", Trigger.Request()).success
+    wait_for(lambda: got["status"]["left"].state == "running", what="left arm running after start")
 
 
 def test_bad_parameters_are_named():

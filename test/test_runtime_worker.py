@@ -40,3 +40,49 @@ def test_a_bad_observation_is_reported_and_the_worker_keeps_serving(worker):
 def test_a_model_that_cannot_load_is_named(tmp_path):
     with pytest.raises(InferenceWorkerError, match=str(tmp_path)):
         EngineProcess(tmp_path, RuntimeConfig(backend="eager", threads=1))
+
+
+def test_a_killed_worker_is_reported_and_restarted(model_dir):
+    import os
+    import signal
+
+    from smp_ros.runtime.worker import WorkerDiedError
+
+    engine = EngineProcess(model_dir, RuntimeConfig(backend="eager", threads=1))
+    try:
+        obs = {"qpos": np.zeros((1, engine.cfg.obs_steps, D), np.float32), "task": np.array([0])}
+        first = engine.infer(obs, seed=0).action
+        old_pid = engine.pid
+        os.kill(old_pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="signal 9"):
+            engine.infer(obs, seed=0)
+        assert not engine.is_alive()
+        engine.restart()
+        assert engine.is_alive() and engine.pid != old_pid and engine.restarts == 1
+        np.testing.assert_array_equal(engine.infer(obs, seed=0).action, first)
+    finally:
+        engine.close()
+    assert not engine.is_alive()  # reaped
+
+
+def test_worker_starts_from_a_script_without_a_main_guard(model_dir, tmp_path):
+    """The scripts `ros2 run` generates call the entry point at module level, unguarded: the worker
+    must not re-import that script (which would start the parent's work again in the child)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        "import numpy as np\n"
+        "from smp_ros.config import RuntimeConfig\n"
+        "from smp_ros.runtime.worker import EngineProcess\n"
+        "print('parent main ran', flush=True)\n"
+        f"engine = EngineProcess({str(model_dir)!r}, RuntimeConfig(backend='eager', threads=1))\n"
+        "obs = {'qpos': np.zeros((1, engine.cfg.obs_steps, 14), np.float32), 'task': np.array([0])}\n"
+        "print('action', engine.infer(obs, seed=0).action.shape, flush=True)\n"
+        "engine.close()\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("parent main ran") == 1  # the child never re-ran the script
+    assert "action (" in result.stdout

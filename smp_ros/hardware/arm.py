@@ -13,6 +13,7 @@ what was actually sent; nothing is sent when the feedback is stale (``StaleFeedb
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -23,6 +24,26 @@ from smp_ros.config import ARM_JOINTS, SafetyConfig
 log = logging.getLogger("smp_ros.hardware")
 
 ARM_ACTION_DIM = ARM_JOINTS + 1  # six joints and the gripper
+
+
+class _RateLimit:
+    """At most one ``due()`` per ``period_s`` (monotonic clock), counting what it suppressed."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._last = -float("inf")
+        self.suppressed = 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.period_s:
+            self._last = now
+            return True
+        self.suppressed += 1
+        return False
+
+
+_range_log = _RateLimit(2.0)
 
 
 class ArmError(RuntimeError):
@@ -99,8 +120,9 @@ def limit_action(action: np.ndarray, current: np.ndarray, safety: SafetyConfig,
     sent = np.concatenate([joints, [gripper]])
     changed = np.flatnonzero(np.abs(sent - action) > 1e-12)
     report = ActionReport(requested=action.copy(), sent=sent, clipped=tuple(names[i] for i in changed))
-    if out_of_range.size:
-        # Outside the limits is a caller's mistake worth a warning; step limiting is routine.
+    if out_of_range.size and _range_log.due():
+        # Outside the limits is a caller's mistake worth a warning (rate-limited: a commander stuck
+        # outside the limits sends one per tick); step limiting is routine.
         log.warning("clipped %s to runtime.safety limits: requested %s, sent %s",
                     ", ".join(names[i] for i in out_of_range), np.round(action[out_of_range], 4).tolist(),
                     np.round(sent[out_of_range], 4).tolist())

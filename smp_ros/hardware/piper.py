@@ -49,6 +49,7 @@ from smp_ros.hardware.arm import (ARM_ACTION_DIM, Arm, ArmError, ArmObservation,
                                   check_finite_action, element_names)
 
 SDK_LOG_LEVEL = LogLevel.WARNING
+FEEDBACK_WAIT_S = 30.0  # wall-clock limit of wait_for_feedback: only a dead SDK thread takes this long
 CTRL_CAN, MOVE_J = 0x01, 0x01
 ALL_MOTORS = 7  # what EnablePiper() itself sends
 GRIPPER_ENABLE = 0x01
@@ -210,8 +211,11 @@ class PiperArm(Arm):
         # (e.g. a restarted simulator); such feedback cannot be trusted.
         return age if age >= -1e-6 else math.inf
 
-    def wait_for_feedback(self, newer_than: float, timeout: float = 1.0) -> bool:
-        """Wait (wall clock, up to ``timeout`` s) until status, joint and gripper feedback are stamped >= ``newer_than``."""
+    def wait_for_feedback(self, newer_than: float, timeout: float = FEEDBACK_WAIT_S) -> bool:
+        """Wait (wall clock, up to ``timeout`` s) until status, joint and gripper feedback are stamped >= ``newer_than``.
+
+        Returns as soon as they are; the generous default is for a busy machine, where the SDK's
+        receive thread may wait seconds for the CPU (a slower run, not a failed one)."""
         sdk = self._require_connected()
         deadline = time.monotonic() + timeout
         while min(sdk.GetArmStatus().time_stamp, *self._stamps(sdk)) < newer_than - 1e-9:

@@ -2,47 +2,89 @@
 
 For an :class:`smp_ros.hardware.arm.Arm` it publishes ``joint_states`` (sensor QoS, at the command
 rate) and ``arm_status`` (latched), forwards the newest ``joint_cmd`` to the arm once per tick, and
-serves ``enable``, ``disable``, ``emergency_stop`` and ``reset`` (std_srvs/Trigger). Topic names are
-relative to ``prefix`` (``""`` in a driver namespaced /left, ``"left/"`` in the simulator).
+serves ``enable``, ``disable``, ``emergency_stop``, ``reset`` and ``start`` (std_srvs/Trigger).
+Topic names are relative to ``prefix`` (``""`` in a driver namespaced /left, ``"left/"`` in the
+simulator).
 
-A command is forwarded only while the arm is enabled, not emergency-stopped and its feedback is
-fresh; otherwise it is dropped (never queued: a target that waited would be stale by the time the
-arm could move) and ``arm_status`` says why the arm holds. Commands whose names do not match, or
-that hold NaN, are refused with a log naming the topic. Clipping and the per-tick step limit are
-the Arm's (``runtime.safety``).
+A command is forwarded only while the arm is ``running``: enabled, not emergency-stopped, not
+awaiting start, feedback fresh. Otherwise it is dropped (never queued: a target that waited would
+be stale by the time the arm could move) and ``arm_status`` says why the arm holds (``state`` is
+one of ``running``, ``disabled``, ``estopped``, ``awaiting_start``, ``disconnected``). Commands
+whose names do not match, or that hold NaN or inf, are refused with a log naming the topic.
+Clipping and the per-tick step limit are the Arm's (``runtime.safety``).
+
+Emergency stop (ISO 13850: resetting a stop must not start motion). ``emergency_stop`` (or an
+e-stop the arm reports by itself) latches; ``reset`` clears it but the arm stays
+``awaiting_start``: NO joint command executes until the ``start`` service is called. ``start``
+drops any pending target and resumes from the MEASURED pose: until a command arrives whose joints
+are all within ``safety.max_joint_step`` of the measured position, commands are refused (counted,
+reason in ``arm_status``), so a commander still aiming at an old target can never make the arm
+jump to it.
+
+One owner per command stream. The first publisher on ``joint_cmd`` owns it; commands from any
+other publisher are refused (``commands_not_owner``, reason in ``arm_status``, a rate-limited log)
+until the owner has been silent for ``owner_timeout_s``; then the next publisher to send becomes
+the owner. Publishers are told apart by their DDS publisher GID. The arm follows one stream and
+never alternates between two.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
 from smp_ros.hardware.arm import Arm, ArmError, StaleFeedbackError
 from smp_ros.msg import ArmStatus
-from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, joint_positions, joint_state_msg,
-                                    now_seconds, to_stamp)
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, joint_positions, joint_state_msg, now_seconds, to_stamp
+from smp_ros.runtime.guard import cause_of
 
 STATUS_PERIOD_S = 1.0
+COMMAND_SUB_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
+                             durability=QoSDurabilityPolicy.VOLATILE)
+OWNER_TIMEOUT_S = 0.5
+RUNNING, DISABLED, ESTOPPED, AWAITING_START, DISCONNECTED = (
+    "running", "disabled", "estopped", "awaiting_start", "disconnected")
+
+
+def _gid(info) -> str:
+    """A short printable id of the publisher of a message (its DDS GID), '' when unknown."""
+    gid = (info or {}).get("publisher_gid") if isinstance(info, dict) else None
+    data = gid.get("data") if isinstance(gid, dict) else gid
+    if data is None:
+        return ""
+    return bytes(data).hex()[-12:] if not isinstance(data, str) else data
 
 
 class ArmBridge:
     def __init__(self, node: Node, arm: Arm, *, prefix: str, command_rate_hz: float,
-                 joint_names: tuple[str, ...], enable_timeout_s: float = 2.0) -> None:
+                 joint_names: tuple[str, ...], enable_timeout_s: float = 2.0,
+                 owner_timeout_s: float = OWNER_TIMEOUT_S, clock=time.monotonic) -> None:
         self.node = node
         self.arm = arm
         self.names = tuple(joint_names)
         self.enable_timeout_s = enable_timeout_s
+        self.owner_timeout_s = owner_timeout_s
+        self.clock = clock  # owner silence is wall-clock time
         self.log = node.get_logger()
         self.cmd_topic = node.resolve_topic_name(f"{prefix}joint_cmd")
         self._lock = threading.Lock()
         self._pending: np.ndarray | None = None
         self._estop_requested = False
+        self._awaiting_start = False  # latched by any e-stop or reset; cleared only by start
+        self._resuming = False  # after start: refuse commands beyond the step limit of the measured pose
+        self._resume_refusal = ""
+        self._owner = ""
+        self._owner_seen = -math.inf
+        self._not_owner = 0
+        self._not_owner_logged = -math.inf
         self._executed = 0
         self._rejected = 0
         self._last_status: tuple | None = None
@@ -55,26 +97,47 @@ class ArmBridge:
         service_group = MutuallyExclusiveCallbackGroup()
         self.state_pub = node.create_publisher(JointState, f"{prefix}joint_states", SENSOR_QOS)
         self.status_pub = node.create_publisher(ArmStatus, f"{prefix}arm_status", LATCHED_QOS)
-        node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command, COMMAND_QOS,
+        # Depth 10, not 1: with depth 1 a second publisher's message overwrites the owner's in the
+        # queue before it is read, and ownership could not be judged. Only the newest accepted
+        # target is kept (``_pending``), so nothing is queued toward the arm.
+        node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command, COMMAND_SUB_QOS,
                                  callback_group=MutuallyExclusiveCallbackGroup())
         for name, handler in (("enable", self._on_enable), ("disable", self._on_disable),
-                              ("emergency_stop", self._on_estop), ("reset", self._on_reset)):
+                              ("emergency_stop", self._on_estop), ("reset", self._on_reset),
+                              ("start", self._on_start)):
             node.create_service(Trigger, f"{prefix}{name}", handler, callback_group=service_group)
         self.timer = node.create_timer(1.0 / command_rate_hz, self.tick, callback_group=tick_group)
 
     # ------------------------------------------------------------------ callbacks
 
-    def _on_command(self, msg: JointState) -> None:
+    def _on_command(self, msg: JointState, info) -> None:
+        publisher, now = _gid(info), self.clock()
+        with self._lock:
+            if publisher != self._owner and now - self._owner_seen <= self.owner_timeout_s:
+                self._not_owner += 1
+                refused, log_it = self._not_owner, now - self._not_owner_logged >= 2.0
+                if log_it:
+                    self._not_owner_logged = now
+            else:
+                refused = 0
+                if publisher != self._owner:
+                    previous, self._owner = self._owner, publisher
+                    self.log.info(f"{self.cmd_topic}: publisher {publisher or '?'} now owns the command stream"
+                                  + (f" (previous owner {previous} silent > {self.owner_timeout_s:g} s)"
+                                     if previous else ""))
+                self._owner_seen = now
+        if refused:
+            if log_it:
+                self.log.error(f"{self.cmd_topic}: refused {refused} command(s) from publisher {publisher or '?'}: "
+                               f"publisher {self._owner} owns the stream until it is silent for "
+                               f"{self.owner_timeout_s:g} s")
+            return
         try:
             target = joint_positions(msg, self.names, self.cmd_topic)
-            if not np.all(np.isfinite(target)):
-                bad = [n for n, v in zip(self.names, target) if not math.isfinite(v)]
-                raise ValueError(f"{self.cmd_topic}: non-finite target for {bad}; expected finite rad / m")
-        except ValueError as exc:
+        except ValueError:
             with self._lock:
                 self._rejected += 1
-            self.log.error(f"refused command: {exc}", throttle_duration_sec=1.0)
-            return
+            raise  # the callback guard logs it (rate-limited) and holds: drops the pending target
         with self._lock:
             self._pending = target
 
@@ -84,7 +147,7 @@ class ArmBridge:
         try:
             obs = self.arm.get_observation()
         except (StaleFeedbackError, ArmError) as exc:
-            self._status(connected=False, enabled=False, estopped=self._estop_requested,
+            self._status(state=DISCONNECTED, connected=False, enabled=False, estopped=self._estop_requested,
                          reason=f"no fresh feedback: {exc}", age=self._age())
             return
         # Stamp = when the feedback was measured, on the ROS clock; scheduling jitter in reading
@@ -97,23 +160,47 @@ class ArmBridge:
         self.state_pub.publish(joint_state_msg(self.names, stamp, obs.qpos, velocity, effort))
 
         estopped = obs.estopped or self._estop_requested
+        if estopped:
+            self._awaiting_start = True  # whoever clears the stop, motion needs an explicit start
         reason = ""
         if estopped:
-            reason = "emergency stop (call reset)"
+            state, reason = ESTOPPED, "emergency stop (call reset, then start)"
+        elif self._awaiting_start:
+            state, reason = AWAITING_START, "emergency stop reset; no motion until the start service is called"
         elif not obs.enabled:
-            reason = "motors disabled (call enable)"
-        elif target is not None:
-            try:
-                self.arm.send_action(target)
-                self._executed += 1
-            except ValueError as exc:
-                self._rejected += 1
-                self.log.error(f"refused command on {self.cmd_topic}: {exc}", throttle_duration_sec=1.0)
-            except ArmError as exc:
-                reason = f"command not sent: {exc}"
-        if reason and target is not None:
+            state, reason = DISABLED, "motors disabled (call enable)"
+        else:
+            state = RUNNING
+            if target is not None and self._resuming:
+                far = np.abs(target[:6] - obs.qpos[:6])
+                limit = self.arm.safety.max_joint_step
+                if np.max(far) > limit:
+                    self._rejected += 1
+                    joint = self.names[int(np.argmax(far))]
+                    self._resume_refusal = (f"after start: refusing targets {np.max(far):.3f} rad from the measured "
+                                            f"pose ({joint}); expected within safety.max_joint_step = {limit} rad")
+                    target = None
+                else:
+                    self._resuming, self._resume_refusal = False, ""
+            reason = self._resume_refusal
+            if target is not None:
+                try:
+                    self.arm.send_action(target)
+                    self._executed += 1
+                except ValueError as exc:
+                    self._rejected += 1
+                    self.log.error(f"refused command on {self.cmd_topic}: {exc}", throttle_duration_sec=1.0)
+                except ArmError as exc:
+                    reason = f"command not sent: {exc}"
+        if state != RUNNING and target is not None:
             self.log.warning(f"{self.cmd_topic}: dropping commands, {reason}", throttle_duration_sec=2.0)
-        self._status(connected=True, enabled=obs.enabled, estopped=estopped, reason=reason, age=obs.age)
+        self._status(state=state, connected=True, enabled=obs.enabled, estopped=estopped, reason=reason,
+                     age=obs.age)
+
+    def hold(self) -> None:
+        """The hold hook: forget the pending target; the arm stays at the last one it was sent."""
+        with self._lock:
+            self._pending = None
 
     def _on_enable(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._lock:
@@ -136,9 +223,38 @@ class ArmBridge:
         return self._call(self.arm.estop, "emergency stop engaged", response)
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        response = self._call(self.arm.reset, "emergency stop cleared", response)
+        self._awaiting_start = True  # set first: no tick between clearing and latching can move the arm
+        with self._lock:
+            self._pending = None
+        response = self._call(self.arm.reset, "emergency stop cleared; call start to resume motion", response)
         if response.success:
             self._estop_requested = False
+        return response
+
+    def _on_start(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Leave awaiting_start: commands execute again, starting from the measured pose."""
+        deadline = time.monotonic() + self.enable_timeout_s
+        while True:
+            try:
+                obs = self.arm.get_observation()
+            except ArmError as exc:
+                response.success, response.message = False, f"not started: {exc}"
+                return response
+            # Right after reset the arm may still report the stop until its feedback catches up.
+            if self._estop_requested or not obs.estopped or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if obs.estopped or self._estop_requested:
+            response.success, response.message = False, "not started: emergency stop engaged (call reset first)"
+        elif not obs.enabled:
+            response.success, response.message = False, "not started: motors disabled (call enable first)"
+        else:
+            with self._lock:
+                self._pending = None
+            self._resuming, self._resume_refusal = True, ""
+            self._awaiting_start = False
+            self.log.info(f"{self.arm.side} arm started: commands resume from the measured pose")
+            response.success, response.message = True, "started; commands must begin at the measured pose"
         return response
 
     # ------------------------------------------------------------------ helpers
@@ -157,8 +273,9 @@ class ArmBridge:
         except ArmError:
             return math.inf
 
-    def _status(self, *, connected: bool, enabled: bool, estopped: bool, reason: str, age: float) -> None:
-        key = (connected, enabled, estopped, reason)
+    def _status(self, *, state: str, connected: bool, enabled: bool, estopped: bool, reason: str,
+                age: float) -> None:
+        key = (state, connected, enabled, estopped, cause_of(reason), self._owner)
         now = now_seconds(self.node)
         if key == self._last_status and now - self._last_status_time < STATUS_PERIOD_S:
             return
@@ -174,4 +291,10 @@ class ArmBridge:
         msg.feedback_age = float(age) if math.isfinite(age) else math.inf
         msg.commands_executed = self._executed
         msg.commands_rejected = self._rejected
+        msg.state = state
+        msg.awaiting_start = state == AWAITING_START
+        msg.owner = self._owner
+        msg.commands_not_owner = self._not_owner
+        guard = getattr(self.node, "guard", None)
+        msg.callback_errors = guard.errors if guard is not None else 0
         self.status_pub.publish(msg)

@@ -10,6 +10,10 @@ parameters of ``--config`` (a ROS 2 parameters file, handed to rcl exactly as ``
 In simulation ``--episodes N`` runs N episodes per task (``--task`` or every task) and writes, per
 task and overall, the success rate, the mean progress score, the command rate achieved and the
 inference latency percentiles to ``--json``. Without ``--episodes`` it runs until Ctrl-C.
+
+Exit status: 0 after the episodes or a Ctrl-C / SIGTERM (within about 2 s: spinning stops, then
+the executor, then every node is destroyed, worker processes reaped); 1 when a node died while
+running (the executor failed, or a node's own thread set ``fatal_error``), with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.policy_node import PolicyNode
+    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
 
     policy_overrides = [Parameter(name, value=value) for name, value in
                         (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     nodes = []
     executor = MultiThreadedExecutor()
+    spinner = None
     try:
         if args.sim:
             from smp_ros.nodes.sim_node import SimNode
@@ -85,34 +90,38 @@ def run(args: argparse.Namespace) -> int:
         nodes.append(policy)
         for node in nodes:
             executor.add_node(node)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        spinner = Spinner(executor, nodes).start()
         # The policy configures itself (autostart) on the executor; a model that cannot be loaded
         # ends bringup with that error instead of leaving the arms without a policy.
-        _wait(lambda: policy.runner is not None or policy.configure_error or not spinner.is_alive(),
-              MODEL_LOAD_TIMEOUT_S, "the policy to load its model")
+        _wait(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
+              "the policy to load its model", spinner)
         if policy.configure_error:
             raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
         if args.episodes:
-            results = evaluate(nodes[0], policy, params, args)
+            results = evaluate(nodes[0], policy, params, args, spinner)
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=2))
             print(json.dumps(results["overall"], indent=2))
         else:
-            while spinner.is_alive():  # until Ctrl-C shuts the context down
-                spinner.join(0.5)
-    except (KeyboardInterrupt, ExternalShutdownException):
+            while spinner.running():  # until Ctrl-C / SIGTERM shuts the context down, or a node dies
+                spinner.thread.join(0.2)
+    except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
         pass
     finally:
-        executor.shutdown()
-        for node in reversed(nodes):
-            node.destroy_node()
+        shutdown_nodes(spinner, executor, nodes)
         rclpy.try_shutdown()
+    if spinner is not None and spinner.failure:
+        print(f"bringup: {spinner.failure}", file=sys.stderr)
+        return 1
     return 0
 
 
-def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
+class Interrupted(Exception):
+    """The executor stopped (signal or a dead node) while bringup waited for something."""
+
+
+def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=None) -> dict:
     """Run ``args.episodes`` episodes per task with the policy closing the loop over ROS topics."""
     cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
     episode_s = cfg.episode_steps / cfg.control_rate_hz
@@ -129,7 +138,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace) -> dict:
             started = time.monotonic()
             # Wall-clock guard only: the episode's own budget is simulated time.
             _wait(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
-                  10.0 * episode_s + 60.0, f"episode {episode} to finish")
+                  10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
             wall = time.monotonic() - started
             status = sim.episode_status()
             latencies = list(policy.runner.stats.latencies)[latencies0:]
@@ -181,9 +190,12 @@ def _summary(episodes: list[dict]) -> dict:
     return out
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate, timeout: float, what: str, spinner=None) -> None:
+    """Poll ``predicate``; Interrupted as soon as the executor stops (a signal, a dead node)."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if spinner is not None and not spinner.running():
+            raise Interrupted(what)
         if time.monotonic() > deadline:
             raise TimeoutError(f"bringup: timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)

@@ -15,7 +15,7 @@ from smp_ros.config import ConfigError
 from smp_ros.hardware.camera import Camera
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec
-from smp_ros.nodes.ros_util import SENSOR_QOS, declare, run, to_stamp
+from smp_ros.nodes.ros_util import SENSOR_QOS, GuardedNode, declare, run, to_stamp
 
 CAMERA_SPECS = [
     ParamSpec("source", "0", "device index (0), device path (/dev/video2) or video file"),
@@ -28,7 +28,7 @@ CAMERA_SPECS = [
 ]
 
 
-class CameraNode(Node):
+class CameraNode(GuardedNode, Node):
     def __init__(self, **kwargs) -> None:
         self.camera: Camera | None = None  # destroy_node() also runs on a node that failed to start
         super().__init__("camera", **kwargs)

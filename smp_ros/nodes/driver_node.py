@@ -3,7 +3,8 @@
 Topics (relative to the namespace): ``joint_states`` (sensor_msgs/JointState, sensor QoS, at
 ``command_rate_hz``; names ``<side>_joint1..6``, ``<side>_gripper``; rad, gripper opening m),
 ``arm_status`` (smp_ros/ArmStatus, latched), ``joint_cmd`` (sensor_msgs/JointState, reliable depth 1,
-subscribed). Services (std_srvs/Trigger): ``enable``, ``disable``, ``emergency_stop``, ``reset``.
+subscribed). Services (std_srvs/Trigger): ``enable``, ``disable``, ``emergency_stop``, ``reset``,
+``start`` (after a reset no command executes until ``start``; see ``arm_bridge``).
 
 To stand in for piper_ros, remap the topics and names, e.g.::
 
@@ -23,15 +24,16 @@ from smp_ros.hardware.arm import Arm
 from smp_ros.hardware.piper import PiperArm
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.params import ParamSpec, driver_param_specs, driver_settings
-from smp_ros.nodes.ros_util import declare, run
+from smp_ros.nodes.ros_util import GuardedNode, declare, run
 
 
-class DriverNode(Node):
+class DriverNode(GuardedNode, Node):
     """``arm``: an already constructed Arm to drive (the simulator and tests pass an emulated one);
     by default a PiperArm is built from the parameters and connected."""
 
     def __init__(self, arm: Arm | None = None, **kwargs) -> None:
         self.arm: Arm | None = None  # destroy_node() also runs on a node that failed to start
+        self.bridge: ArmBridge | None = None
         super().__init__("driver", **kwargs)
         namespace_side = self.get_namespace().strip("/")
         side = declare(self, [ParamSpec(
@@ -49,9 +51,14 @@ class DriverNode(Node):
             # Non-blocking: the node comes up at once and arm_status reports the drivers' state.
             arm.enable()
         self.bridge = ArmBridge(self, arm, prefix="", command_rate_hz=settings.command_rate_hz,
-                                joint_names=settings.joint_names, enable_timeout_s=settings.enable_timeout_s)
+                                joint_names=settings.joint_names, enable_timeout_s=settings.enable_timeout_s,
+                               owner_timeout_s=settings.owner_timeout_s)
         self.get_logger().info(f"{side} arm on {settings.can_channel} ({settings.bus_type}), "
                                f"{settings.command_rate_hz:g} Hz")
+
+    def on_callback_fault(self, name: str, message: str) -> None:
+        if self.bridge is not None:
+            self.bridge.hold()  # the arm keeps its last safe target
 
     def destroy_node(self) -> None:
         # The arm is left enabled and holding its last target: disconnecting must not drop it.

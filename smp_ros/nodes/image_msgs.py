@@ -14,6 +14,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image
 
 from smp_ros.hardware.image import image_to_numpy, numpy_to_image, to_rgb8
+from smp_ros.runtime.guard import RefusedInput
 
 
 def _ros_cv_bridge():
@@ -44,8 +45,12 @@ def rgb_to_msg(image: np.ndarray, stamp, frame_id: str) -> Image:
     return msg
 
 
-def msg_to_rgb(msg: Image, topic: str) -> np.ndarray:
-    """rgb8 / bgr8 / mono8 Image -> (H, W, 3) uint8 RGB; ValueError naming the topic otherwise."""
+def msg_to_rgb(msg: Image, topic: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """rgb8 / bgr8 / mono8 Image -> (H, W, 3) uint8 RGB; RefusedInput (a ValueError) naming the topic
+    otherwise, or when ``size`` (height, width) is given and the frame has another."""
+    if size is not None and (msg.height, msg.width) != tuple(size):
+        raise RefusedInput(f"{topic}: {msg.width}x{msg.height} image; expected {size[1]}x{size[0]} "
+                           f"(width x height: runtime.camera_size, or the model's image size)")
     try:
         if _BRIDGE is not None:
             array = _BRIDGE.imgmsg_to_cv2(msg, desired_encoding="passthrough")
@@ -53,7 +58,7 @@ def msg_to_rgb(msg: Image, topic: str) -> np.ndarray:
             array = image_to_numpy(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
         return to_rgb8(array, msg.encoding)
     except Exception as exc:
-        raise ValueError(f"{topic}: cannot use image ({exc}); expected rgb8, bgr8 or mono8") from None
+        raise RefusedInput(f"{topic}: cannot use image ({exc}); expected rgb8, bgr8 or mono8") from None
 
 
 def camera_info(stamp, frame_id: str, height: int, width: int, fovy_deg: float) -> CameraInfo:

@@ -206,6 +206,7 @@ class DriverSettings:
     enable_timeout_s: float
     joint_names: tuple[str, ...]
     safety: SafetyConfig
+    owner_timeout_s: float = 0.5
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, expected: str, got: Any) -> None:
@@ -220,6 +221,7 @@ class DriverSettings:
         need(1 <= self.speed_percent <= 100, "speed_percent", "an integer 1..100", self.speed_percent)
         need(0.0 <= self.gripper_effort <= 5.0, "gripper_effort", "0..5 N*m", self.gripper_effort)
         need(self.enable_timeout_s > 0, "enable_timeout_s", "> 0 s", self.enable_timeout_s)
+        need(self.owner_timeout_s > 0, "owner_timeout_s", "> 0 s", self.owner_timeout_s)
         need(len(self.joint_names) == 7 and len(set(self.joint_names)) == 7 and all(self.joint_names),
              "joint_names", "7 distinct names (joints 1..6, then the gripper)", list(self.joint_names))
 
@@ -238,6 +240,8 @@ def driver_param_specs(side: str) -> list[ParamSpec]:
         ParamSpec("enable_timeout_s", 2.0, "how long the enable service waits for the drivers to confirm (s)"),
         ParamSpec("joint_names", list(element_names(side)), "JointState names of joints 1..6 and the gripper, "
                   "used on joint_states and expected on joint_cmd"),
+        ParamSpec("owner_timeout_s", 0.5, "joint_cmd ownership: another publisher may take over the command "
+                  "stream only after its owner has been silent this long (s)"),
     ] + safety_param_specs()
 
 
@@ -247,4 +251,4 @@ def driver_settings(side: str, values: dict[str, Any]) -> DriverSettings:
         enable_on_start=values["enable_on_start"], command_rate_hz=values["command_rate_hz"],
         speed_percent=values["speed_percent"], gripper_effort=values["gripper_effort"],
         enable_timeout_s=values["enable_timeout_s"], joint_names=tuple(values["joint_names"]),
-        safety=safety_config(values, where="parameters"))
+        safety=safety_config(values, where="parameters"), owner_timeout_s=values["owner_timeout_s"])

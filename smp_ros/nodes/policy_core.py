@@ -22,9 +22,15 @@ target, and a recorded bag shows the gap), whenever
 - the last inference missed its deadline (``inference_deadline_s``): its chunk is discarded, since
   it was planned from an observation too old to trust, until a timely chunk arrives;
 - there is no chunk to execute yet (start, task change) or the last one ran out;
-- the safety filter rejected a non-finite target.
+- the safety filter rejected a non-finite target;
+- inference failed, or its worker process died (it is restarted up to ``WORKER_RESTARTS`` times
+  with exponential backoff from ``WORKER_BACKOFF_S``; the reason says so, logged once).
 
 Every hold carries a reason that names the stream, the age or the latency and the limit.
+
+Load: the inference thread runs at most once per policy period and never catches up on missed
+periods: a late call makes it skip the cycles it overran (counted in ``stats.skipped_cycles``), so
+planning under load gets sparser, never queued behind stale observations.
 """
 
 from __future__ import annotations
@@ -43,11 +49,16 @@ from smp_ros.config import ARMS, TASKS, RuntimeConfig
 from smp_ros.model import batch as keys
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.executor import HOLD, ActionChunk, ChunkExecutor
+from smp_ros.runtime.guard import CallbackGuard
 from smp_ros.runtime.safety import SafetyFilter
+from smp_ros.runtime.worker import WorkerDiedError
 
 log = logging.getLogger("smp_ros.policy")
 
 SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sample is always there
+WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
+WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
+RATE_WINDOW_S = 2.0  # window of the achieved inference rate
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,11 @@ class ObservationSync:
     def reset(self) -> None:
         with self._lock:
             self._history.clear()
+
+    def newest_joints(self, arm: str) -> tuple[float, np.ndarray] | None:
+        """(stamp, q (7,)) of the newest joint state received from ``arm``, or None."""
+        with self._lock:
+            return self._joints[arm][-1] if self._joints[arm] else None
 
     def stale_reason(self, now: float) -> str:
         """Why the newest observation cannot be acted on at ``now`` ('' if it can)."""
@@ -163,6 +179,9 @@ class RunnerStats:
     chunks: int = 0
     missed_deadlines: int = 0
     last_latency: float = 0.0
+    skipped_cycles: int = 0  # planning periods skipped because the previous cycle overran
+    worker_restarts: int = 0
+    completed: deque = field(default_factory=lambda: deque(maxlen=1000))  # monotonic times of inference calls
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000))  # seconds, recent inference calls
     # (observation stamp, router mean g_bar (K,), active set S) per inference call, for gate traces
     gates: deque = field(default_factory=lambda: deque(maxlen=100_000))
@@ -191,11 +210,13 @@ class PolicyRunner:
                                       stale_after_s=runtime.safety.stale_after_s)
         self.safety = SafetyFilter(runtime.safety, runtime.command_rate_hz)
         self.stats = RunnerStats()
+        self.guard = CallbackGuard(log, on_fault=self._on_inference_fault)
         self.task = runtime.task
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
         self._safety_started = False
+        self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,10 +241,29 @@ class PolicyRunner:
             raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
         with self._lock:
             self.task = task
-            self.executor.reset()
-            self.sync.reset()
-            self._deadline_hold = ""
-            self._planned_stamp = -math.inf
+            self._restart_locked()
+
+    def restart(self) -> None:
+        """Start again from the measured pose: drop the observation history and every chunk, and
+        re-seed the safety filter from the next synchronized observation. Used when the arms run
+        again after an e-stop, a disable or a lost connection: nothing planned before may execute."""
+        with self._lock:
+            self._restart_locked()
+
+    def _restart_locked(self) -> None:
+        self._generation += 1  # an inference in flight now plans for a past that no longer exists
+        self.executor.reset()
+        self.sync.reset()
+        self._deadline_hold = ""
+        self._planned_stamp = -math.inf
+        self._safety_started = False
+
+    def inference_rate(self, now: float | None = None) -> float:
+        """Inference calls completed per second over the last ``RATE_WINDOW_S`` (monotonic clock)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = [t for t in self.stats.completed if now - t <= RATE_WINDOW_S]
+        return len(recent) / RATE_WINDOW_S
 
     # ------------------------------------------------------------------ command tick
 
@@ -254,18 +294,53 @@ class PolicyRunner:
 
     def _inference_loop(self) -> None:
         period = 1.0 / self.runtime.policy_rate_hz
+        infer = self.guard.wrap("inference", self._infer_once, passthrough=(WorkerDiedError,))
         next_time = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(max(0.0, next_time - time.monotonic()))
             if self._stop.is_set():
                 return
-            next_time = max(next_time + period, time.monotonic())
-            try:
-                self._infer_once()
-            except Exception:  # keep the thread alive; the command stream holds meanwhile
-                log.exception("inference failed")
+            now = time.monotonic()
+            if now - next_time >= period:  # the last cycle overran: skip, never queue, the missed ones
                 with self._lock:
-                    self._deadline_hold = "inference failed (see the log)"
+                    self.stats.skipped_cycles += int((now - next_time) // period)
+            next_time = max(next_time + period, now)
+            try:
+                infer()
+            except WorkerDiedError as exc:  # not contained by the guard: it has its own remedy
+                self._replace_worker(exc)
+                next_time = time.monotonic()
+
+    def _on_inference_fault(self, name: str, message: str) -> None:
+        with self._lock:
+            self._deadline_hold = f"inference failed ({message}); holding until a chunk succeeds"
+
+    def _replace_worker(self, exc: WorkerDiedError) -> None:
+        """Restart a dead inference worker with bounded retries and backoff, holding meanwhile."""
+        restart = getattr(self.engine, "restart", None)
+        for attempt in range(1, WORKER_RESTARTS + 1 if restart is not None else 1):
+            wait = WORKER_BACKOFF_S * 2 ** (attempt - 1)
+            reason = f"{exc}; restarting it (attempt {attempt} of {WORKER_RESTARTS}, in {wait:g} s)"
+            with self._lock:
+                self._deadline_hold = reason
+            log.warning(reason)
+            if self._stop.wait(wait):
+                return
+            try:
+                restart()
+            except Exception as err:  # a failed attempt; the next one waits longer
+                exc = WorkerDiedError(f"inference worker restart failed: {err}")
+                continue
+            with self._lock:
+                self.stats.worker_restarts += 1
+                self._deadline_hold = "inference worker restarted; holding until its first chunk"
+            log.warning(f"inference worker restarted (attempt {attempt}); resuming planning")
+            return
+        reason = f"{exc}; not restarted" + (f" after {WORKER_RESTARTS} attempts" if restart is not None else "")
+        with self._lock:
+            self._deadline_hold = reason + " (restart the node)"
+        log.error(reason)
+        self._stop.set()  # nothing left to plan with: the command stream holds for good
 
     def _infer_once(self) -> None:
         history = self.sync.history()
@@ -273,7 +348,7 @@ class PolicyRunner:
             return
         stamp, qpos, images = history
         with self._lock:
-            task = self.task
+            task, generation = self.task, self._generation
             if stamp <= self._planned_stamp:
                 return  # no newer observation since the last chunk: nothing new to plan from
             self._planned_stamp = stamp
@@ -288,9 +363,10 @@ class PolicyRunner:
         with self._lock:
             self.stats.last_latency = latency
             self.stats.latencies.append(latency)
+            self.stats.completed.append(time.monotonic())
             self.stats.gates.append((stamp, result.gate.copy(), result.active))
-            if task != self.task:
-                return  # planned for the previous task
+            if generation != self._generation:
+                return  # planned before a restart or task change: never executed
             if latency > self.deadline:
                 self.stats.missed_deadlines += 1
                 self._deadline_hold = (f"inference missed its deadline: {latency:.3f} s > "

@@ -13,13 +13,28 @@ activates itself, which is what ``smp-ros bringup`` and the launch file rely on.
 
 Holding (see ``smp_ros.nodes.policy_core``): on a stale stream, a missed inference deadline or no
 chunk to execute, the node publishes NO command (the drivers keep the arms at the last target)
-and logs, and reports in policy_status, why.
+and logs, and reports in policy_status, why. Also:
+
+- arm interlock: the node subscribes to both arms' ``arm_status`` (``arm_status_topic``) and holds
+  while either arm is not ``running`` (e-stopped, awaiting start after a reset, disabled,
+  disconnected) or has not reported yet. When both run again it restarts from the measured pose:
+  fresh observation history, no chunk, safety filter re-seeded; a chunk planned before is never
+  executed;
+- refused input: a JointState with other names, NaN or inf, an image of another size than
+  ``runtime.camera_size`` (or the model's image size) or an unusable encoding/step is refused at
+  the subscription, with a rate-limited error naming the topic, and the node holds until that
+  topic delivers good input again (``smp_ros.nodes.ros_util`` callback guard);
+- any exception in a callback is contained the same way (counted, logged rate-limited, a hold).
+
+Logging: one line per change of hold cause (numbers such as ages do not make a new cause), plus a
+summary every ``HOLD_SUMMARY_S`` while holding; never one per command tick.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -27,13 +42,14 @@ from sensor_msgs.msg import Image, JointState
 
 from smp_ros.config import ARMS, TASKS, ConfigError
 from smp_ros.hardware.arm import element_names
-from smp_ros.msg import PolicyStatus, SkillState
+from smp_ros.msg import ArmStatus, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
 from smp_ros.nodes.policy_core import Command, PolicyRunner
-from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, declare, from_stamp, joint_positions,
-                                    joint_state_msg, now_seconds, run, to_stamp)
+from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
+                                    joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
+from smp_ros.runtime.guard import cause_of as hold_cause
 from smp_ros.runtime.worker import EngineProcess
 from smp_ros.srv import SetTask
 
@@ -47,12 +63,16 @@ POLICY_SPECS = [
     ParamSpec("seed", 0, "seed of the sampling noise (chunk n uses seed + n)"),
     ParamSpec("autostart", True, "configure and activate at start-up"),
     ParamSpec("camera_topic", "/cameras/{camera}/image_raw", "image topic of each camera the model uses"),
+    ParamSpec("arm_status_topic", "/{arm}/arm_status", "each arm's smp_ros/ArmStatus: the policy holds unless "
+              "both report running; '' disables this interlock (drivers that publish no ArmStatus)"),
 ]
 STATUS_PERIOD_S = 0.5
 RATE_WINDOW_S = 2.0
+HOLD_SUMMARY_S = 10.0
+RUNNING = "running"
 
 
-class PolicyNode(LifecycleNode):
+class PolicyNode(GuardedNode, LifecycleNode):
     def __init__(self, **kwargs) -> None:
         # Set before anything can fail: destroy_node() runs on a half-built node too.
         self.runner: PolicyRunner | None = None
@@ -71,6 +91,14 @@ class PolicyNode(LifecycleNode):
         self.configure_error = ""  # why the last configure failed (bringup reports it)
         self.commands_published = 0
         self._reason = "inactive"
+        self._cause = hold_cause(self._reason)
+        self._hold_ticks: Counter = Counter()  # ticks held per cause since the last summary
+        self._ticks = 0
+        self._summary_time = time.monotonic()
+        self._arm_states: dict[str, tuple[str, str]] = {}  # arm -> (state, reason) from its ArmStatus
+        self._arm_lock = threading.Lock()
+        self._restart_pending = False
+        self._tick_name = f"timer {self._on_tick.__qualname__}"
         self._published = deque()  # publication times within RATE_WINDOW_S
         self._sensor_group = ReentrantCallbackGroup()
         self._command_group = MutuallyExclusiveCallbackGroup()
@@ -106,6 +134,7 @@ class PolicyNode(LifecycleNode):
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
+        self.runner.guard.closing = self.closing
 
         self.cmd_pubs = {arm: self.create_lifecycle_publisher(JointState, f"/{arm}/joint_cmd", COMMAND_QOS)
                          for arm in ARMS}
@@ -117,6 +146,15 @@ class PolicyNode(LifecycleNode):
         self._subs += [self.create_subscription(Image, labels[c], lambda m, c=c: self._on_image(c, m),
                                                 SENSOR_QOS, callback_group=self._sensor_group)
                        for c in self.engine.cameras]
+        size = tuple(self.runtime.camera_size)
+        self.camera_size = size if size != (0, 0) else tuple(self.engine.cfg.encoder.image_size)
+        self.arm_status_topics = ({arm: self.p["arm_status_topic"].format(arm=arm) for arm in ARMS}
+                                  if self.p["arm_status_topic"] else {})
+        with self._arm_lock:
+            self._arm_states.clear()
+        self._subs += [self.create_subscription(ArmStatus, topic, lambda m, a=arm: self._on_arm_status(a, m),
+                                                LATCHED_QOS, callback_group=self._sensor_group)
+                       for arm, topic in self.arm_status_topics.items()]
         cfg = self.engine.cfg
         self.get_logger().info(
             f"model {self.p['model']} ({self.engine.backend_name}, {self.engine.device}): K={cfg.num_experts}, "
@@ -136,6 +174,8 @@ class PolicyNode(LifecycleNode):
                                         callback_group=self._command_group)
         self._status_timer = self.create_timer(STATUS_PERIOD_S, self._publish_status,
                                                callback_group=self._command_group)
+        self._hold_ticks.clear()
+        self._ticks, self._summary_time = 0, time.monotonic()
         self.get_logger().info(f"active: task {self.runner.task}, {self.runtime.command_rate_hz:g} Hz commands, "
                                f"{self.runtime.policy_rate_hz:g} Hz inference")
         return super().on_activate(state)
@@ -143,7 +183,7 @@ class PolicyNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_timers()
         self.runner.stop()
-        self._reason = "inactive"
+        self._reason, self._cause = "inactive", hold_cause("inactive")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -182,22 +222,47 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ callbacks
 
     def _on_joints(self, arm: str, msg: JointState) -> None:
-        try:
-            q = joint_positions(msg, self.names[arm], f"/{arm}/joint_states")
-        except ValueError as exc:
-            self.get_logger().error(str(exc), throttle_duration_sec=2.0)
-            return
+        q = joint_positions(msg, self.names[arm], f"/{arm}/joint_states")  # RefusedInput: guard holds
         self.runner.sync.add_joints(arm, from_stamp(msg.header.stamp), q)
 
     def _on_image(self, camera: str, msg: Image) -> None:
-        try:
-            image = msg_to_rgb(msg, self.runner.sync.labels[camera])
-        except ValueError as exc:
-            self.get_logger().error(str(exc), throttle_duration_sec=2.0)
-            return
+        image = msg_to_rgb(msg, self.runner.sync.labels[camera], self.camera_size)
         self.runner.sync.add_image(camera, from_stamp(msg.header.stamp), image)
 
+    def _on_arm_status(self, arm: str, msg: ArmStatus) -> None:
+        # Drivers from before the state field: running = connected, enabled, not e-stopped.
+        state = msg.state or (RUNNING if msg.connected and msg.enabled and not msg.emergency_stopped
+                              else "not running")
+        with self._arm_lock:
+            self._arm_states[arm] = (state, msg.reason)
+
+    def _arm_hold(self) -> str:
+        """Why the arms do not allow commanding ('' when both run, or without the interlock)."""
+        with self._arm_lock:
+            for arm, topic in self.arm_status_topics.items():
+                if arm not in self._arm_states:
+                    return f"no arm status yet on {topic}"
+                state, reason = self._arm_states[arm]
+                if state != RUNNING:
+                    return f"{arm} arm {state}" + (f": {reason}" if reason else "")
+        return ""
+
     def _on_tick(self) -> None:
+        arms = self._arm_hold()
+        if arms:
+            # Whatever was planned while an arm could not move is void once it can again.
+            self._restart_pending = True
+            self._note(arms)
+            return
+        if self._restart_pending:
+            self._restart_pending = False
+            self.runner.restart()
+            self.get_logger().info("both arms running: restarting from the measured pose "
+                                   "(fresh observation history, no old chunk)")
+        fault = self.guard.reason(exclude=self._tick_name)
+        if fault:
+            self._note(fault)
+            return
         step: Command = self.runner.tick()
         self._note(step.reason)
         if step.holding:
@@ -238,13 +303,29 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ status
 
     def _note(self, reason: str) -> None:
-        if reason == self._reason:
+        """Log and publish a change of hold cause; a periodic summary while holding."""
+        cause = hold_cause(reason)
+        self._ticks += 1
+        if reason:
+            self._hold_ticks[cause] += 1
+        now = time.monotonic()
+        if now - self._summary_time >= HOLD_SUMMARY_S:
+            if self._hold_ticks:
+                held = sum(self._hold_ticks.values())
+                top = "; ".join(f"{n} x {c}" for c, n in self._hold_ticks.most_common(3))
+                self.get_logger().warning(f"held {held} of {self._ticks} command ticks in the last "
+                                          f"{now - self._summary_time:.0f} s; most: {top}")
+            self._hold_ticks.clear()
+            self._ticks = 0
+            self._summary_time = now
+        self._reason = reason
+        if cause == self._cause:
             return
         if reason:
             self.get_logger().warning(f"HOLD: {reason}")
         else:
             self.get_logger().info("commanding the arms")
-        self._reason = reason
+        self._cause = cause
         self._publish_status()
 
     def _publish_status(self) -> None:
@@ -259,7 +340,10 @@ class PolicyNode(LifecycleNode):
                            command_rate=len(self._published) / RATE_WINDOW_S,
                            observation_age=float(now_seconds(self) - latest.stamp) if latest else float("inf"),
                            last_inference_latency=stats.last_latency, chunks=stats.chunks,
-                           missed_deadlines=stats.missed_deadlines)
+                           missed_deadlines=stats.missed_deadlines,
+                           inference_rate=self.runner.inference_rate(now), skipped_cycles=stats.skipped_cycles,
+                           callback_errors=self.guard.errors + self.runner.guard.errors,
+                           worker_restarts=stats.worker_restarts)
         msg.header.stamp = to_stamp(now_seconds(self))
         self.status_pub.publish(msg)
 

@@ -1,10 +1,33 @@
 """What every smp_ros node shares: QoS profiles, typed parameter declaration, message <-> numpy
-conversion for joint states, and the ``main()`` boilerplate."""
+conversion for joint states, the callback guard, and the ``main()`` boilerplate.
+
+Callback guard. In rclpy an exception raised by a callback ends ``executor.spin()``: every node
+on that executor stops, so one malformed message could leave the arms without joint states,
+commands or status. Every subscription, timer and service callback of an smp_ros node is therefore
+registered through ``smp_ros.runtime.guard.CallbackGuard`` (the :class:`GuardedNode` mixin does it in
+``create_subscription`` / ``create_timer`` / ``create_service``, so no callback can be forgotten):
+
+- the exception is contained and counted per callback;
+- it is logged rate-limited: the first failure of a callback with its traceback (or, for input the
+  callback refused, :class:`RefusedInput`, with its message only), then one line per
+  ``summary_period_s`` with the count, and one line when the callback recovers;
+- the node's hold hook (``on_callback_fault``) runs: the policy stops commanding, a driver drops
+  its pending target and keeps the arm at the last safe one;
+- the fault stays active until the same callback next completes, and nodes report active faults
+  and counts in their status topics.
+
+A failure the guard cannot contain (the executor itself failing, a node's own thread dying and
+setting ``fatal_error``) ends the process with a non-zero status: see :class:`Spinner` and
+:func:`run`.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,6 +42,7 @@ from sensor_msgs.msg import JointState
 
 from smp_ros.config import ConfigError
 from smp_ros.nodes.params import ParamSpec
+from smp_ros.runtime.guard import CallbackGuard, RefusedInput  # noqa: F401 (re-exported for the nodes)
 
 # Sensor streams (images, joint states): best effort, keep the newest few; a late sample is useless.
 SENSOR_QOS = qos_profile_sensor_data
@@ -100,49 +124,168 @@ def joint_state_msg(names: Sequence[str], stamp: float, position: np.ndarray,
 
 
 def joint_positions(msg: JointState, names: Sequence[str], topic: str) -> np.ndarray:
-    """Positions of ``names`` (in that order) from a JointState; ValueError naming the topic and
-    what is missing or malformed. Values are not range-checked here (the safety layers do that)."""
+    """Positions of ``names`` (in that order) from a JointState; RefusedInput (a ValueError) naming
+    the topic and what is missing, malformed or non-finite. Values are not range-checked here (the
+    safety layers do that)."""
     if len(msg.position) != len(msg.name):
-        raise ValueError(f"{topic}: {len(msg.name)} names but {len(msg.position)} positions; "
+        raise RefusedInput(f"{topic}: {len(msg.name)} names but {len(msg.position)} positions; "
                          f"expected one position per name")
     index = {n: i for i, n in enumerate(msg.name)}
     missing = [n for n in names if n not in index]
     if missing:
-        raise ValueError(f"{topic}: missing joint(s) {missing}; expected names {list(names)}, "
-                         f"got {list(msg.name)}")
-    return np.array([msg.position[index[n]] for n in names], dtype=np.float64)
+        raise RefusedInput(f"{topic}: missing joint(s) {missing}; expected names {list(names)}, "
+                           f"got {list(msg.name)}")
+    q = np.array([msg.position[index[n]] for n in names], dtype=np.float64)
+    if not np.all(np.isfinite(q)):
+        bad = [n for n, v in zip(names, q) if not math.isfinite(v)]
+        raise RefusedInput(f"{topic}: non-finite position for {bad}; expected finite rad / m")
+    return q
+
+
+class GuardedNode:
+    """Mixin for ``Node`` / ``LifecycleNode`` subclasses (put it first): every subscription, timer
+    and service callback goes through the node's :class:`CallbackGuard`. Override
+    ``on_callback_fault`` (the hold hook) and ``on_callback_recovered``. A node whose own thread
+    died sets ``fatal_error``; :class:`Spinner` then ends the process with a non-zero status."""
+
+    fatal_error: str = ""
+
+    @property
+    def guard(self) -> CallbackGuard:
+        guard = self.__dict__.get("_guard")
+        if guard is None:  # lazily: rclpy's base classes create services before our __init__ runs
+            guard = CallbackGuard(self.get_logger(), on_fault=self.on_callback_fault,
+                                  on_recover=self.on_callback_recovered, closing=self.closing)
+            self.__dict__["_guard"] = guard
+        return guard
+
+    def closing(self) -> bool:
+        """The context is shut down (a signal): failures are expected then and not reported."""
+        return not self.context.ok()
+
+    def on_callback_fault(self, name: str, message: str) -> None:
+        """Hold hook: a guarded callback just failed."""
+
+    def on_callback_recovered(self, name: str) -> None:
+        """A guarded callback that had failed completed again."""
+
+    def create_subscription(self, msg_type, topic, callback, qos_profile, **kwargs):
+        name = f"subscription {self.resolve_topic_name(topic)}"
+        return super().create_subscription(msg_type, topic, self.guard.wrap(name, callback), qos_profile, **kwargs)
+
+    def create_timer(self, timer_period_sec, callback, *args, **kwargs):
+        name = f"timer {getattr(callback, '__qualname__', repr(callback))}"
+        return super().create_timer(timer_period_sec, self.guard.wrap(name, callback), *args, **kwargs)
+
+    def create_service(self, srv_type, srv_name, callback, **kwargs):
+        name = f"service {self.resolve_service_name(srv_name) if hasattr(self, 'resolve_service_name') else srv_name}"
+        return super().create_service(srv_type, srv_name, self.guard.wrap(name, callback, service=True), **kwargs)
+
+
+class Spinner:
+    """Spins an executor in a background thread until the context shuts down (Ctrl-C, SIGTERM) or
+    :meth:`stop`, and remembers why it ended. ``failure`` is non-empty when the executor raised or
+    a node reported ``fatal_error``: the process must then exit non-zero."""
+
+    def __init__(self, executor, nodes: Sequence[Node]) -> None:
+        self.executor = executor
+        self.nodes = [(node, node.get_fully_qualified_name()) for node in nodes]
+        self.error = ""
+        self._final: str | None = None  # the failure as it stood when spinning ended
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, name="executor", daemon=True)
+
+    def start(self) -> "Spinner":
+        self.thread.start()
+        return self
+
+    def _spin(self) -> None:
+        context = self.executor.context
+        try:
+            while context.ok() and not self._stop.is_set() and not self._current_failure():
+                self.executor.spin_once(timeout_sec=0.1)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        except Exception as exc:  # a callback outside the guard, or rclpy itself
+            # A signal shuts the context down under a running spin_once (rclpy then fails to build
+            # its wait set): that is a stop, not a crash.
+            if context.ok():
+                self.error = f"executor stopped: {''.join(traceback.format_exception(exc)).rstrip()}"
+        # Latched: what nodes report while being torn down after a signal is not a crash.
+        self._final = self._current_failure()
+
+    def _current_failure(self) -> str:
+        if self.error:
+            return self.error
+        for node, name in self.nodes:
+            fatal = getattr(node, "fatal_error", "")
+            if fatal:
+                return f"{name}: {fatal}"
+        return ""
+
+    @property
+    def failure(self) -> str:
+        """Why spinning ended abnormally ('' while healthy or after a clean stop)."""
+        return self._final if self._final is not None else self._current_failure()
+
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+
+
+def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> None:
+    """Stop spinning first, then the executor (waits for callbacks in flight), then destroy the
+    nodes: destroying a node while its callbacks still run is what leaves rclpy's "cannot use
+    Destroyable" exceptions behind."""
+    if spinner is not None:
+        spinner.stop()
+    # Callbacks already handed to the thread pool must finish before the executor's guard
+    # condition is destroyed, or they fail on it and rclpy prints "exception was never retrieved".
+    deadline = time.monotonic() + 1.0
+    while any(not f.done() for f in list(getattr(executor, "_futures", []))) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    executor.shutdown(timeout_sec=1.0)
+    for node in reversed(list(nodes)):
+        node.destroy_node()
 
 
 def spin_node(node: Node) -> None:
-    """Spin on a MultiThreadedExecutor until Ctrl-C or an external shutdown."""
+    """Spin on a MultiThreadedExecutor until Ctrl-C or an external shutdown (raises on a crash)."""
     executor = MultiThreadedExecutor()
     executor.add_node(node)
+    spinner = Spinner(executor, [node]).start()
     try:
-        executor.spin()
+        while spinner.running():
+            spinner.thread.join(0.2)
     finally:
-        executor.shutdown()
+        shutdown_nodes(spinner, executor, [])
+    if spinner.failure:
+        raise RuntimeError(spinner.failure)
 
 
 def run(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
     """The body of every node's ``main()``: init, build, spin, always destroy and shut down.
 
-    A node that cannot start (a bad parameter, an arm or camera that cannot be opened) exits with
-    status 1 and its error message, not a traceback.
+    Exit status: 0 after Ctrl-C / SIGTERM; 1 with the error message when the node cannot start (a
+    bad parameter, an arm or camera that cannot be opened) or when it died while running (the
+    executor failed or a node thread set ``fatal_error``), with the reason on stderr.
     """
     rclpy.init(args=args)
     node = None
+    status = 0
     try:
         node = make_node()
         spin_node(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, RuntimeError) as exc:
-        if node is not None:
-            raise  # a failure while running is a bug: keep the traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        status = 1
     finally:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return status

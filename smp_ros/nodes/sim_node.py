@@ -2,7 +2,7 @@
 
 It exposes exactly what the real drivers and cameras do, so the policy cannot tell the
 difference: ``/left|right/joint_states``, ``joint_cmd``, ``arm_status`` and the ``enable``,
-``disable``, ``emergency_stop``, ``reset`` services (each arm is the real piper_sdk talking over a
+``disable``, ``emergency_stop``, ``reset``, ``start`` services (each arm is the real piper_sdk talking over a
 python-can virtual bus to ``smp_ros.sim.can_emulator``), and ``/cameras/<name>/image_raw`` plus
 ``camera_info``. For evaluation it adds ``/smp/task`` (latched), ``/smp/episode``
 (smp_ros/EpisodeStatus, 10 Hz) and the ``/sim/reset_episode`` service (smp_ros/ResetEpisode).
@@ -34,8 +34,8 @@ from smp_ros.msg import EpisodeStatus
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
-from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, declare, now_seconds, run, to_stamp
-from smp_ros.sim.can_emulator import attach, wait_until_parsed
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
+from smp_ros.sim.can_emulator import PARSE_WAIT_S, attach, wait_until_parsed
 from smp_ros.sim.world import BimanualWorld
 from smp_ros.srv import ResetEpisode
 
@@ -52,13 +52,14 @@ SIM_SPECS = [
 MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops trying to catch up
 
 
-class SimNode(Node):
+class SimNode(GuardedNode, Node):
     def __init__(self, **kwargs) -> None:
         # destroy_node() also runs on a node that failed to start.
         self._thread: threading.Thread | None = None
         self.arms: dict[str, PiperArm] = {}
         self.world: BimanualWorld | None = None
         self.emulators = {}
+        self.bridges: list[ArmBridge] = []
         super().__init__("sim", **kwargs)
         p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
         self.cfg = sim_config(p, where="parameters")
@@ -78,6 +79,7 @@ class SimNode(Node):
         self.channels = {side: f"smp_sim_{side}_{os.getpid()}_{id(self):x}" for side in ("left", "right")}
 
         self._status: EpisodeStatus | None = None
+        self.muted_cameras: set[str] = set()  # fault injection: cameras that stopped (fault matrix)
         self._build_world(self.task, self.seed)
         self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
                                     speed_percent=p["speed_percent"], clock=partial(self._emulator_time, side))
@@ -117,6 +119,10 @@ class SimNode(Node):
         """The current episode's status; frozen at its final values once ``done``."""
         return self._status
 
+    def on_callback_fault(self, name: str, message: str) -> None:
+        for bridge in self.bridges:
+            bridge.hold()  # the arms keep their last safe targets
+
     def destroy_node(self) -> None:
         if self._thread is not None:
             self._stop.set()
@@ -138,7 +144,7 @@ class SimNode(Node):
         next_camera = next_status = 0.0
         warned = False
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.context.ok():
                 self._serve_requests()
                 behind = (time.monotonic() - wall0) * rtf - sim_elapsed
                 if behind > MAX_LAG_S:
@@ -162,8 +168,11 @@ class SimNode(Node):
                     next_status = sim_elapsed + status_period
                     self._publish_status()
         except Exception as exc:
-            self.get_logger().fatal(f"simulator thread stopped: {type(exc).__name__}: {exc}")
-            raise
+            if self._stop.is_set() or not self.context.ok():
+                return  # shutting down: publishing into a closed context is expected to fail
+            # Without the simulator nothing moves or reports: the process must end, non-zero.
+            self.fatal_error = f"simulator thread stopped: {type(exc).__name__}: {exc}"
+            self.get_logger().fatal(self.fatal_error)
         finally:
             # Here, not in destroy_node: the renderer's OpenGL context is current in this thread only.
             self._close_world()
@@ -191,7 +200,7 @@ class SimNode(Node):
         stamp = to_stamp(now_seconds(self))
         for name in self.cfg.cameras:
             # Rendering is the simulator's largest cost: skip cameras nobody listens to.
-            if self.image_pubs[name].get_subscription_count() == 0:
+            if self.image_pubs[name].get_subscription_count() == 0 or name in self.muted_cameras:
                 continue
             frame = self.world.render(name)
             self.image_pubs[name].publish(rgb_to_msg(frame, stamp, name))
@@ -235,7 +244,8 @@ class SimNode(Node):
         self.world.step(0.1)
         for side, arm in self.arms.items():
             if not wait_until_parsed(arm.sdk, self.emulators[side].last_feedback_time or 0.0):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within 2 s")
+                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within "
+                                   f"{PARSE_WAIT_S:g} s; its receive thread is not running")
 
     def _begin_episode(self) -> None:
         self.episode += 1

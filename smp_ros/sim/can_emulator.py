@@ -524,8 +524,12 @@ def attach(world, channels: dict[str, str], feedback_rate_hz: float | None = Non
     return emulators
 
 
-def wait_until_parsed(sdk, stamp: float, timeout: float = 2.0) -> bool:
+PARSE_WAIT_S = 30.0  # only a dead SDK receive thread takes this long; a busy machine takes seconds
+
+
+def wait_until_parsed(sdk, stamp: float, timeout: float = PARSE_WAIT_S) -> bool:
     """Wait (wall clock) until ``sdk`` has parsed the emulator's feedback tick at simulated ``stamp``.
+    Returns as soon as it has; on a loaded machine that may take seconds (slower, not failed).
 
     The emulator sends the status frame last in every tick and the SDK parses frames in order, so
     ``GetArmStatus().time_stamp >= stamp`` means every frame of that tick has been parsed.

@@ -1,0 +1,375 @@
+"""Fault matrix: every fault of the safety checklist injected into the running simulated system.
+
+``python -m smp_ros.nodes.fault_matrix`` (or ``tools/fault_matrix.sh``) starts the simulator
+(MuJoCo, both PiPER arms through piper_sdk over the CAN emulator) and the policy node in one
+process, waits until the policy commands the arms, then injects one fault at a time through the
+real topics and services (or, where no topic can carry it, the simulator's and engine's own
+hooks), waits for the stated safe reaction, clears the fault and waits for the arms to be
+commanded again. It prints one row per fault and writes them to ``--json``:
+
+    fault | expected | detected after | reason | resumed after | first-command jump | result
+
+"first-command jump" is the largest joint distance of the first command after the resume from
+the last command before the fault (the command stream never jumps), or, for the cases after
+which the policy restarts (e-stop, CAN loss), from the measured pose (the restart starts there); it must not exceed ``safety.max_joint_step``.
+Exit status 0 when every row passed. The waits are generous (a busy machine makes it slower, not failed);
+the times are wall-clock and only describe this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smp_ros.config import ARMS, ConfigError
+
+WAIT_S = 60.0
+
+
+@dataclass
+class Row:
+    fault: str
+    expected: str
+    detected_s: float | None = None
+    reason: str = ""
+    resumed_s: float | None = None
+    jump_rad: float | None = None
+    ok: bool = False
+    note: str = ""
+
+
+def _stamp(msg) -> float:
+    return msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
+
+
+class Probe:
+    """The injector's node: publishers for bad input, clients for the arm services, and records of
+    what the system publishes."""
+
+    def __init__(self, node, camera: str):
+        from sensor_msgs.msg import Image, JointState
+        from std_srvs.srv import Trigger
+
+        from smp_ros.msg import ArmStatus, PolicyStatus
+        from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
+        from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
+
+        self.node = node
+        self.camera = camera
+        self.lock = threading.Lock()
+        self.status: list = []
+        self.arm_status = {arm: None for arm in ARMS}
+        self.cmds = {arm: [] for arm in ARMS}
+        self.states = {arm: [] for arm in ARMS}
+        node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_status, LATCHED_QOS)
+        for arm in ARMS:
+            node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
+            # Depth 100, not the commands' 1: the record must not lose a command on a busy machine.
+            node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._keep(self.cmds[a], m),
+                                     QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
+            node.create_subscription(JointState, f"/{arm}/joint_states",
+                                     lambda m, a=arm: self._keep(self.states[a], m), SENSOR_QOS)
+        self.image_pub = node.create_publisher(Image, f"/cameras/{camera}/image_raw", SENSOR_QOS)
+        self.joint_pub = node.create_publisher(JointState, "/left/joint_states", SENSOR_QOS)
+        self.cmd_pub = node.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+        self.clients = {(arm, name): node.create_client(Trigger, f"/{arm}/{name}")
+                        for arm in ARMS for name in ("emergency_stop", "reset", "start")}
+
+    def _on_status(self, msg):
+        with self.lock:
+            self.status.append(msg)
+
+    def _on_arm(self, arm, msg):
+        self.arm_status[arm] = msg
+
+    def _keep(self, items, msg):
+        with self.lock:
+            items.append(msg)
+            del items[:-2000]
+
+    def call(self, arm: str, name: str) -> tuple[bool, str]:
+        from std_srvs.srv import Trigger
+
+        client = self.clients[(arm, name)]
+        if not client.wait_for_service(timeout_sec=WAIT_S):
+            return False, f"/{arm}/{name} not offered"
+        future = client.call_async(Trigger.Request())
+        deadline = time.monotonic() + WAIT_S
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not future.done():
+            return False, f"/{arm}/{name} did not answer"
+        return future.result().success, future.result().message
+
+    def latest_status(self):
+        with self.lock:
+            return self.status[-1] if self.status else None
+
+    def commanding(self) -> bool:
+        status = self.latest_status()
+        return status is not None and not status.holding
+
+    def hold_since(self, t0: float, text: str):
+        """The first status at or after ROS time t0 holding with ``text`` in its reason."""
+        with self.lock:
+            return next((m for m in self.status if _stamp(m) >= t0 and m.holding and text in m.reason), None)
+
+    def first_jump_after(self, t0: float, measured: bool = False) -> float | None:
+        """Largest joint distance of the first command after t0 from the last command before t0
+        (or, with ``measured``, from the measured pose just before that first command)."""
+        jumps = []
+        with self.lock:
+            for arm in ARMS:
+                cmd = next((c for c in self.cmds[arm] if _stamp(c) > t0), None)
+                if cmd is None:
+                    return None
+                reference = self.states[arm] if measured else self.cmds[arm]
+                before = [s for s in reference if _stamp(s) < _stamp(cmd)]
+                if not before:
+                    return None
+                jumps.append(float(np.max(np.abs(np.array(cmd.position[:6]) - np.array(before[-1].position[:6])))))
+        return max(jumps)
+
+
+def _wait(predicate, timeout: float = WAIT_S, poll: float = 0.01) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(poll)
+    return None
+
+
+class Matrix:
+    def __init__(self, sim, policy, probe: Probe, spinner, step_limit: float):
+        self.sim, self.policy, self.probe, self.spinner = sim, policy, probe, spinner
+        self.step_limit = step_limit
+        self.rows: list[Row] = []
+
+    def now(self) -> float:
+        return self.probe.node.get_clock().now().nanoseconds * 1e-9
+
+    def run(self, fault: str, expected: str, text: str, inject, clear, *, during=None, from_measured=False):
+        """Inject (repeatedly, while waiting, if ``during``), wait for a hold naming ``text``,
+        clear, wait for commands again and check the first command's jump."""
+        row = Row(fault, expected)
+        if _wait(self.probe.commanding) is None:
+            row.note = "the policy was not commanding before the fault"
+            self.rows.append(row)
+            return row
+        t0 = self.now()
+        inject()
+        start = time.monotonic()
+        held = None
+        while time.monotonic() - start < WAIT_S:
+            held = self.probe.hold_since(t0, text)
+            if held is not None:
+                break
+            if during is not None:
+                during()
+            time.sleep(0.01)
+        row.detected_s = None if held is None else time.monotonic() - start
+        row.reason = "" if held is None else held.reason[:90]
+        clear()
+        t1 = self.now()
+        row.resumed_s = _wait(lambda: self.probe.commanding() and self.probe.first_jump_after(t1) is not None)
+        row.jump_rad = self.probe.first_jump_after(t1, from_measured) if row.resumed_s is not None else None
+        alive = self.spinner.running() and not self.spinner.failure
+        row.ok = bool(held is not None and row.resumed_s is not None and alive and row.jump_rad is not None
+                      and row.jump_rad <= self.step_limit + 1e-6)
+        if not alive:
+            row.note = f"system died: {self.spinner.failure}"
+        self.rows.append(row)
+        return row
+
+
+def _image(height: int, width: int, encoding: str = "rgb8", step: int | None = None):
+    from sensor_msgs.msg import Image
+
+    step = width * 3 if step is None else step
+    msg = Image(height=height, width=width, encoding=encoding, step=step)
+    msg.data = bytes(step * height)
+    return msg
+
+
+def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
+    from sensor_msgs.msg import JointState
+
+    from smp_ros.hardware.arm import element_names
+    from smp_ros.nodes.ros_util import joint_state_msg
+
+    probe, sim, policy = m.probe, m.sim, m.policy
+    h, w = size
+    image_topic = f"/cameras/{camera}/image_raw"
+
+    def flood_images(msg):
+        def send():
+            msg.header.stamp = probe.node.get_clock().now().to_msg()
+            probe.image_pub.publish(msg)
+        return send
+
+    def flood_joints(position, names=element_names("left")):
+        def send():
+            probe.joint_pub.publish(joint_state_msg(names, m.now(), np.asarray(position, dtype=float)))
+        return send
+
+    nothing = lambda: None  # noqa: E731
+    home = [0.0, 0.4, -0.6, 0.0, 0.5, 0.0, 0.035]
+    for fault, bad in ((f"image {w + 16}x{h + 8} (another resolution)", _image(h + 8, w + 16)),
+                       ("image step shorter than a row", _image(h, w, step=w)),
+                       ("image encoding yuv422", _image(h, w, "yuv422", step=2 * w))):
+        m.run(fault, "refused, hold naming the topic", image_topic, nothing, nothing, during=flood_images(bad))
+    for fault, q, names in (("joint state NaN", [np.nan] + home[1:], element_names("left")),
+                            ("joint state inf", [np.inf] + home[1:], element_names("left")),
+                            ("joint state wrong names", home, element_names("right"))):
+        m.run(fault, "refused, hold naming the topic", "/left/joint_states", nothing, nothing,
+              during=flood_joints(q, names))
+
+    m.run("camera stops", "hold: stale camera", f"stale {image_topic}",
+          lambda: sim.muted_cameras.add(camera), lambda: sim.muted_cameras.discard(camera))
+    m.run("CAN bus of the left arm silent (unplugged)", "arm disconnected, hold; restart from the measured pose",
+          "left arm", lambda: sim.emulators["left"].unplug(), lambda: sim.emulators["left"].replug(),
+          from_measured=True)
+
+    # E-stop during motion, then reset: no motion until start.
+    moved_after_reset = {}
+
+    def estop():
+        probe.call("left", "emergency_stop")
+
+    def reset_then_start():
+        probe.call("left", "reset")
+        _wait(lambda: probe.arm_status["left"] is not None and probe.arm_status["left"].state == "awaiting_start")
+        q0 = np.array(probe.states["left"][-1].position[:6])
+        time.sleep(1.0)  # a window in which nothing may move: the policy and driver both hold
+        q1 = np.array(probe.states["left"][-1].position[:6])
+        moved_after_reset["rad"] = float(np.max(np.abs(q1 - q0)))
+        probe.call("left", "start")
+
+    row = m.run("e-stop, reset, start", "hold; no motion after reset until start; resume from measured pose",
+                "left arm estopped", estop, reset_then_start, from_measured=True)
+    moved = moved_after_reset.get("rad", float("nan"))
+    row.note = f"moved {moved:.4f} rad between reset and start"
+    row.ok = row.ok and moved < 2e-3
+
+    # Two publishers on one command topic: the policy owns it, the intruder is refused.
+    refused0 = probe.arm_status["left"].commands_not_owner if probe.arm_status["left"] else 0
+    far = np.array(home) + np.array([1.0, 0.5, -0.5, 0.5, 0.5, 0.5, 0.0])
+    intruder = lambda: probe.cmd_pub.publish(JointState(name=list(element_names("left")),  # noqa: E731
+                                                        position=[float(v) for v in far]))
+    row = Row("second publisher on /left/joint_cmd (far target)", "refused, policy keeps the stream")
+    start = time.monotonic()
+    while time.monotonic() - start < WAIT_S:
+        intruder()
+        status = probe.arm_status["left"]
+        if status is not None and status.commands_not_owner > refused0:
+            row.detected_s = time.monotonic() - start
+            row.reason = f"commands_not_owner {status.commands_not_owner - refused0}, owner {status.owner}"
+            break
+        time.sleep(0.01)
+    q = np.array(probe.states["left"][-1].position[:6])
+    row.jump_rad = float(np.max(np.abs(q - far[:6])))  # distance still to the intruder's target
+    row.ok = row.detected_s is not None and row.jump_rad > 0.3 and m.spinner.running()
+    row.note = "jump = remaining distance to the intruder's target (must stay large)"
+    m.rows.append(row)
+
+    # Inference faults, through the engine's and runner's own hooks.
+    engine = policy.engine
+    real_infer = engine.infer
+
+    def nan_infer(obs, seed=None, active=None):
+        result = real_infer(obs, seed=seed, active=active)
+        result.action[:] = np.nan
+        return result
+
+    m.run("model returns NaN", "chunk rejected, hold", "rejected",
+          lambda: setattr(engine, "infer", nan_infer), lambda: setattr(engine, "infer", real_infer))
+    deadline = policy.runner.deadline
+    m.run("inference overruns its deadline", "chunk discarded, hold", "deadline",
+          lambda: setattr(policy.runner, "deadline", 1e-6), lambda: setattr(policy.runner, "deadline", deadline))
+    if getattr(engine, "pid", None):
+        m.run("inference worker killed (SIGKILL)", "hold naming the worker; restarted", "inference worker",
+              lambda: os.kill(engine.pid, signal.SIGKILL), nothing)
+
+
+def print_table(rows: list[Row]) -> None:
+    def fmt(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    print(f"{'fault':48} {'detected s':>10} {'resumed s':>9} {'jump rad':>8}  result  reason / note")
+    for r in rows:
+        print(f"{r.fault[:48]:48} {fmt(r.detected_s):>10} {fmt(r.resumed_s):>9} {fmt(r.jump_rad):>8}  "
+              f"{'PASS' if r.ok else 'FAIL':6}  {r.reason or ''}{' | ' + r.note if r.note else ''}")
+    print(f"{sum(r.ok for r in rows)} of {len(rows)} passed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fault_matrix", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
+    parser.add_argument("--model", default="models/smp_sim", help="model directory")
+    parser.add_argument("--backend", default="eager", choices=("eager", "compiled"))
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from smp_ros.nodes.params import ParamsFile, sim_camera_size
+    from smp_ros.nodes.policy_node import PolicyNode
+    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
+    from smp_ros.nodes.sim_node import SimNode
+
+    params = ParamsFile.load(args.config)
+    if not Path(args.model).is_dir():
+        raise ConfigError(f"--model: expected a model directory, got {args.model!r}")
+    size = sim_camera_size(params)
+    # Relaxed timing: the matrix checks behaviour, and this machine may be busy.
+    policy_params = {"model": args.model, "backend": args.backend, "device": "cpu", "inference_process": True,
+                     "camera_size": size, "policy_rate_hz": 5.0, "inference_deadline_s": 3.0,
+                     "safety.stale_after_s": 1.0}
+    rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
+    executor = MultiThreadedExecutor()
+    nodes, spinner = [], None
+    try:
+        sim = SimNode(parameter_overrides=[Parameter("safety.stale_after_s", value=1.0)])
+        nodes.append(sim)
+        policy = PolicyNode(parameter_overrides=[Parameter(k, value=v) for k, v in policy_params.items()])
+        nodes.append(policy)
+        probe_node = rclpy.create_node("fault_injector")
+        nodes.append(probe_node)
+        for node in nodes:
+            executor.add_node(node)
+        spinner = Spinner(executor, nodes).start()
+        if _wait(lambda: policy.runner is not None or policy.configure_error, timeout=600.0) is None \
+                or policy.configure_error:
+            raise ConfigError(f"policy: {policy.configure_error or 'not configured within 600 s'}")
+        camera = policy.engine.cameras[0] if policy.engine.cameras else sim.cfg.cameras[0]
+        probe = Probe(probe_node, camera)
+        matrix = Matrix(sim, policy, probe, spinner, policy.runtime.safety.max_joint_step)
+        if _wait(probe.commanding, timeout=600.0) is None:
+            raise RuntimeError("the policy never started commanding the arms")
+        run_matrix(matrix, camera, tuple(size))
+    finally:
+        shutdown_nodes(spinner, executor, nodes)
+        rclpy.try_shutdown()
+    print_table(matrix.rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([asdict(r) for r in matrix.rows], indent=2))
+    return 0 if all(r.ok for r in matrix.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
