@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench gpu-wheels gpu-check clean
+.PHONY: venv demo test test-all bench train-sim gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -26,6 +26,10 @@ gpu-wheels: venv
 
 gpu-check:
 	tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The shipped model's recipe (README, "The shipped model"); rerun it to continue where it stopped.
+train-sim: venv
+	tools/train_sim.sh
 
 bench: venv
 	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from smp_ros import cli
 from smp_ros.config import preset
@@ -24,7 +25,8 @@ from smp_ros.data.dataset import SegmentDataset, StepBatches, to_tensors
 from smp_ros.data.synthetic import BagSpec, write_bag
 from smp_ros.model.encoder import to_model_input
 from smp_ros.model.policy import build_policy
-from smp_ros.train.trainer import EMA, configure_for_training, data_config_for, make_optimizer
+from smp_ros.train.trainer import (EMA, EXECUTION_FIELDS, TrainRequest, configure_for_training, data_config_for,
+                                   load_config, make_optimizer, train)
 
 CAMS = ("cam_high", "cam_left_wrist")
 BF16_REL_TOL = 2e-2  # bf16 keeps 8 bits of mantissa: the loss of one batch moves by ~1e-3 relative
@@ -37,6 +39,15 @@ def _cfg():
     model = dataclasses.replace(base.model, encoder=enc, obs_steps=3)
     data = dataclasses.replace(base.data, image_size=(48, 48))
     return dataclasses.replace(base, model=model, data=data)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tests time nothing; one thread keeps them from stalling on a machine busy with other work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +193,41 @@ def test_train_bench_compares_variants_on_a_cache(cache, tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
     assert cli.main(["train-bench", "--data", str(cache.root), "--preset", "tiny", "--variants", "old+turbo"]) == 2
     assert "unknown setting 'turbo'" in capsys.readouterr().out
+
+
+def _vision_overlay(tmp_path, **train):
+    overlay = tmp_path / "vision.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "model": {"obs_steps": 3, "encoder": _cfg().to_dict()["model"]["encoder"]}, "data": {"image_size": [48, 48]},
+        "train": {"steps": 4, "checkpoint_every": 2, "log_every": 2, "batch_size": 4, "segment_length": 3,
+                  "val_fraction": 0.0, **train}}))
+    return overlay
+
+
+def test_resumed_vision_run_equals_uninterrupted_with_the_fast_step(cache, tmp_path):
+    """The new step's settings (bf16 autocast where the CPU has it, fused AdamW, distinct frames, frames at
+    the model's size) keep a resumed run equal to an uninterrupted one, bit for bit."""
+    cfg = load_config("tiny", _vision_overlay(tmp_path))
+    t = cfg.train
+    assert t.distinct_frames and t.model_size_frames and t.fused_optimizer and t.cpu_bf16
+    logs: dict[str, list] = {"ref": [], "resumed": []}
+    for name, stops in (("ref", [None]), ("resumed", [2, None])):
+        for stop in stops:
+            train(cfg, TrainRequest(data=[str(cache.root.parent / "bags")], out=tmp_path / name, cache_dir=cache.root,
+                                    progress=False, diagnostics=False, ingest_workers=1, stop_after=stop,
+                                    on_log=lambda step, terms, n=name: logs[n].append((step, terms["loss"]))))
+    assert logs["ref"] == logs["resumed"] and [s for s, _ in logs["ref"]] == [2, 4]
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_resumes_across_execution_settings(cache, tmp_path):
+    """How a step runs is not part of a run's identity: a state saved with the old step resumes with the new."""
+    data = [str(cache.root.parent / "bags")]
+    old = load_config("tiny", _vision_overlay(tmp_path, **dict.fromkeys(EXECUTION_FIELDS, False)))
+    train(old, TrainRequest(data=data, out=tmp_path / "m", cache_dir=cache.root, progress=False, diagnostics=False,
+                            stop_after=2))
+    result = train(load_config("tiny", _vision_overlay(tmp_path)),
+                   TrainRequest(data=data, out=tmp_path / "m", cache_dir=cache.root, progress=False, diagnostics=False))
+    assert result.summary["resumed_from"] == 2 and result.steps == 4

@@ -2,8 +2,9 @@
 
 Optimisation follows B.3 (AdamW; defaults in ``TrainConfig``) with linear warmup then cosine decay,
 gradient clipping, an exponential moving average of the weights (what is saved for inference) and
-bf16 autocast on CUDA. Batches are trajectory segments (``data.dataset``); the batch of step n is a
-pure function of (seed, n), so a resumed run or a run split over W processes sees the same samples.
+bf16 autocast on CUDA and on CPUs with bf16 instructions (``step_autocast``). Batches are trajectory
+segments (``data.dataset``); the batch of step n is a pure function of (seed, n), so a resumed run or
+a run split over W processes sees the same samples.
 
 Output layout for ``out = models/foo``::
 
