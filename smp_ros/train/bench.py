@@ -373,7 +373,7 @@ class _Run:
         self.times.append({"data": t1 - t0, "encoder_fwd": enc, "experts_fwd": exp, "other_fwd": t2 - t1 - enc - exp,
                            "heads_bwd": heads_done - t2, "encoder_bwd": t3 - heads_done, "optimizer": t4 - t3,
                            "total": t4 - t0})
-        self.losses.append(float(terms["loss"]))
+        self.losses.append(float(terms["loss"].detach()))
         self.step_n += 1
 
 
