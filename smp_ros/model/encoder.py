@@ -136,7 +136,8 @@ class ObservationEncoder(nn.Module):
                                  f"(N, T_o, {len(self.cfg.cameras)}, H, W, 3) uint8")
             if frame_index is not None and (frame_index.shape != (N, T) or images.dim() != 5):
                 raise ValueError(f"frame_index: expected shape (N, T_o) = {(N, T)} over distinct frames "
-                                 f"(M, N_cam, H, W, 3), got {tuple(frame_index.shape)} and images {tuple(images.shape)}")
+                                 f"(M, N_cam, H, W, 3), got {tuple(frame_index.shape)} and images "
+                                 f"{tuple(images.shape)}")
             for c, name in enumerate(self.cfg.cameras):
                 if frame_index is None:
                     x = self.preprocess(images[:, :, c].reshape(N * T, *images.shape[-3:]))  # (N*T_o, 3, h, w)

@@ -340,7 +340,8 @@ class _Run:
 
     def _stop(self, name: str, out: torch.Tensor) -> None:
         _sync(self.device)
-        self._clock[name + "_fwd"] = self._clock.get(name + "_fwd", 0.0) + time.perf_counter() - self._clock[name + "_t0"]
+        elapsed = time.perf_counter() - self._clock[name + "_t0"]
+        self._clock[name + "_fwd"] = self._clock.get(name + "_fwd", 0.0) + elapsed
         if name == "encoder" and out.requires_grad:  # its gradient is complete when the heads' backward is done
             out.register_hook(lambda grad: self._mark_heads_done())
 

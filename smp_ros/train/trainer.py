@@ -397,7 +397,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     # Each process draws its own diffusion noise and timesteps.
     torch.manual_seed(tcfg.seed * 1000 + ddp.rank)
 
-    identity = {"config": run_identity_config(cfg), "finetune": req.finetune, "init": str(req.init) if req.init else None,
+    identity = {"config": run_identity_config(cfg), "finetune": req.finetune,
+                "init": str(req.init) if req.init else None,
                 "world_size": ddp.world, "data": cache.fingerprint,
                 "data_summary": {"episodes": len(cache.episodes), "seconds": cache.summary()["seconds"]}}
     start = 0
