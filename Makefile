@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all test-stress bench gpu-wheels gpu-check clean
+.PHONY: venv demo test test-all test-stress bench train-sim gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -31,6 +31,10 @@ gpu-check:
 # hold on a busy machine.
 test-stress: venv
 	$(PY) test/stress.py $(PYTEST_ARGS)
+
+# The shipped model's recipe (README, "The shipped model"); rerun it to continue where it stopped.
+train-sim: venv
+	tools/train_sim.sh
 
 bench: venv
 	$(VENV)/bin/smp-ros bench --preset sim --backend compiled --device cpu --json runs/bench_sim_cpu.json

@@ -233,7 +233,14 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     num_workers: int = 0
-    mixed_precision: bool = True  # bf16 autocast on CUDA only
+    mixed_precision: bool = True  # bf16 autocast on CUDA
+    # How a step runs, not what it computes (BENCHMARKS.md, "Training throughput"); not part of a run's
+    # identity, so a resumed run may change them.
+    cpu_bf16: bool = True  # bf16 autocast on CPUs with bf16 instructions (AVX512-BF16 or AMX); fp32 elsewhere
+    distinct_frames: bool = True  # encode each distinct frame of a segment once (model/encoder.py)
+    channels_last: bool = False  # channels-last image activations in the backbones (no gain measured on the CPU)
+    model_size_frames: bool = True  # frames resized once to model.encoder.image_size, kept beside the cache
+    fused_optimizer: bool = True  # AdamW's fused kernel (one pass over all parameters) on CPU and CUDA
 
     def __post_init__(self) -> None:
         w = "train"

@@ -99,6 +99,31 @@ class DatasetCache:
         self.images = {c: np.memmap(root / f"images_{c}.u8", dtype=np.uint8, mode="r", shape=(n, h, w, 3))
                        for c in self.cameras}
 
+    def images_at(self, camera: str, size: tuple[int, int] | None) -> np.ndarray:
+        """Frames of ``camera`` at ``size`` (height, width): the stored ones when the size matches, otherwise
+        a copy resized once with the encoder's own resize (``model.encoder.to_model_input``), rounded to
+        uint8 and kept beside the cache as ``images_<cam>_<h>x<w>.u8``. Training reads these so that a step
+        does not resize every frame again; they differ from resizing on the fly by the rounding, at most
+        0.5 / 255 per pixel."""
+        h, w = self.index["image_size"]
+        if size is None or tuple(size) == (h, w):
+            return self.images[camera]
+        sh, sw = int(size[0]), int(size[1])
+        path = self.root / f"images_{camera}_{sh}x{sw}.u8"
+        n = self.num_steps
+        if not path.is_file() or path.stat().st_size != n * sh * sw * 3:
+            import torch
+
+            from smp_ros.model.encoder import to_model_input
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # then renamed: a reader sees all or nothing
+            with open(tmp, "wb") as f:
+                for i in range(0, n, 256):
+                    x = to_model_input(torch.from_numpy(np.array(self.images[camera][i:i + 256])), (sh, sw))
+                    f.write((x * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+                            .contiguous().numpy().tobytes())
+            os.replace(tmp, path)
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, sh, sw, 3))
+
     @property
     def stats(self) -> dict:
         return self.index["stats"]

@@ -25,13 +25,15 @@ class SegmentDataset:
     """Trajectory segments of ``segment_length`` steps from the given episodes of a cache."""
 
     def __init__(self, cache: DatasetCache, episodes: list[int], obs_steps: int, horizon: int,
-                 segment_length: int = 1, cameras: tuple[str, ...] = ()):
+                 segment_length: int = 1, cameras: tuple[str, ...] = (), image_size: tuple[int, int] | None = None):
+        """``image_size``: read frames resized once to this size (``DatasetCache.images_at``); None: as stored."""
         missing = [c for c in cameras if c not in cache.cameras]
         if missing:
             raise ValueError(f"{cache.root}: cameras {missing} not in the cache (has {list(cache.cameras)}); "
                              "ingest with those topics in data.topics.cameras")
         self.cache, self.obs_steps, self.horizon, self.segment_length = cache, obs_steps, horizon, segment_length
         self.cameras = tuple(cameras)
+        self.images = {c: cache.images_at(c, image_size) for c in self.cameras}
         self.episode_ids = [e for e in episodes if cache.episodes[e].length >= segment_length]
         starts, ep_start, ep_end, task = [], [], [], []
         for e in self.episode_ids:
@@ -65,7 +67,7 @@ class SegmentDataset:
             flat = obs.reshape(-1)
             # Memmap fancy indexing wants sorted unique rows for sequential reads; gather once per row.
             rows, inverse = np.unique(flat, return_inverse=True)
-            per_cam = [np.asarray(self.cache.images[c][rows])[inverse] for c in self.cameras]  # N_cam x (B*L*T_o, H, W, 3)
+            per_cam = [np.asarray(self.images[c][rows])[inverse] for c in self.cameras]  # N_cam x (B*L*T_o, H, W, 3)
             stacked = np.stack(per_cam, axis=1)  # (B*L*T_o, N_cam, H, W, 3)
             out["images"] = stacked.reshape(*obs.shape, *stacked.shape[1:])  # (B, L, T_o, N_cam, H, W, 3)
         return out

@@ -17,6 +17,13 @@ centred in eval mode.
 Lowdim mode: joint positions and task only (fast CPU experiments).
 Fusion: per step [camera features, proprio MLP(qpos_t)], flattened over T_o, concatenated with the
 task embedding, then Linear -> Mish -> Linear to d_s.
+
+Shared frames (training): a segment of L consecutive windows of T_o frames holds only L + T_o - 1
+distinct frames. ``forward(..., frame_index=idx)`` takes the distinct frames (M, N_cam, H, W, 3) and
+the (N, T_o) index of each window's frames among them, runs each backbone once per distinct frame
+and gathers the features, which is what per-window encoding computes (the backbone treats every image
+independently: GroupNorm normalises within one image) at a fraction of the cost. A training crop is
+drawn once per distinct frame, so a frame shared by two windows is cropped alike in both.
 """
 
 from __future__ import annotations
@@ -28,6 +35,16 @@ from torchvision.models.resnet import BasicBlock
 
 from smp_ros.config import ModelConfig
 from smp_ros.model.basis import mlp
+
+
+def to_model_input(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, h, w) in [0, 1] at ``size`` (antialiased bilinear when the size
+    differs). The one resize every path uses: the encoder's preprocessing and the frames that training
+    keeps at the model's size (``DatasetCache.images_at``)."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return x
 
 
 class ResNet18Backbone(nn.Module):
@@ -85,6 +102,7 @@ class ObservationEncoder(nn.Module):
                                             for c in enc.cameras})
             per_step += len(enc.cameras) * 8 * enc.backbone_width
         self.fuse = mlp([cfg.obs_steps * per_step + enc.task_embed_dim, enc.state_dim, enc.state_dim])
+        self.channels_last = False  # memory order of the backbones' activations (training speed; same values)
 
     def crop_size(self) -> tuple[int, int]:
         h, w = self.cfg.image_size
@@ -92,10 +110,7 @@ class ObservationEncoder(nn.Module):
 
     def preprocess(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float (N, 3, h_c, w_c) in [0, 1], resized and cropped."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-        if tuple(x.shape[-2:]) != tuple(self.cfg.image_size):
-            x = F.interpolate(x, size=tuple(self.cfg.image_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+        x = to_model_input(images, self.cfg.image_size)  # (N, 3, H, W)
         H, W = self.cfg.image_size
         ch, cw = self.crop_size()
         if not self.training:
@@ -109,15 +124,31 @@ class ObservationEncoder(nn.Module):
         n = torch.arange(N, device=x.device).reshape(N, 1, 1)
         return x.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2)  # (N, 3, ch, cw)
 
-    def forward(self, qpos: torch.Tensor, images: torch.Tensor | None, task: torch.Tensor) -> torch.Tensor:
+    def forward(self, qpos: torch.Tensor, images: torch.Tensor | None, task: torch.Tensor,
+                frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        """s (N, d_s). Without ``frame_index`` images are per window (N, T_o, N_cam, H, W, 3); with it they are
+        distinct frames (M, N_cam, H, W, 3) and window n's step j is frame ``frame_index[n, j]`` (module docstring)."""
         N, T = qpos.shape[:2]
         feats = [self.proprio(qpos)]  # (N, T_o, proprio_hidden)
         if self.vision:
             if images is None:
                 raise ValueError("images: the vision encoder needs camera frames "
                                  f"(N, T_o, {len(self.cfg.cameras)}, H, W, 3) uint8")
+            if frame_index is not None and (frame_index.shape != (N, T) or images.dim() != 5):
+                raise ValueError(f"frame_index: expected shape (N, T_o) = {(N, T)} over distinct frames "
+                                 f"(M, N_cam, H, W, 3), got {tuple(frame_index.shape)} and images "
+                                 f"{tuple(images.shape)}")
             for c, name in enumerate(self.cfg.cameras):
-                x = self.preprocess(images[:, :, c].reshape(N * T, *images.shape[-3:]))  # (N*T_o, 3, h, w)
-                feats.append(self.backbones[name](x).reshape(N, T, -1))  # (N, T_o, 8w)
+                if frame_index is None:
+                    x = self.preprocess(images[:, :, c].reshape(N * T, *images.shape[-3:]))  # (N*T_o, 3, h, w)
+                    feats.append(self.backbones[name](self._layout(x)).reshape(N, T, -1))  # (N, T_o, 8w)
+                else:
+                    x = self.preprocess(images[:, c])  # (M, 3, h, w)
+                    feats.append(self.backbones[name](self._layout(x))[frame_index])  # (N, T_o, 8w)
         per_step = torch.cat(feats, dim=-1).flatten(1)  # (N, T_o * per_step)
         return self.fuse(torch.cat([per_step, self.task_embed(task)], dim=-1))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last activations let oneDNN's CPU convolutions skip a reorder before and after each
+        # layer; the values are the same, only the memory order differs.
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

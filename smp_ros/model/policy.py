@@ -73,6 +73,8 @@ from smp_ros.model.normalizer import Normalizer
 from smp_ros.model.scheduler import DiffusionScheduler
 from smp_ros.model.selection import select_experts
 
+FRAME_INDEX = "frame_index"  # flattened training segments only: (N, T_o) rows of each window's frames
+
 
 @dataclass
 class PolicyOutput:
@@ -167,9 +169,10 @@ class _PolicyBase(nn.Module):
                                "statistics (or load a model directory with its normalizer.json)")
 
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Stage 1: raw observation (B, T_o, ...) -> s (B, d_s)."""
+        """Stage 1: raw observation (B, T_o, ...) -> s (B, d_s). Training's flattened segments may carry
+        distinct frames and a ``frame_index`` instead (``_flatten_segments``)."""
         qpos = self.normalizer.normalize("qpos", obs[keys.QPOS].float())
-        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long())
+        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long(), obs.get(FRAME_INDEX))
 
     def _timed_encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[_Timer, torch.Tensor]:
         """Validate an observation, start the stage timer and run stage 1: (timer, s (B, d_s))."""
@@ -180,13 +183,40 @@ class _PolicyBase(nn.Module):
         timer.lap("encode")
         return timer, s
 
+    # Encode each distinct frame of a segment once (encoder.py, "Shared frames"). Set by the trainer
+    # (train.distinct_frames), whose batches are the dataset's segments of consecutive windows; off, every
+    # window's T_o frames are encoded separately, which any batch allows.
+    distinct_frames: bool = False
+
     def _flatten_segments(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, int]:
-        """Training batch (B, L, ...) -> observation dict over N = B*L control steps."""
+        """Training batch (B, L, ...) -> observation dict over N = B*L control steps.
+
+        Window l of a segment holds the frames of steps l - T_o + 1 .. l (clamped at the episode start), so
+        its frame j is the segment's distinct frame m = l + j of L + T_o - 1. With ``distinct_frames`` the
+        observation carries those frames (B*(L+T_o-1), N_cam, H, W, 3) and ``frame_index`` (B*L, T_o).
+        On the CPU the structure is checked (frame j + 1 of window l equals frame j of window l + 1: a byte
+        comparison, far cheaper than a backbone pass); on an accelerator it is not, since reading the
+        result back would synchronise every step."""
         Bn, L = batch[keys.QPOS].shape[:2]
         obs = {keys.QPOS: batch[keys.QPOS].flatten(0, 1),  # (B*L, T_o, D)
                keys.TASK: batch[keys.TASK].repeat_interleave(L)}  # (B*L,)
         if keys.IMAGES in batch and self.cfg.encoder.mode == "vision":
-            obs[keys.IMAGES] = batch[keys.IMAGES].flatten(0, 1)  # (B*L, T_o, N_cam, H, W, 3)
+            images = batch[keys.IMAGES]  # (B, L, T_o, N_cam, H, W, 3)
+            T = images.shape[2]
+            if self.distinct_frames and L > 1 and T > 1:
+                if images.device.type == "cpu" and not torch.equal(images[:, 1:, :-1], images[:, :-1, 1:]):
+                    raise ValueError(f"batch[{keys.IMAGES!r}]: with distinct_frames the L windows of a segment must "
+                                     "be consecutive control steps (frame j + 1 of window l equal to frame j of "
+                                     "window l + 1); these are not. Build batches with data.dataset.SegmentDataset "
+                                     "or set policy.distinct_frames = False")
+                frames = torch.cat([images[:, 0], images[:, 1:, -1]], dim=1)  # (B, L+T_o-1, N_cam, H, W, 3)
+                M = L + T - 1
+                window = torch.arange(L, device=images.device)[:, None] + torch.arange(T, device=images.device)
+                index = torch.arange(Bn, device=images.device)[:, None, None] * M + window  # (B, L, T_o)
+                obs[keys.IMAGES] = frames.flatten(0, 1)  # (B*(L+T_o-1), N_cam, H, W, 3)
+                obs[FRAME_INDEX] = index.flatten(0, 1)  # (B*L, T_o)
+            else:
+                obs[keys.IMAGES] = images.flatten(0, 1)  # (B*L, T_o, N_cam, H, W, 3)
         return obs, Bn, L
 
 

@@ -2,8 +2,9 @@
 
 Optimisation follows B.3 (AdamW; defaults in ``TrainConfig``) with linear warmup then cosine decay,
 gradient clipping, an exponential moving average of the weights (what is saved for inference) and
-bf16 autocast on CUDA. Batches are trajectory segments (``data.dataset``); the batch of step n is a
-pure function of (seed, n), so a resumed run or a run split over W processes sees the same samples.
+bf16 autocast on CUDA and on CPUs with bf16 instructions (``step_autocast``). Batches are trajectory
+segments (``data.dataset``); the batch of step n is a pure function of (seed, n), so a resumed run or
+a run split over W processes sees the same samples.
 
 Output layout for ``out = models/foo``::
 
@@ -100,6 +101,51 @@ def trainable_parameters(policy: nn.Module, finetune: str | None) -> list[str]:
                              "has no router")
         return [n for n in names if n.startswith("gates.")]
     return names
+
+
+# Train settings that decide how a step runs, not what it computes: left out of a run's identity, so a
+# run resumes across them (and across versions that predate them).
+EXECUTION_FIELDS = ("cpu_bf16", "distinct_frames", "channels_last", "fused_optimizer", "model_size_frames")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 autocast is emulated
+    and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def step_autocast(device: torch.device, tcfg) -> contextlib.AbstractContextManager:
+    """The autocast a training step runs under: bf16 on CUDA (train.mixed_precision) and on CPUs with bf16
+    instructions (train.cpu_bf16), float32 otherwise. Parameters, gradients and AdamW stay float32."""
+    if device.type == "cuda" and tcfg.mixed_precision:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and tcfg.cpu_bf16 and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_for_training(policy: nn.Module, tcfg) -> None:
+    """Apply the execution settings of ``train`` to a policy (before the EMA copy, which inherits them)."""
+    policy.distinct_frames = tcfg.distinct_frames
+    policy.encoder.channels_last = tcfg.channels_last
+
+
+def make_optimizer(params: list[torch.Tensor], tcfg, device: torch.device) -> torch.optim.AdamW:
+    # fused: one kernel over all parameters per step instead of ~10 small ops per tensor (B.3's AdamW either way).
+    fused = True if tcfg.fused_optimizer and device.type in ("cpu", "cuda") else None
+    return torch.optim.AdamW(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, fused=fused)
+
+
+def run_identity_config(cfg: SMPConfig) -> dict:
+    plain = cfg.to_dict()
+    for name in EXECUTION_FIELDS:
+        plain["train"].pop(name, None)
+    return plain
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -316,8 +362,9 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
             raise TrainError(f"{cache.episodes[e].bag}: task {cache.episodes[e].task!r} has id "
                              f"{cache.episodes[e].task_id} but the model has model.encoder.num_tasks = "
                              f"{m.encoder.num_tasks}")
-    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams)
-    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams)
+    size = m.encoder.image_size if tcfg.model_size_frames and cams else None
+    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size)
+    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size)
     if len(train_set) == 0:
         raise TrainError(f"{cache.root}: no training segments; every training episode is shorter than "
                          f"train.segment_length = {tcfg.segment_length} steps")
@@ -334,6 +381,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         if isinstance(policy, SMPPolicy) and m.basis.kind == "pca":
             policy.fit_pca_basis(torch.from_numpy(np.asarray(cache.action)))
     policy.to(device).train()
+    configure_for_training(policy, tcfg)
     if isinstance(policy, SMPPolicy) and init_policy is None:
         # The experts diffuse z / z_scale (policy.py): fix the scale from the data under the initial weights,
         # on the same segments in every process, before the EMA copy is taken.
@@ -343,13 +391,14 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     for n, p in policy.named_parameters():
         p.requires_grad_(n in train_names)
     params = [p for n, p in policy.named_parameters() if n in train_names]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+    optimizer = make_optimizer(params, tcfg, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tcfg.warmup_steps, tcfg.steps))
     ema = EMA(policy, tcfg.ema_decay)
     # Each process draws its own diffusion noise and timesteps.
     torch.manual_seed(tcfg.seed * 1000 + ddp.rank)
 
-    identity = {"config": cfg.to_dict(), "finetune": req.finetune, "init": str(req.init) if req.init else None,
+    identity = {"config": run_identity_config(cfg), "finetune": req.finetune,
+                "init": str(req.init) if req.init else None,
                 "world_size": ddp.world, "data": cache.fingerprint,
                 "data_summary": {"episodes": len(cache.episodes), "seconds": cache.summary()["seconds"]}}
     start = 0
@@ -357,6 +406,8 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         saved = json.loads(state["identity"])
+        for name in EXECUTION_FIELDS:  # states written before these settings existed carry them
+            saved["config"]["train"].pop(name, None)
         if saved != identity:
             diff = sorted(k for k in identity if saved.get(k) != identity[k])
             raise TrainError(f"{state_path}: training state of a different run (differs in {diff}); use another "
@@ -392,8 +443,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end),
                                          num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(tcfg.seed))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.mixed_precision
-                else contextlib.nullcontext())
+    autocast = step_autocast(device, tcfg)
     writer = None
     if ddp.main:
         sdir.mkdir(parents=True, exist_ok=True)
