@@ -102,6 +102,11 @@ class DirichletGates(nn.Module):
         """beta_hat: s (N, d_s), normalized action chunk (N, H, D) -> (N, K)."""
         return self._concentration(self.posterior_net(torch.cat([s, action.flatten(1)], dim=-1)))
 
+    def sample(self, beta_hat: torch.Tensor) -> torch.Tensor:
+        """A reparameterised draw g ~ Dir(beta_hat) (N, K); gradients reach beta_hat (implicit
+        reparameterisation of the Gamma draws, torch.distributions.Dirichlet.rsample)."""
+        return torch.distributions.Dirichlet(beta_hat).rsample()
+
     def router(self, s: torch.Tensor) -> torch.Tensor:
         """beta_tilde: s (N, d_s) -> (N, K)."""
         return self._concentration(self.router_net(s))

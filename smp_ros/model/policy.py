@@ -108,7 +108,7 @@ class _PolicyBase(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.normalizer = Normalizer(cfg.action_dim)
+        self.normalizer = Normalizer(cfg.action_dim, cfg.encoder.object_slots * 7)
         self.encoder = ObservationEncoder(cfg)
         self.scheduler = DiffusionScheduler(cfg.scheduler)
 
@@ -132,6 +132,8 @@ class _PolicyBase(nn.Module):
         need = [keys.QPOS, keys.TASK] + ([keys.ACTION] if segment else [])
         if cfg.encoder.mode == "vision":
             need.append(keys.IMAGES)
+        if cfg.encoder.object_slots:
+            need.append(keys.OBJECTS)
         for k in need:
             if k not in data:
                 raise KeyError(f"{where}: missing key {k!r}; expected keys {need}")
@@ -152,6 +154,11 @@ class _PolicyBase(nn.Module):
                 raise ValueError(f"{where}[{keys.ACTION!r}]: expected shape (B, L, H={cfg.horizon}, "
                                  f"D={cfg.action_dim}) = {(*q.shape[:2], cfg.horizon, cfg.action_dim)}, "
                                  f"got {tuple(a.shape)}")
+        if cfg.encoder.object_slots:
+            o, n_obj = data[keys.OBJECTS], cfg.encoder.object_slots * 7
+            if o.shape != (*q.shape[:lead], cfg.obs_steps, n_obj):
+                raise ValueError(f"{where}[{keys.OBJECTS!r}]: expected shape {lead_txt}T_o={cfg.obs_steps}, "
+                                 f"{n_obj}) (object_slots={cfg.encoder.object_slots} poses of 7), got {tuple(o.shape)}")
         if cfg.encoder.mode == "vision":
             im = data[keys.IMAGES]
             n_cam = len(cfg.encoder.cameras)
@@ -169,7 +176,10 @@ class _PolicyBase(nn.Module):
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Stage 1: raw observation (B, T_o, ...) -> s (B, d_s)."""
         qpos = self.normalizer.normalize("qpos", obs[keys.QPOS].float())
-        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long())
+        objects = None
+        if self.cfg.encoder.object_slots:
+            objects = self.normalizer.normalize("objects", obs[keys.OBJECTS].float())
+        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long(), objects)
 
     def _timed_encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[_Timer, torch.Tensor]:
         """Validate an observation, start the stage timer and run stage 1: (timer, s (B, d_s))."""
@@ -187,6 +197,8 @@ class _PolicyBase(nn.Module):
                keys.TASK: batch[keys.TASK].repeat_interleave(L)}  # (B*L,)
         if keys.IMAGES in batch and self.cfg.encoder.mode == "vision":
             obs[keys.IMAGES] = batch[keys.IMAGES].flatten(0, 1)  # (B*L, T_o, N_cam, H, W, 3)
+        if keys.OBJECTS in batch and self.cfg.encoder.object_slots:
+            obs[keys.OBJECTS] = batch[keys.OBJECTS].flatten(0, 1)  # (B*L, T_o, O)
         return obs, Bn, L
 
 
@@ -227,7 +239,8 @@ class SMPPolicy(_PolicyBase):
         denom = (E_g + cfg.z_eps).unsqueeze(1)  # (N, 1, K)
         z_sg = (a @ Bm.detach()) / denom  # (N, H, K), eq. 34 with sg(B)
         z_rec = (a @ Bm) / denom  # (N, H, K), eq. 34
-        a_rec = (E_g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
+        g = E_g if cfg.gate.recon_gate == "mean" else self.gates.sample(beta_hat)  # g_t of eq. 35
+        a_rec = (g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
         recon = (a - a_rec).pow(2).sum((-1, -2)) / (2 * cfg.sigma_a ** 2)  # (N,)
 
         if not self._z_scale_fitted:  # data-dependent initialisation, once (trainer: fit_z_scale first)

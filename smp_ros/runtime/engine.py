@@ -175,6 +175,9 @@ class InferenceEngine:
         cfg = self.cfg
         obs: dict[str, np.ndarray] = {keys.QPOS: np.zeros((1, cfg.obs_steps, cfg.action_dim), np.float32),
                                       keys.TASK: np.zeros((1,), np.int64)}
+        if cfg.encoder.object_slots:
+            obs[keys.OBJECTS] = np.zeros((1, cfg.obs_steps, cfg.encoder.object_slots * 7), np.float32)
+            obs[keys.OBJECTS][..., 6::7] = 1.0  # identity orientations
         if self.cameras:
             h, w = self.runtime.camera_size if tuple(self.runtime.camera_size) != (0, 0) else cfg.encoder.image_size
             obs[keys.IMAGES] = np.full((1, cfg.obs_steps, len(self.cameras), h, w, 3), 128, np.uint8)
@@ -240,6 +243,15 @@ class InferenceEngine:
             raise ValueError(f"obs[{keys.TASK!r}]: expected one task id in 0..{cfg.encoder.num_tasks - 1}, got {task}")
         out = {keys.QPOS: torch.from_numpy(qpos).to(self.device, non_blocking=True),
                keys.TASK: torch.from_numpy(task).to(self.device, non_blocking=True)}
+        if cfg.encoder.object_slots:
+            n_obj = cfg.encoder.object_slots * 7
+            objects = np.asarray(obs.get(keys.OBJECTS), dtype=np.float32)
+            if objects.ndim == 2:
+                objects = objects[None]
+            if objects.shape != (1, cfg.obs_steps, n_obj) or not np.all(np.isfinite(objects)):
+                raise ValueError(f"obs[{keys.OBJECTS!r}]: expected finite (1, T_o={cfg.obs_steps}, {n_obj}) object "
+                                 f"poses, got {objects.shape}")
+            out[keys.OBJECTS] = torch.from_numpy(objects).to(self.device, non_blocking=True)
         if self.cameras:
             images = np.asarray(obs[keys.IMAGES])
             if images.ndim == 5:

@@ -218,7 +218,9 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
         policy.reset(world.task.name)
         for k in range(cfg.episode_steps):
             images = {c: world.render(c) for c in cfg.cameras} if render else {}
-            obs = Observation(time=world.time, qpos=arms.qpos(), images=images, task=world.task.name)
+            names, poses = world.object_poses()
+            obs = Observation(time=world.time, qpos=arms.qpos(), images=images, task=world.task.name,
+                              objects=dict(zip(names, poses)))
             action = np.asarray(policy.act(obs), dtype=float)
             if action.shape != (14,) or not np.all(np.isfinite(action)):
                 raise ValueError(f"policy.act returned {action.shape} with non-finite values; expected finite (14,)")
