@@ -193,13 +193,14 @@ class LearnedPolicy:
         return np.stack([np.asarray(images[c], dtype=np.uint8) for c in self.cameras])  # (N_cam, H, W, 3)
 
 
-def make_learned_policy(model_dir: str | Path, world: object, runtime: RuntimeConfig | None = None) -> LearnedPolicy:
+def make_learned_policy(model_dir: str | Path, world: object, runtime: RuntimeConfig | None = None,
+                        overrides: dict | None = None) -> LearnedPolicy:
     """The learned policy for a simulated world (``smp-ros eval --policy MODEL_DIR``).
 
     The world's control rate must be the model's: chunk targets are spaced at the rate the model
     was trained at, and the T_o history is sampled at the rate ``act`` is called."""
     runtime = runtime or RuntimeConfig()
-    engine = InferenceEngine(model_dir, runtime)
+    engine = InferenceEngine(model_dir, runtime, overrides=overrides)
     world_rate = float(world.cfg.control_rate_hz)
     model_rate = float(engine.smp_cfg.data.control_rate_hz)
     if abs(world_rate - model_rate) > 1e-6 * model_rate:

@@ -1,0 +1,285 @@
+"""`smp-ros experiment`: SMP against Diffusion Policy and the Table 7 ablations, trained and evaluated alike.
+
+    smp-ros experiment --data DEMOS --workdir runs/exp --out docs/results/exp.json \\
+        --methods smp,dp,no_sticky,fixed_basis,pca_basis,linear_mass,topk,all_experts \\
+        --seeds 0,1,2 --episodes 50 --preset sim_state
+
+Every method trains on the same demonstrations with the same preset, step budget and training seed
+(``train.seed``), then runs closed-loop in the simulator (``sim/evaluate.py``) on episode seeds
+``--eval-seed`` .. ``--eval-seed + episodes - 1`` per task, which must not be seeds of the training
+demonstrations (checked against their ``smp_episode.json``). Methods (the paper's Table 7, C.1):
+
+    smp           the configuration as given (preset + --config)
+    dp            the dense Diffusion Policy baseline (model.policy = dense_dp; the preset sizes its UNet
+                  to about SMP's total parameters)
+    no_sticky     w/o sticky gates (model.gate.sticky = false)
+    fixed_basis   a learned state-independent basis (model.basis.kind = fixed)
+    pca_basis     the top-K principal directions of the actions (model.basis.kind = pca)
+    linear_mass   selection mass m_i = g_i instead of g_i^2 (inference only: SMP's weights)
+    topk          a fixed top-k active set instead of coverage (inference only; k = model.selection.k)
+    all_experts   every expert active (tau_m = 1, k = K; inference only)
+
+Resumable: trained models live in WORKDIR/models/<method>_s<seed> (training resumes from its state
+file, see train/trainer.py) and every (method, seed, task) evaluation in WORKDIR/eval/*.json; a rerun of
+the same command skips what is done and continues what is not. The report (``--out``) pools training
+seeds per method: per task and overall success with a 95% Wilson interval, mean progress, mean |S|,
+flip-rate of the argmax expert between inference calls, median inference latency, and total and active
+parameters (active with the measured mean |S|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from smp_ros.config import TASKS, SMPConfig, SimConfig
+
+# method -> (method whose trained weights it uses, config changes for training, load-time overrides)
+METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "smp": ("smp", {}, {}),
+    "dp": ("dp", {"model.policy": "dense_dp"}, {}),
+    "no_sticky": ("no_sticky", {"model.gate.sticky": False}, {}),
+    "fixed_basis": ("fixed_basis", {"model.basis.kind": "fixed"}, {}),
+    "pca_basis": ("pca_basis", {"model.basis.kind": "pca"}, {}),
+    "linear_mass": ("smp", {}, {"model.selection.mass": "linear"}),
+    "topk": ("smp", {}, {"model.selection.mode": "topk"}),
+    "all_experts": ("smp", {}, {"model.selection.tau_m": 1.0, "model.selection.k": None}),  # k = K
+}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion; (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _set(plain: dict, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        plain = plain[key]
+    plain[last] = value
+
+
+def method_config(base: SMPConfig, method: str, seed: int) -> SMPConfig:
+    """The training config of ``method`` (its own, or the one whose weights it evaluates) for ``seed``."""
+    _, changes, _ = METHODS[METHODS[method][0]]
+    plain = base.to_dict()
+    for key, value in changes.items():
+        _set(plain, key, value)
+    plain["train"]["seed"] = seed
+    return SMPConfig.from_dict(plain, where=f"experiment method {method}")
+
+
+def eval_overrides(method: str, cfg: SMPConfig) -> dict[str, Any]:
+    _, _, overrides = METHODS[method]
+    return {k: (cfg.model.num_experts if v is None else v) for k, v in overrides.items()}
+
+
+def demo_seeds(data: list[str]) -> dict[str, set[int]]:
+    """Seeds of the simulated demonstrations under ``data`` per task (their ``smp_episode.json``)."""
+    from smp_ros.data.bag_reader import find_bags
+    seeds: dict[str, set[int]] = {}
+    bags, _ = find_bags(data)
+    for bag in bags:
+        path = bag / "smp_episode.json"
+        if path.is_file():
+            info = json.loads(path.read_text())
+            seeds.setdefault(info["task"], set()).add(int(info["seed"]))
+    return seeds
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class ExperimentSpec:
+    data: list[str]
+    workdir: Path
+    out: Path
+    methods: list[str]
+    seeds: list[int]
+    episodes: int
+    eval_seed: int = 10_000
+    tasks: tuple[str, ...] = TASKS
+    preset: str = "sim_state"
+    config: Path | None = None
+    steps: int | None = None
+    episode_steps: int | None = None  # control steps per evaluation episode (default: the simulator's)
+    backend: str = "direct"
+    progress: bool = True
+    label: str = ""  # free text stored in the report (budget, machine conditions)
+
+
+def _train(spec: ExperimentSpec, base: SMPConfig, method: str, seed: int) -> Path:
+    from smp_ros.train.trainer import TrainRequest, train
+    name = f"{METHODS[method][0]}_s{seed}"
+    out = spec.workdir / "models" / name
+    cfg = method_config(base, method, seed)
+    summary = out / "training_summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("steps") == cfg.train.steps:
+        return out
+    if spec.progress:
+        print(f"[experiment] training {name} ({cfg.train.steps} steps)", flush=True)
+    train(cfg, TrainRequest(data=spec.data, out=out, device="cpu", progress=False,
+                            cache_dir=spec.workdir / "cache"))
+    return out
+
+
+def _evaluate(spec: ExperimentSpec, base: SMPConfig, method: str, seed: int, task: str, model: Path) -> dict:
+    from smp_ros.sim.evaluate import evaluate
+    path = spec.workdir / "eval" / f"{method}_s{seed}_{task}.json"
+    key = {"model": str(model), "episodes": spec.episodes, "eval_seed": spec.eval_seed,
+           "episode_steps": spec.episode_steps, "backend": spec.backend}
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("key") == key:
+            return done
+    if spec.progress:
+        print(f"[experiment] evaluating {method} seed {seed} on {task} ({spec.episodes} episodes)", flush=True)
+    sim = SimConfig()
+    if spec.episode_steps is not None:
+        sim = dataclasses.replace(sim, episode_steps=spec.episode_steps)
+    report = evaluate(str(model), (task,), spec.episodes, spec.eval_seed, cfg=sim, backend=spec.backend,
+                      render=base.model.encoder.mode == "vision",
+                      overrides=eval_overrides(method, method_config(base, method, seed)) or None)
+    result = {"key": key, "method": method, "seed": seed, "task": task, **report["tasks"][task]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(path, result)
+    return result
+
+
+def _parameters(model: Path, mean_active: float | None) -> dict[str, float]:
+    from smp_ros.model.checkpoint import load_model
+    from smp_ros.model.info import parameter_table
+    _, cfg = load_model(model)
+    table = parameter_table(cfg.model, avg_active=mean_active)
+    return {"total": float(table["total"]), "active": float(table["active"])}
+
+
+def run_experiment(spec: ExperimentSpec) -> dict:
+    from smp_ros.train.trainer import load_config
+    unknown = [m for m in spec.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if spec.episodes < 1 or not spec.seeds:
+        raise ValueError("--episodes must be >= 1 and --seeds must name at least one seed")
+    base = load_config(spec.preset, spec.config, spec.steps)
+    used = demo_seeds(spec.data)
+    wanted = set(range(spec.eval_seed, spec.eval_seed + spec.episodes))
+    for task in spec.tasks:
+        clash = sorted(used.get(task, set()) & wanted)
+        if clash:
+            raise ValueError(f"--eval-seed {spec.eval_seed}: evaluation seeds {clash[:5]} of {task} are seeds of "
+                             "training demonstrations; choose seeds disjoint from training")
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    models: dict[tuple[str, int], Path] = {}
+    for seed in spec.seeds:
+        for method in spec.methods:
+            trained_as = METHODS[method][0]
+            if (trained_as, seed) not in models:
+                models[(trained_as, seed)] = _train(spec, base, trained_as, seed)
+    rows: dict[str, list[dict]] = {m: [] for m in spec.methods}
+    for seed in spec.seeds:
+        for method in spec.methods:
+            for task in spec.tasks:
+                rows[method].append(_evaluate(spec, base, method, seed, task, models[(METHODS[method][0], seed)]))
+    report = {"label": spec.label, "preset": spec.preset, "config": str(spec.config) if spec.config else None,
+              "steps": base.train.steps, "seeds": spec.seeds, "episodes_per_task_per_seed": spec.episodes,
+              "eval_seeds": [spec.eval_seed, spec.eval_seed + spec.episodes - 1], "backend": spec.backend,
+              "episode_steps": spec.episode_steps or SimConfig().episode_steps, "tasks": list(spec.tasks),
+              "data": spec.data, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                             "load_avg_at_end": list(os.getloadavg())},
+              "seconds_this_run": time.time() - t0, "methods": {}}
+    for method, results in rows.items():
+        report["methods"][method] = _aggregate(results, models[(METHODS[method][0], spec.seeds[0])])
+    spec.out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(spec.out, report)
+    return report
+
+
+def _aggregate(results: list[dict], model: Path) -> dict:
+    def pooled(rs: list[dict]) -> dict:
+        eps = [e for r in rs for e in r["episodes"]]
+        wins = sum(bool(e["success"]) for e in eps)
+        lo, hi = wilson_interval(wins, len(eps))
+        out = {"episodes": len(eps), "successes": wins, "success": wins / len(eps) if eps else 0.0,
+               "success_ci95": [lo, hi], "progress": sum(e["progress"] for e in eps) / max(len(eps), 1)}
+        for key in ("mean_active", "flip_rate", "latency_p50_s"):
+            vals = [e[key] for e in eps if key in e]
+            if vals:
+                out[key] = sum(vals) / len(vals)
+        return out
+
+    per_task = {}
+    for task in sorted({r["task"] for r in results}, key=lambda t: TASKS.index(t)):
+        per_task[task] = pooled([r for r in results if r["task"] == task])
+    overall = pooled(results)
+    # The mean over tasks of per-task success (what the paper's tables report).
+    overall["success_task_mean"] = sum(t["success"] for t in per_task.values()) / max(len(per_task), 1)
+    overall["parameters"] = _parameters(model, overall.get("mean_active"))
+    return {"overall": overall, "tasks": per_task}
+
+
+def print_report(report: dict) -> None:
+    print(f"{'method':<13}{'success':>8}{'95% CI':>15}{'progress':>9}{'|S|':>6}{'flip':>7}{'lat ms':>8}"
+          f"{'N_p':>8}{'N_act':>8}")
+    for method, r in report["methods"].items():
+        o = r["overall"]
+        ci = f"[{o['success_ci95'][0]:.2f}, {o['success_ci95'][1]:.2f}]"
+        print(f"{method:<13}{o['success']:>8.2f}{ci:>15}{o['progress']:>9.2f}{o.get('mean_active', float('nan')):>6.2f}"
+              f"{o.get('flip_rate', float('nan')):>7.3f}{1e3 * o.get('latency_p50_s', float('nan')):>8.1f}"
+              f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH", help="demonstration bags (folders)")
+    parser.add_argument("--workdir", type=Path, required=True, help="trained models and per-run evaluations")
+    parser.add_argument("--out", type=Path, required=True, help="the report (JSON)")
+    parser.add_argument("--methods", default="smp,dp", help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated")
+    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task per training seed")
+    parser.add_argument("--eval-seed", type=int, default=10_000, help="first evaluation episode seed")
+    parser.add_argument("--task", default="all", choices=TASKS + ("all",))
+    parser.add_argument("--preset", default="sim_state")
+    parser.add_argument("--config", type=Path, default=None, help="YAML overlay on the preset, for every method")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    parser.add_argument("--episode-steps", type=int, default=None, help="control steps per evaluation episode")
+    parser.add_argument("--backend", default="direct", choices=("direct", "piper"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--label", default="", help="free text stored in the report (budget, machine)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ExperimentSpec(data=[str(p) for p in args.data], workdir=args.workdir, out=args.out,
+                          methods=[m for m in args.methods.split(",") if m],
+                          seeds=[int(s) for s in args.seeds.split(",") if s], episodes=args.episodes,
+                          eval_seed=args.eval_seed, tasks=TASKS if args.task == "all" else (args.task,),
+                          preset=args.preset, config=args.config, steps=args.steps,
+                          episode_steps=args.episode_steps, backend=args.backend, label=args.label)
+    try:
+        report = run_experiment(spec)
+    except ValueError as exc:
+        print(f"smp-ros experiment: {exc}", file=sys.stderr)
+        return 2
+    print_report(report)
+    print(f"wrote {spec.out}")
+    return 0
