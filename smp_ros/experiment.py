@@ -247,10 +247,52 @@ def print_report(report: dict) -> None:
               f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
 
 
+GATE_CURVES = ("gate_entropy", "mean_active", "mean_active_uncapped", "flip_rate", "phase_nmi", "max_gate")
+
+
+def gate_curves(runs: dict[str, Path], out: Path) -> dict:
+    """Plot the held-out gate health over training of several runs (their ``<model>.train/val.jsonl``)
+    into ``out`` (PNG) and write the numbers beside it (same name, .json)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {}
+    for name, state in runs.items():
+        path = Path(state) / "val.jsonl"
+        if not path.is_file():
+            raise ValueError(f"--gate-curves {name}: no {path} (a training state directory, MODEL.train)")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        data[name] = {"step": [r["step"] for r in rows],
+                      **{k: [r["gates"].get(k) for r in rows] for k in GATE_CURVES},
+                      **{f"val_{k}": [r.get(k) for r in rows] for k in ("coeff", "recon", "gate", "align")}}
+    keys = GATE_CURVES + ("val_coeff", "val_recon")
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for ax, key in zip(axes.flat, keys):
+        for name, d in data.items():
+            ys = d[key]
+            if any(v is not None for v in ys):
+                ax.plot(d["step"], [float("nan") if v is None else v for v in ys], marker="o", ms=3, label=name)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        if key.startswith("val_"):
+            ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    _atomic_json(out.with_suffix(".json"), data)
+    return data
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", required=True, metavar="PATH", help="demonstration bags (folders)")
-    parser.add_argument("--workdir", type=Path, required=True, help="trained models and per-run evaluations")
-    parser.add_argument("--out", type=Path, required=True, help="the report (JSON)")
+    parser.add_argument("--gate-curves", nargs="+", metavar="NAME=STATE_DIR", default=None,
+                        help="instead of an experiment: plot held-out gate health over training of these runs "
+                             "(MODEL.train directories) into --out (PNG, numbers beside it as JSON)")
+    parser.add_argument("--data", nargs="+", metavar="PATH", help="demonstration bags (folders)")
+    parser.add_argument("--workdir", type=Path, help="trained models and per-run evaluations")
+    parser.add_argument("--out", type=Path, required=True, help="the report (JSON), or the PNG of --gate-curves")
     parser.add_argument("--methods", default="smp,dp", help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task per training seed")
@@ -267,6 +309,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    if args.gate_curves:
+        try:
+            runs = dict(item.split("=", 1) for item in args.gate_curves)
+        except ValueError:
+            print("smp-ros experiment: --gate-curves expects NAME=STATE_DIR items", file=sys.stderr)
+            return 2
+        gate_curves({k: Path(v) for k, v in runs.items()}, args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if not args.data or args.workdir is None:
+        print("smp-ros experiment: --data and --workdir are required", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ExperimentSpec(data=[str(p) for p in args.data], workdir=args.workdir, out=args.out,

@@ -235,6 +235,7 @@ class SMPPolicy(_PolicyBase):
         Bm = self.basis(s)  # (N, D, K)
 
         beta_hat = self.gates.posterior(s, a)  # (N, K)
+        self.last_beta_hat = beta_hat  # for diagnostics of what each term does to the gates (gate_probe.py)
         E_g = dirichlet_mean(beta_hat)
         denom = (E_g + cfg.z_eps).unsqueeze(1)  # (N, 1, K)
         z_sg = (a @ Bm.detach()) / denom  # (N, H, K), eq. 34 with sg(B)
