@@ -121,9 +121,17 @@ class GateConfig:
     # g_t ~ q(g_t | s_t, a_t) as the equations write it; "mean" = E_q[g_t], with which
     # a_rec = B (E/(E + eps) ⊙ B^T a) no longer depends on the gates (docs/RESULTS.md, gate findings).
     recon_gate: str = "sample"
+    # Total concentration sum_i beta_hat_i of the amortizer q(g_t | s_t, a_t): 0 = learned (the paper);
+    # > 0 = fixed, the amortizer choosing only the gate means. With a sampled g_t the reconstruction's
+    # variance term sum_i u_i^2 Var(g_i) / E_i^2 (u = B^T a) can otherwise be removed by driving the
+    # concentration up (measured: ~8,000), which leaves the means free; at a fixed total it is removed
+    # only by gate means that follow the action energy per basis direction (docs/RESULTS.md).
+    posterior_total: float = 20.0  # about the sticky prior's kappa + alpha0
 
     def __post_init__(self) -> None:
         w = "model.gate"
+        _require(self.posterior_total >= 0, f"{w}.posterior_total", f"expected >= 0 (0 = learned), "
+                 f"got {self.posterior_total}")
         _require(self.recon_gate in ("sample", "mean"), f"{w}.recon_gate",
                  f"expected 'sample' or 'mean', got {self.recon_gate!r}")
         for name in ("alpha", "alpha0", "kappa_start", "min_concentration"):

@@ -154,8 +154,10 @@ def test_every_message_deserialises_with_rclpy(recorded):
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
+
+    from smp_ros.msg import ObjectPoses
     classes = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState,
-               "std_msgs/msg/String": String}
+               "std_msgs/msg/String": String, "smp_ros/msg/ObjectPoses": ObjectPoses}
     msgs, _ = read_all(recorded[0])
     for topic, items in msgs.items():
         for _, msgtype, raw, ours in items:
@@ -168,6 +170,9 @@ def test_every_message_deserialises_with_rclpy(recorded):
                 np.testing.assert_array_equal(m.effort, ours.effort)
                 assert m.header.stamp.sec == ours.header.stamp.sec
                 assert m.header.stamp.nanosec == ours.header.stamp.nanosec
+            elif msgtype == "smp_ros/msg/ObjectPoses":  # the type hash rosbags stored matches the generated one
+                assert list(m.names) == list(ours.names) and len(m.poses) == len(ours.poses)
+                assert m.poses[0].orientation.w == ours.poses[0].orientation.w
             else:
                 assert m.data == "pen_cap"
 

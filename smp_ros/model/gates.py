@@ -100,7 +100,10 @@ class DirichletGates(nn.Module):
 
     def posterior(self, s: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """beta_hat: s (N, d_s), normalized action chunk (N, H, D) -> (N, K)."""
-        return self._concentration(self.posterior_net(torch.cat([s, action.flatten(1)], dim=-1)))
+        logits = self.posterior_net(torch.cat([s, action.flatten(1)], dim=-1))
+        if self.cfg.posterior_total > 0:  # fixed total concentration: only the means are learned
+            return self.cfg.posterior_total * torch.softmax(logits, dim=-1) + self.cfg.min_concentration
+        return self._concentration(logits)
 
     def sample(self, beta_hat: torch.Tensor) -> torch.Tensor:
         """A reparameterised draw g ~ Dir(beta_hat) (N, K); gradients reach beta_hat (implicit

@@ -35,7 +35,14 @@ def term_gate_gradients(policy, batch: dict[str, torch.Tensor], step: int) -> di
     m = beta / beta.sum(-1, keepdim=True)
     entropy = -(m * m.clamp_min(1e-12).log()).sum(-1).sum()
     dH = torch.autograd.grad(entropy, beta, retain_graph=True)[0]  # (N, K)
-    result = {}
+    a = policy.normalizer.normalize("action", batch["action"].float()).flatten(0, 1)  # (N, H, D)
+    u = a @ policy.basis(policy.encode(policy._flatten_segments(batch)[0])).detach()  # (N, H, K) = B^T a
+    energy = u.pow(2).sum(1)  # (N, K) action energy per basis direction
+    share = energy / energy.sum(-1, keepdim=True)
+    result = {"amortizer": {"max_mean_gate": float(m.max(-1).values.mean()),
+                            "total_concentration": float(beta.sum(-1).mean()),
+                            "max_energy_share": float(share.max(-1).values.mean()),
+                            "energy_share_entropy": float(-(share * share.clamp_min(1e-12).log()).sum(-1).mean())}}
     for term in TERMS:
         g = torch.autograd.grad(out[term], beta, retain_graph=True, allow_unused=True)[0]
         if g is None:
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smp_ros.train.gate_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", required=True)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--state", type=Path, default=None,
+                        help="a training state file (MODEL.train/state.pt) of --preset/--config: its EMA weights")
     parser.add_argument("--preset", default="sim_state")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=None)
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config)
         torch.manual_seed(cfg.train.seed)
         policy = build_policy(cfg.model)
+        if args.state is not None:
+            state = torch.load(args.state, map_location="cpu", weights_only=True)
+            policy.load_state_dict(state["ema"])
+            args.step = int(state["step"]) if args.step is None else args.step
     cache = prepare_cache(args.data, data_config_for(cfg), cache_dir=args.cache, progress=False)
     train_eps, _ = split_episodes(cache, cfg.train.val_fraction, cfg.train.seed)
     m = cfg.model
@@ -92,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         from smp_ros.data.dataset import to_tensors
         policy.set_normalizer(cache.stats)
+    if args.model is None and args.state is None:
         ids = np.random.default_rng([cfg.train.seed, 13]).permutation(len(data))[:Z_SCALE_SEGMENTS]
         policy.fit_z_scale(to_tensors(data.batch(ids)))
     policy.train()
     step = cfg.train.steps if args.step is None else args.step
     result = probe(policy, data, cfg.train.batch_size, args.batches, cfg.train.seed, step)
     print(f"{'term':<8}{'entropy_rate':>14}{'certainty_rate':>16}{'grad_norm':>12}")
+    print("amortizer / basis:", {k: round(v, 4) for k, v in result["amortizer"].items()})
     for term, v in result.items():
+        if term == "amortizer":
+            continue
         print(f"{term:<8}{v['entropy_rate']:>14.4g}{v['certainty_rate']:>16.4g}{v['grad_norm']:>12.4g}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
