@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     if args.gate_curves:
         try:
-            runs = dict(item.split("=", 1) for item in args.gate_curves)
+            runs = dict(item.rsplit("=", 1) for item in args.gate_curves)
         except ValueError:
             print("smp-ros experiment: --gate-curves expects NAME=STATE_DIR items", file=sys.stderr)
             return 2

@@ -241,7 +241,9 @@ def gate_metrics(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[
     - ``phase_nmi``: normalised mutual information between the argmax expert and the task stage of the
       step, within each task (weighted by steps): 0 = expert use unrelated to the phase, 1 = each phase
       has its own expert; ``task_nmi`` the same between argmax expert and task;
-    - ``max_gate``: mean of the largest gate.
+    - ``max_gate``: mean of the largest gate;
+    - ``action_mse``: held-out action error (``held_out_action_error``), comparable across configurations
+      where the loss terms are not (L_coeff's targets depend on the gates, L_recon on how g_t is drawn).
     """
     from smp_ros.model.selection import select_experts
 
@@ -265,6 +267,7 @@ def gate_metrics(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[
         if stages is not None:
             argmaxes.append(top)
             phases.append(info.task_id * 100 + stages)
+    out_action = held_out_action_error(policy, cache, episodes)
     policy.train(was_training)
     if not gates_all:
         return {}
@@ -272,7 +275,7 @@ def gate_metrics(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[
     out = {"gate_entropy": float(_entropy(gates).mean()), "max_gate": float(gates.max(1).mean()),
            "mean_active": float(np.concatenate(sizes).mean()),
            "mean_active_uncapped": float(np.concatenate(sizes_uncapped).mean()),
-           "flip_rate": flips / pairs if pairs else 0.0}
+           "flip_rate": flips / pairs if pairs else 0.0, **out_action}
     if argmaxes:
         top, phase = np.concatenate(argmaxes), np.concatenate(phases)
         task = phase // 100
@@ -304,3 +307,27 @@ def phase_usage(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[s
             counts[info.task][int(st)] += int(sel.sum())
     return {task: {str(st): (v / counts[task][st]).tolist() for st, v in sorted(per.items())}
             for task, per in sums.items()}
+
+
+@torch.no_grad()
+def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 128,
+                          seed: int = 0) -> dict[str, float]:
+    """Mean squared error, in the normalizer's [-1, 1] units, between the action chunk the policy samples
+    (Algorithm 2, its own selection) and the demonstrated one, on ``windows`` fixed held-out windows with
+    fixed sampling noise; also with every expert active (``action_mse_all``) for SMP."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
+    if len(data) == 0:
+        return {}
+    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
+    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
+    target = policy.normalizer.normalize("action", batch.pop("action").float())
+    out = {}
+    variants = [("action_mse", None)]
+    if hasattr(policy, "experts"):
+        variants.append(("action_mse_all", list(range(m.num_experts))))
+    for name, active in variants:
+        pred = policy.predict_action(batch, generator=torch.Generator(policy.device).manual_seed(seed), active=active)
+        out[name] = float((policy.normalizer.normalize("action", pred.action) - target).pow(2).mean())
+    return out
