@@ -113,11 +113,13 @@ def _train(p, batch, steps, lr=3e-3):
     return first, last
 
 
-def test_tiny_overfits_one_batch():
-    cfg = _cfg()
+@pytest.mark.parametrize("recon_gate, factor", [("mean", 10), ("sample", 4)])
+def test_tiny_overfits_one_batch(recon_gate, factor):
+    # A sampled g_t leaves L_recon a noise floor, sum_i u_i^2 Var(g_i) / E_i^2, so its loss falls less.
+    cfg = _cfg(gate__recon_gate=recon_gate)
     p = _policy(cfg)
     first, last = _train(p, _low_rank_batch(cfg), 200)
-    assert last < first / 10, (first, last)
+    assert last < first / factor, (first, last)
 
 
 @pytest.mark.slow
