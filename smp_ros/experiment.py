@@ -18,6 +18,8 @@ demonstrations (checked against their ``smp_episode.json``). Methods (the paper'
     linear_mass   selection mass m_i = g_i instead of g_i^2 (inference only: SMP's weights)
     topk          a fixed top-k active set instead of coverage (inference only; k = model.selection.k)
     all_experts   every expert active (tau_m = 1, k = K; inference only)
+    tau<x>        coverage at tau_m = x with the cap at K, e.g. tau0.99 (inference only; Fig. 9)
+    top<k>        a fixed top-k set, e.g. top2 (inference only; Fig. 9)
 
 Resumable: trained models live in WORKDIR/models/<method>_s<seed> (training resumes from its state
 file, see train/trainer.py) and every (method, seed, task) evaluation in WORKDIR/eval/*.json; a rerun of
@@ -55,6 +57,26 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def resolve(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """METHODS entry of ``method``; also ``tau<x>`` (coverage at tau_m = x, the cap at K) and ``top<k>``
+    (a fixed top-k set) on SMP's weights, for the Fig. 9 sweeps."""
+    if method in METHODS:
+        return METHODS[method]
+    try:
+        if method.startswith("tau"):
+            tau = float(method[3:])
+            if 0 < tau <= 1:
+                return "smp", {}, {"model.selection.tau_m": tau, "model.selection.k": None}
+        if method.startswith("top"):
+            k = int(method[3:])
+            if k >= 1:
+                return "smp", {}, {"model.selection.mode": "topk", "model.selection.k": k}
+    except ValueError:
+        pass
+    raise ValueError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1) "
+                     "or top<k>")
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion; (0, 1) for n = 0."""
     if n == 0:
@@ -74,7 +96,7 @@ def _set(plain: dict, dotted: str, value: Any) -> None:
 
 def method_config(base: SMPConfig, method: str, seed: int) -> SMPConfig:
     """The training config of ``method`` (its own, or the one whose weights it evaluates) for ``seed``."""
-    _, changes, _ = METHODS[METHODS[method][0]]
+    _, changes, _ = METHODS[resolve(method)[0]]
     plain = base.to_dict()
     for key, value in changes.items():
         _set(plain, key, value)
@@ -83,7 +105,7 @@ def method_config(base: SMPConfig, method: str, seed: int) -> SMPConfig:
 
 
 def eval_overrides(method: str, cfg: SMPConfig) -> dict[str, Any]:
-    _, _, overrides = METHODS[method]
+    _, _, overrides = resolve(method)
     return {k: (cfg.model.num_experts if v is None else v) for k, v in overrides.items()}
 
 
@@ -127,7 +149,7 @@ class ExperimentSpec:
 
 def _train(spec: ExperimentSpec, base: SMPConfig, method: str, seed: int) -> Path:
     from smp_ros.train.trainer import TrainRequest, train
-    name = f"{METHODS[method][0]}_s{seed}"
+    name = f"{resolve(method)[0]}_s{seed}"
     out = spec.workdir / "models" / name
     cfg = method_config(base, method, seed)
     summary = out / "training_summary.json"
@@ -173,9 +195,8 @@ def _parameters(model: Path, mean_active: float | None) -> dict[str, float]:
 
 def run_experiment(spec: ExperimentSpec) -> dict:
     from smp_ros.train.trainer import load_config
-    unknown = [m for m in spec.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    for m in spec.methods:
+        resolve(m)
     if spec.episodes < 1 or not spec.seeds:
         raise ValueError("--episodes must be >= 1 and --seeds must name at least one seed")
     base = load_config(spec.preset, spec.config, spec.steps)
@@ -191,15 +212,15 @@ def run_experiment(spec: ExperimentSpec) -> dict:
     models: dict[tuple[str, int], Path] = {}
     for seed in spec.seeds:
         for method in spec.methods:
-            trained_as = METHODS[method][0]
+            trained_as = resolve(method)[0]
             if (trained_as, seed) not in models:
                 models[(trained_as, seed)] = _train(spec, base, trained_as, seed)
     rows: dict[str, list[dict]] = {m: [] for m in spec.methods}
     for seed in spec.seeds:
         for method in spec.methods:
             for task in spec.tasks:
-                rows[method].append(_evaluate(spec, base, method, seed, task, models[(METHODS[method][0], seed)]))
-    report = {"label": spec.label, "preset": spec.preset, "config": str(spec.config) if spec.config else None,
+                rows[method].append(_evaluate(spec, base, method, seed, task, models[(resolve(method)[0], seed)]))
+    report = {"label": spec.label, "preset": spec.preset, "tau_m": base.model.selection.tau_m, "config": str(spec.config) if spec.config else None,
               "steps": base.train.steps, "seeds": spec.seeds, "episodes_per_task_per_seed": spec.episodes,
               "eval_seeds": [spec.eval_seed, spec.eval_seed + spec.episodes - 1], "backend": spec.backend,
               "episode_steps": spec.episode_steps or SimConfig().episode_steps, "tasks": list(spec.tasks),
@@ -207,7 +228,7 @@ def run_experiment(spec: ExperimentSpec) -> dict:
                                              "load_avg_at_end": list(os.getloadavg())},
               "seconds_this_run": time.time() - t0, "methods": {}}
     for method, results in rows.items():
-        report["methods"][method] = _aggregate(results, models[(METHODS[method][0], spec.seeds[0])])
+        report["methods"][method] = _aggregate(results, models[(resolve(method)[0], spec.seeds[0])])
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(spec.out, report)
     return report
@@ -245,6 +266,50 @@ def print_report(report: dict) -> None:
         print(f"{method:<13}{o['success']:>8.2f}{ci:>15}{o['progress']:>9.2f}{o.get('mean_active', float('nan')):>6.2f}"
               f"{o.get('flip_rate', float('nan')):>7.3f}{1e3 * o.get('latency_p50_s', float('nan')):>8.1f}"
               f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
+
+
+def plot_selection_sweep(report: dict, out: Path) -> None:
+    """Success, mean |S| and latency against the selection rule (the paper's Fig. 9) from a report
+    holding smp (tau_m of the config), tau<x>, all_experts and top<k> / topk methods."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    cov, top = [], []
+    for name, r in methods.items():
+        o = r["overall"]
+        point = (o["success"], o["success_ci95"], o.get("mean_active", float("nan")), o.get("latency_p50_s", float("nan")))
+        if name.startswith("tau"):
+            cov.append((float(name[3:]), *point))
+        elif name == "smp":
+            cov.append((report.get("tau_m", 0.95), *point))
+        elif name == "all_experts":
+            cov.append((1.0, *point))
+        elif name.startswith("top") and name != "topk":
+            top.append((int(name[3:]), *point))
+        elif name == "topk":
+            top.append((4, *point))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for rows, label, marker in ((sorted(cov), "coverage tau_m", "o"), (sorted(top), "fixed top-k", "s")):
+        if not rows:
+            continue
+        x = [r[0] for r in rows]
+        ax_x = axes if label.startswith("coverage") else [a.twiny() for a in axes]
+        ax_x[0].errorbar(x, [r[1] for r in rows], yerr=[[r[1] - r[2][0] for r in rows], [r[2][1] - r[1] for r in rows]],
+                         marker=marker, capsize=3, label=label, color="C0" if marker == "o" else "C3")
+        ax_x[1].plot(x, [r[3] for r in rows], marker=marker, color="C0" if marker == "o" else "C3")
+        ax_x[2].plot(x, [1e3 * r[4] for r in rows], marker=marker, color="C0" if marker == "o" else "C3")
+        for a in ax_x:
+            a.set_xlabel(label, color="C0" if marker == "o" else "C3", fontsize=8)
+    axes[0].set_ylabel("success (95% Wilson CI)")
+    axes[1].set_ylabel("mean |S|")
+    axes[2].set_ylabel("inference latency p50 (ms)")
+    fig.suptitle(report.get("label", ""), fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 GATE_CURVES = ("gate_entropy", "mean_active", "mean_active_uncapped", "flip_rate", "phase_nmi", "max_gate")

@@ -114,13 +114,18 @@ def test_closed_loop_refuses_observations_without_the_tracked_objects(bags, tmp_
 
 
 def test_experiment_runner_end_to_end_and_resume(bags, tmp_path):
-    from smp_ros.experiment import ExperimentSpec, run_experiment, wilson_interval
+    from smp_ros.experiment import ExperimentSpec, method_config, run_experiment, wilson_interval
     from smp_ros.train.trainer import TrainRequest, load_config, train
-    from smp_ros.experiment import method_config
 
     # Independent check of the interval: 0 of 10 -> [0, 0.278]; 5 of 10 -> [0.237, 0.763] (tabulated).
     assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-3)
+
+    from smp_ros.experiment import resolve
+    assert resolve("tau0.9") == ("smp", {}, {"model.selection.tau_m": 0.9, "model.selection.k": None})
+    assert resolve("top2")[2] == {"model.selection.mode": "topk", "model.selection.k": 2}
+    with pytest.raises(ValueError, match="unknown 'bogus'"):
+        resolve("bogus")
 
     work = tmp_path / "work"
     spec = ExperimentSpec(data=[str(bags)], workdir=work, out=tmp_path / "report.json",
