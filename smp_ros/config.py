@@ -613,8 +613,9 @@ def _paper() -> SMPConfig:
 
 def _sim_state() -> SMPConfig:
     """The object-pose track: joint states + tracked object poses + task, no cameras (a tracker's topic
-    on a real robot, the simulator's in simulation). Sized to train to its best in <= 15 minutes on two
-    CPU cores (docs/RESULTS.md has the measured curve), so gate and ablation experiments take minutes."""
+    on a real robot, the simulator's in simulation). Sized for experiments in minutes on a CPU: about
+    0.13 s per step on one core of a lightly loaded 2-core VM, 6.5 min for the 3,000 steps, by which
+    the held-out gate metrics have settled (docs/RESULTS.md)."""
     steps = 3000
     model = ModelConfig(
         num_experts=8, obs_steps=2, horizon=16,

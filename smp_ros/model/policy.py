@@ -23,11 +23,15 @@ as the trajectory ELBO (eq. 6) sums over t, then averaged over the B segments. S
 relative weights the ELBO gives them and the loss does not change with batch size.
 
 Choices the paper leaves open, and why:
- - g in the reconstruction is the posterior mean E_q[g_t] (eq. 7 writes g_t ~ q). With a sample,
-   g_i / (E_q[g_i] + eps) is heavy-tailed when E_q[g_i] is small (a Dirichlet component's relative
-   variance (1 - m)/(m (beta_0 + 1)) grows without bound as its mean m -> 0), which would swamp
-   L_recon with noise from experts that do not matter. With the mean, a_rec = B (E/(E + eps) ⊙ B^T a),
-   i.e. L_recon measures the action energy outside span B(s) and trains B to capture it (A.3).
+ - g in the reconstruction (eq. 7, 35) is a reparameterised sample g_t ~ q(g_t | s_t, a_t)
+   (model.gate.recon_gate = "sample", the default), as the equations write it. Its expectation is
+   ||a - B B^T a||^2 + sum_i u_i^2 Var(g_i) / (E_i + eps)^2 with u = B^T a, and at a fixed total
+   concentration beta_0 the second term, sum_i u_i^2 (1 - m_i) / (m_i (beta_0 + 1)), is smallest for
+   gate means m_i proportional to |u_i|: the gates must follow the action energy per basis direction,
+   and B is pushed to concentrate it. With "mean" (E_q[g_t]), a_rec = B (E/(E + eps) ⊙ B^T a) does not
+   depend on the gates and they stay near uniform (measured; docs/RESULTS.md). The total concentration
+   is fixed (model.gate.posterior_total, gates.py) because, learned, it grows to ~10^4 and removes the
+   variance term instead.
  - Gradient isolation: z_sg projects with sg(B), so L_coeff gives exactly zero gradient to the basis
    network; it does reach the amortizer through E_q[g_t] (A.3). L_recon moves B through both the
    projection B^T a and the decoder B(.).
