@@ -27,6 +27,11 @@ Gradients through the prior's parameters: E_q[g_{t-1}] and E_q[theta] are NOT de
 The same holds for L_align: both the router and the amortizer receive its gradient, so the
 amortizer is kept predictable from the state alone (as a learned prior regularises a VAE encoder).
 
+posterior_total > 0 (the default, 20): the amortizer outputs only the gate means and
+beta_hat = posterior_total * softmax(logits) + min_concentration, a fixed total concentration. A
+learned total lets the sampled reconstruction (policy.py) drive it to ~10^4 instead of moving the
+means (docs/RESULTS.md); 0 restores the learned total of eq. 8.
+
 sticky=False (C.1 'W/o sticky gate'): the gates are the feed-forward amortizer alone; no global-usage
 variable and no prior KL terms (L_gate = 0). The router is still trained by L_align for deployment.
 """
