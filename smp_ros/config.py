@@ -24,6 +24,18 @@ ARM_JOINTS = 6
 ARMS = ("left", "right")
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
+# Object-pose observations (the low-dimensional "state" track): each task's tracked objects in a fixed
+# order. A model reads OBJECT_SLOTS poses per step, the task's objects first and zeros after them, so
+# one multi-task model sees a fixed-size vector. A pose is position (x, y, z, m, world frame) then the
+# orientation quaternion (x, y, z, w) with w >= 0 (q and -q are the same rotation).
+TASK_OBJECTS: dict[str, tuple[str, ...]] = {
+    "pen_cap": ("pen", "cap"),
+    "cups_in_bowl": ("cup_left", "cup_right", "bowl"),
+    "handover": ("tool",),
+    "pour_beans": ("cup", "bowl"),
+}
+OBJECT_SLOTS = max(len(v) for v in TASK_OBJECTS.values())  # 3
+OBJECT_POSE_DIM = 7  # x, y, z, qx, qy, qz, qw
 
 
 class ConfigError(ValueError):
@@ -56,6 +68,10 @@ class EncoderConfig:
     num_tasks: int = len(TASKS)
     task_embed_dim: int = 32
     state_dim: int = 256  # d_s: width of s_t after the fusion projection
+    # Object poses read per step (0 = none): OBJECT_SLOTS for the state track, where the encoder takes
+    # joint states + the tracked objects' poses + task (a tracker's topic on a real robot).
+    object_slots: int = 0
+    object_hidden: int = 64
 
     def __post_init__(self) -> None:
         w = "model.encoder"
@@ -67,8 +83,10 @@ class EncoderConfig:
                  f"expected (height, width) >= 32 px, got {self.image_size}")
         _require(0.5 <= self.crop_ratio <= 1.0, f"{w}.crop_ratio", f"expected 0.5..1.0, got {self.crop_ratio}")
         for name in ("group_norm_groups", "backbone_width", "proprio_dim", "proprio_hidden",
-                     "num_tasks", "task_embed_dim", "state_dim"):
+                     "num_tasks", "task_embed_dim", "state_dim", "object_hidden"):
             _require(getattr(self, name) >= 1, f"{w}.{name}", f"expected a positive integer, got {getattr(self, name)}")
+        _require(self.object_slots >= 0, f"{w}.object_slots", f"expected >= 0 (0 = no object poses), "
+                 f"got {self.object_slots}")
 
 
 @dataclass
@@ -99,9 +117,23 @@ class GateConfig:
     align_temperature: float = 1.0  # < 1 sharpens beta_hat inside L_align (A.4 note iii); 1 = off
     hidden: tuple[int, ...] = (256, 256)
     min_concentration: float = 1e-2  # softplus floor keeps every Dirichlet parameter strictly positive
+    # g_t in the reconstruction a_rec = B (g_t ⊙ z_rec) (eq. 7, 35): "sample" = a reparameterised draw
+    # g_t ~ q(g_t | s_t, a_t) as the equations write it; "mean" = E_q[g_t], with which
+    # a_rec = B (E/(E + eps) ⊙ B^T a) no longer depends on the gates (docs/RESULTS.md, gate findings).
+    recon_gate: str = "sample"
+    # Total concentration sum_i beta_hat_i of the amortizer q(g_t | s_t, a_t): 0 = learned (the paper);
+    # > 0 = fixed, the amortizer choosing only the gate means. With a sampled g_t the reconstruction's
+    # variance term sum_i u_i^2 Var(g_i) / E_i^2 (u = B^T a) can otherwise be removed by driving the
+    # concentration up (measured: ~8,000), which leaves the means free; at a fixed total it is removed
+    # only by gate means that follow the action energy per basis direction (docs/RESULTS.md).
+    posterior_total: float = 20.0  # about the sticky prior's kappa + alpha0
 
     def __post_init__(self) -> None:
         w = "model.gate"
+        _require(self.posterior_total >= 0, f"{w}.posterior_total", f"expected >= 0 (0 = learned), "
+                 f"got {self.posterior_total}")
+        _require(self.recon_gate in ("sample", "mean"), f"{w}.recon_gate",
+                 f"expected 'sample' or 'mean', got {self.recon_gate!r}")
         for name in ("alpha", "alpha0", "kappa_start", "min_concentration"):
             _require(getattr(self, name) > 0, f"{w}.{name}", f"expected > 0, got {getattr(self, name)}")
         _require(self.kappa >= 0, f"{w}.kappa", f"expected >= 0, got {self.kappa}")
@@ -268,6 +300,7 @@ class TopicMap:
     # leader/follower teleoperation (point `action` at them); "next_state": the follower's next state.
     action_source: str = "command"
     task_topic: str = "/smp/task"
+    object_poses: str = "/smp/object_poses"  # smp_ros/msg/ObjectPoses, read when data.object_slots > 0
     task_source: str = "topic"  # "topic" | "metadata" | "cli"
     task_metadata_key: str = "smp_task"  # custom_data key in metadata.yaml when task_source is "metadata"
     # Per-arm joint order; a message may name them bare ("joint1") or arm-prefixed ("left_joint1").
@@ -297,6 +330,10 @@ class DataConfig:
     # How frames of another aspect ratio than image_size are brought to it: "resize" (stretch),
     # "center_crop" (cut to the aspect ratio, then scale) or "letterbox" (scale to fit, pad black).
     image_fit: str = "resize"
+    # Object poses ingested per step (0 = the topic is not read); set from model.encoder.object_slots
+    # by the trainer. Which names fill the slots, per task, in order (names the tracker publishes):
+    object_slots: int = 0
+    task_objects: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(TASK_OBJECTS))
 
     def __post_init__(self) -> None:
         w = "data"
@@ -311,6 +348,13 @@ class DataConfig:
         _require(self.max_gap_s > 0, f"{w}.max_gap_s", f"expected > 0, got {self.max_gap_s}")
         _require(self.on_bad_episode in ("skip", "error"), f"{w}.on_bad_episode",
                  f"expected 'skip' or 'error', got {self.on_bad_episode!r}")
+        _require(self.object_slots >= 0, f"{w}.object_slots", f"expected >= 0, got {self.object_slots}")
+        if self.object_slots:
+            for task in self.tasks:
+                names = self.task_objects.get(task)
+                _require(names is not None, f"{w}.task_objects", f"no object list for task {task!r}")
+                _require(len(names) <= self.object_slots, f"{w}.task_objects.{task}",
+                         f"{len(names)} objects {list(names)} do not fit data.object_slots = {self.object_slots}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +623,28 @@ def _paper() -> SMPConfig:
     return SMPConfig(preset="paper", model=model, train=train)
 
 
-PRESETS = {"tiny": _tiny, "sim": _sim, "paper": _paper}
+def _sim_state() -> SMPConfig:
+    """The object-pose track: joint states + tracked object poses + task, no cameras (a tracker's topic
+    on a real robot, the simulator's in simulation). Sized for experiments in minutes on a CPU: about
+    0.13 s per step on one core of a lightly loaded 2-core VM, 6.5 min for the 3,000 steps, by which
+    the held-out gate metrics have settled (docs/RESULTS.md)."""
+    steps = 3000
+    model = ModelConfig(
+        num_experts=8, obs_steps=2, horizon=16,
+        encoder=EncoderConfig(mode="lowdim", object_slots=OBJECT_SLOTS, proprio_hidden=64, object_hidden=64,
+                              task_embed_dim=16, state_dim=128),
+        basis=BasisConfig(hidden=(128,)),
+        gate=GateConfig(hidden=(128,), kappa_anneal_steps=steps // 3, alpha0_warm_steps=steps // 6),
+        expert=ExpertConfig(down_dims=(16, 32), n_groups=8, step_embed_dim=32),
+        scheduler=SchedulerConfig(train_steps=100, inference_steps=10),
+        dense_down_dims=(64, 128),  # the dense baseline at about SMP's total parameters (1.22 M vs 1.18 M)
+    )
+    train = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                        checkpoint_every=500, log_every=50, val_fraction=0.1)
+    return SMPConfig(preset="sim_state", model=model, train=train)
+
+
+PRESETS = {"tiny": _tiny, "sim": _sim, "sim_state": _sim_state, "paper": _paper}
 
 
 def preset(name: str) -> SMPConfig:

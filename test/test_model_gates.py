@@ -90,3 +90,22 @@ def test_concentrations_are_positive():
     assert (gates.posterior(s, torch.randn(5, 8, 14, dtype=torch.float64)) > 0).all()
     with pytest.raises(Exception):
         GateConfig(alpha=0.0)
+
+
+def test_fixed_posterior_total_learns_only_the_means():
+    from smp_ros.config import ConfigError
+    cfg = preset("tiny").model
+    cfg.gate.posterior_total = 20.0
+    gates = DirichletGates(cfg)
+    s, a = torch.randn(5, cfg.encoder.state_dim), torch.randn(5, cfg.horizon, cfg.action_dim)
+    beta = gates.posterior(s, a)
+    K = cfg.num_experts
+    assert torch.allclose(beta.sum(-1), torch.full((5,), 20.0 + K * cfg.gate.min_concentration))
+    cfg.gate.posterior_total = 0.0  # learned: the total follows the network
+    assert not torch.allclose(DirichletGates(cfg).posterior(s, a).sum(-1), beta.sum(-1))
+    g = gates.sample(beta)  # reparameterised: gradients reach the concentrations
+    assert torch.allclose(g.sum(-1), torch.ones(5)) and g.requires_grad
+    with pytest.raises(ConfigError, match="model.gate.posterior_total"):
+        GateConfig(posterior_total=-1.0)
+    with pytest.raises(ConfigError, match="model.gate.recon_gate"):
+        GateConfig(recon_gate="median")

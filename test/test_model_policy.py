@@ -43,7 +43,7 @@ def _policy(cfg, seed=0):
 
 
 def test_loss_terms_and_reduction():
-    cfg = _cfg()
+    cfg = _cfg(gate__recon_gate="mean")  # deterministic recon (a sampled g_t redraws per call)
     p = _policy(cfg)
     out = p.compute_loss(_low_rank_batch(cfg), step=0)
     assert set(out) == {"loss", "coeff", "recon", "gate", "align"}
@@ -56,6 +56,35 @@ def test_loss_terms_and_reduction():
     one, two = p.compute_loss(b, 0), p.compute_loss(double, 0)
     for k in ("recon", "gate", "align"):
         assert torch.allclose(one[k], two[k], rtol=1e-5)
+
+
+def test_recon_with_the_gate_mean_ignores_the_gates_and_with_a_sample_does_not():
+    """Eq. 35 with g = E_q[g]: B(E ⊙ B^T a / (E + eps)) = B B^T a up to eps, so L_recon hardly moves the
+    amortizer. With the reparameterised sample g_t ~ q, E_q||a - B(g ⊙ z_rec)||^2 adds
+    sum_i u_i^2 Var(g_i) / (E_i + eps)^2, which depends on the gates; checked by Monte Carlo against the
+    Dirichlet variance formula (an independent reference)."""
+    batch = _low_rank_batch(_cfg())
+    grads = {}
+    for mode in ("mean", "sample"):
+        cfg = _cfg(gate__recon_gate=mode)
+        p = _policy(cfg)
+        torch.manual_seed(0)
+        out = p.compute_loss(batch, step=0)
+        g = torch.autograd.grad(out["recon"], list(p.gates.posterior_net.parameters()))
+        grads[mode] = sum(x.abs().sum() for x in g).item()
+    assert grads["sample"] > 100 * grads["mean"], grads
+
+    # Monte Carlo of the sampled reconstruction error for one fixed (u, beta_hat), against the formula.
+    torch.manual_seed(1)
+    beta = torch.tensor([0.5, 2.0, 4.0, 1.0])
+    u = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    eps = 1e-3
+    m = beta / beta.sum()
+    draws = torch.distributions.Dirichlet(beta).rsample((200_000,))  # (S, K)
+    err_mc = ((u * (1 - draws / (m + eps))) ** 2).sum(-1).mean()  # ||B(u - g ⊙ u/(m+eps))||^2, B orthonormal
+    var = m * (1 - m) / (beta.sum() + 1)
+    err_formula = ((u * (1 - m / (m + eps))) ** 2 + u ** 2 * var / (m + eps) ** 2).sum()
+    assert torch.allclose(err_mc, err_formula, rtol=0.02), (err_mc, err_formula)
 
 
 def test_coeff_gives_exactly_zero_gradient_to_the_basis_and_recon_does_not():
@@ -84,11 +113,13 @@ def _train(p, batch, steps, lr=3e-3):
     return first, last
 
 
-def test_tiny_overfits_one_batch():
-    cfg = _cfg()
+@pytest.mark.parametrize("recon_gate, factor", [("mean", 10), ("sample", 4)])
+def test_tiny_overfits_one_batch(recon_gate, factor):
+    # A sampled g_t leaves L_recon a noise floor, sum_i u_i^2 Var(g_i) / E_i^2, so its loss falls less.
+    cfg = _cfg(gate__recon_gate=recon_gate)
     p = _policy(cfg)
     first, last = _train(p, _low_rank_batch(cfg), 200)
-    assert last < first / 10, (first, last)
+    assert last < first / factor, (first, last)
 
 
 @pytest.mark.slow

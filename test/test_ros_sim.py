@@ -21,7 +21,7 @@ from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from smp_ros.config import ConfigError  # noqa: E402
-from smp_ros.msg import ArmStatus, EpisodeStatus  # noqa: E402
+from smp_ros.msg import ArmStatus, EpisodeStatus, ObjectPoses  # noqa: E402
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
 from smp_ros.nodes.sim_node import SimNode  # noqa: E402
 from smp_ros.srv import ResetEpisode  # noqa: E402
@@ -43,7 +43,8 @@ def sim():
     sim = SimNode(parameter_overrides=[Parameter("sim.image_size", value=[48, 64]),
                                        Parameter("task", value="handover")])
     probe = rclpy.create_node("sim_probe")
-    got = {"images": {}, "infos": {}, "states": {"left": [], "right": []}, "status": {}, "task": [], "episode": []}
+    got = {"images": {}, "infos": {}, "states": {"left": [], "right": []}, "status": {}, "task": [], "episode": [],
+           "objects": []}
     for c in CAMERAS:
         probe.create_subscription(Image, f"/cameras/{c}/image_raw",
                                   lambda m, c=c: got["images"].__setitem__(c, m), SENSOR_QOS)
@@ -55,6 +56,7 @@ def sim():
                                   lambda m, s=side: got["status"].__setitem__(s, m), LATCHED_QOS)
     probe.create_subscription(String, "/smp/task", got["task"].append, LATCHED_QOS)
     probe.create_subscription(EpisodeStatus, "/smp/episode", got["episode"].append, LATCHED_QOS)
+    probe.create_subscription(ObjectPoses, "/smp/object_poses", got["objects"].append, SENSOR_QOS)
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(sim)
     executor.add_node(probe)
@@ -80,6 +82,19 @@ def test_cameras_publish_rgb8_with_info(sim):
         assert (info.height, info.width) == (48, 64) and info.k[0] > 0
         pixels = np.frombuffer(bytes(img.data), np.uint8)
         assert pixels.std() > 0, f"{c} rendered a blank frame"
+
+
+def test_object_poses_are_published_named_in_the_world_frame(sim):
+    node, probe, got = sim
+    wait_for(lambda: len(got["objects"]) >= 3, what="object poses")
+    assert ("/smp/object_poses", ["smp_ros/msg/ObjectPoses"]) in probe.get_topic_names_and_types()
+    msg = got["objects"][-1]
+    assert list(msg.names) == ["tool"] and msg.header.frame_id == "world"  # handover's tracked object
+    p = msg.poses[0]
+    q = np.array([p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w])
+    assert abs(np.linalg.norm(q) - 1) < 1e-6 and 0.1 < p.position.x < 0.35 and p.position.z > 0
+    stamps = [m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for m in got["objects"][-3:]]
+    assert stamps == sorted(stamps) and stamps[0] < stamps[-1]
 
 
 def test_both_arms_stream_joint_states_and_are_enabled(sim):

@@ -58,7 +58,9 @@ def test_bag_has_the_contract_topics_types_and_rates(recorded):
     expected = {f"/cameras/{c}/image_raw": "sensor_msgs/msg/Image" for c in CAMERAS}
     expected |= {t: "sensor_msgs/msg/JointState" for t in JOINT_TOPICS + CMD_TOPICS}
     expected["/smp/task"] = "std_msgs/msg/String"
+    expected["/smp/object_poses"] = "smp_ros/msg/ObjectPoses"
     assert {t: c.msgtype for t, c in conns.items()} == expected
+    assert len(msgs["/smp/object_poses"]) == STEPS  # at the camera rate
     assert result.steps == STEPS
     for cam in CAMERAS:
         assert len(msgs[f"/cameras/{cam}/image_raw"]) == STEPS
@@ -110,6 +112,15 @@ def test_message_contents(recorded):
         assert len(info["phases"][key]) == STEPS
     assert info["phases"]["expert"][0] == info["phases"]["left"][0] == "left_approach"
     assert info["phases"]["right"][0] == "hold"
+    assert len(info["stages"]) == STEPS and info["stages"][0] == 0
+    # Object poses: the task's objects, named, in the world frame, stamped with the frame time.
+    images = msgs["/cameras/cam_high/image_raw"]
+    for (_, _, _, img), (_, _, _, m) in zip(images, msgs["/smp/object_poses"]):
+        assert list(m.names) == ["pen", "cap"] and len(m.poses) == 2 and m.header.frame_id == "world"
+        assert stamp_ns(m) == stamp_ns(img)
+        pen = m.poses[0]
+        assert 0.15 < pen.position.x < 0.3 and abs(np.linalg.norm(
+            [pen.orientation.x, pen.orientation.y, pen.orientation.z, pen.orientation.w]) - 1) < 1e-6
 
 
 def test_offered_qos_matches_rclpy_profiles(recorded):
@@ -126,7 +137,7 @@ def test_offered_qos_matches_rclpy_profiles(recorded):
     for topic, conn in conns.items():
         (qos,) = conn.ext.offered_qos_profiles
         got = as_rclpy(qos)
-        if topic in JOINT_TOPICS or topic.startswith("/cameras/"):
+        if topic in JOINT_TOPICS or topic.startswith("/cameras/") or topic == "/smp/object_poses":
             assert got == (sensor.history, sensor.depth, sensor.reliability, sensor.durability), topic
         elif topic in CMD_TOPICS:
             assert got == (HistoryPolicy.KEEP_LAST, 1, ReliabilityPolicy.RELIABLE, DurabilityPolicy.VOLATILE)
@@ -143,8 +154,10 @@ def test_every_message_deserialises_with_rclpy(recorded):
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
+
+    from smp_ros.msg import ObjectPoses
     classes = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState,
-               "std_msgs/msg/String": String}
+               "std_msgs/msg/String": String, "smp_ros/msg/ObjectPoses": ObjectPoses}
     msgs, _ = read_all(recorded[0])
     for topic, items in msgs.items():
         for _, msgtype, raw, ours in items:
@@ -157,6 +170,9 @@ def test_every_message_deserialises_with_rclpy(recorded):
                 np.testing.assert_array_equal(m.effort, ours.effort)
                 assert m.header.stamp.sec == ours.header.stamp.sec
                 assert m.header.stamp.nanosec == ours.header.stamp.nanosec
+            elif msgtype == "smp_ros/msg/ObjectPoses":  # the type hash rosbags stored matches the generated one
+                assert list(m.names) == list(ours.names) and len(m.poses) == len(ours.poses)
+                assert m.poses[0].orientation.w == ours.poses[0].orientation.w
             else:
                 assert m.data == "pen_cap"
 

@@ -9,6 +9,8 @@ Grid: t_k = t_start + k / control_rate_hz for every t_k inside the span all stre
   "next_state": the follower's joint state at t_{k+1} (the step after the observation), so the
   grid loses its last step.
 - Images: the latest frame stamped at or before t_k; never a frame from the future.
+- Object poses (when ``data.object_slots`` > 0): the latest message at or before t_k, as images,
+  turned into the model's fixed-size vector (``model/objects.py``).
 
 An episode whose streams have a gap longer than ``max_gap_s`` inside the grid span, or that spans
 fewer than ``min_episode_steps`` grid steps, raises ``EpisodeError`` naming bag, topic and time.
@@ -23,6 +25,7 @@ import numpy as np
 from smp_ros.config import ACTION_DIM, ARMS, DataConfig
 from smp_ros.data.bag_reader import JointStream, RawEpisode, decode_image, fit_note
 from smp_ros.data.errors import EpisodeError
+from smp_ros.model.objects import object_vector
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Episode:
     action: np.ndarray  # (T, D) float32
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8 RGB
     warnings: list[str]
+    objects: np.ndarray | None = None  # (T, object_slots * 7) float32 when data.object_slots > 0
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -77,6 +81,8 @@ def align_episode(raw: RawEpisode, cfg: DataConfig) -> Episode:
     streams: list[tuple[str, np.ndarray]] = [(s.topic, np.sort(s.stamps_ns)) for s in raw.joints.values()]
     streams += [(s.topic, np.sort(s.stamps_ns)) for s in raw.actions.values()]
     streams += [(s.topic, np.sort(s.stamps_ns)) for s in raw.images.values()]
+    if raw.objects is not None:
+        streams.append((raw.objects.topic, np.sort(raw.objects.stamps_ns)))
     start_ns = max(int(s[0]) for _, s in streams)
     end_ns = min(int(s[-1]) for _, s in streams)
     period_ns = 1e9 / cfg.control_rate_hz
@@ -126,7 +132,26 @@ def align_episode(raw: RawEpisode, cfg: DataConfig) -> Episode:
         if note:
             notes.append(note)
 
+    objects = None
+    if raw.objects is not None:
+        stream = raw.objects
+        stamps, order = _sorted(stream.stamps_ns)
+        pick = np.searchsorted(stamps, grid_ns, side="right") - 1  # latest message at or before t_k
+        objects = np.empty((n, cfg.object_slots * 7), dtype=np.float32)
+        last_src, last_vec = -1, None
+        for k, p in enumerate(pick):
+            src = int(order[p])
+            if src != last_src:
+                where = f"{bag} topic {stream.topic} at t={stamps[p] / 1e9:.3f} s"
+                try:
+                    last_vec = object_vector(raw.task, stream.names[src], stream.poses[src], cfg.task_objects,
+                                             cfg.object_slots, where)
+                except ValueError as exc:
+                    raise EpisodeError(bag, str(exc), stream.topic, stamps[p] / 1e9) from None
+                last_src = src
+            objects[k] = last_vec
+
     task_id = cfg.tasks.index(raw.task)
     return Episode(bag=bag, task=raw.task, task_id=task_id, t=(grid_ns - start_ns) / 1e9, t0_ns=start_ns,
                    qpos=qpos.astype(np.float32), action=action.astype(np.float32), images=images,
-                   warnings=notes)
+                   warnings=notes, objects=objects)

@@ -21,6 +21,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from smp_ros.config import ARMS, DataConfig
 from smp_ros.data.errors import BagError
+from smp_ros.model.objects import OBJECT_POSES_TYPE, register_object_poses
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -32,6 +33,7 @@ BAG_SUFFIXES = (".db3", ".mcap", ".zstd")
 # Bags recorded on distros without stored message definitions (Humble sqlite3) need a typestore;
 # the sensor_msgs / std_msgs layouts used here are identical across Humble, Jazzy and Kilted.
 _DEFAULT_TYPESTORE = get_typestore(Stores.LATEST)
+register_object_poses(_DEFAULT_TYPESTORE)
 
 
 @dataclass
@@ -56,6 +58,17 @@ class ImageStream:
 
 
 @dataclass
+class ObjectStream:
+    """The object-pose topic: per message the names and their poses (x, y, z, qx, qy, qz, qw)."""
+
+    topic: str
+    stamps_ns: np.ndarray  # (N,) int64
+    names: list  # N tuples of names
+    poses: list  # N arrays (n_i, 7) float64
+    stamp_source: str
+
+
+@dataclass
 class RawEpisode:
     bag: Path
     task: str
@@ -63,6 +76,7 @@ class RawEpisode:
     actions: dict[str, JointStream]  # arm -> action stream (empty when action_source is next_state)
     images: dict[str, ImageStream]  # camera -> frames
     warnings: list[str] = field(default_factory=list)
+    objects: ObjectStream | None = None  # read when data.object_slots > 0
 
 
 def find_bags(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -143,6 +157,15 @@ class _Collector:
                                "(data.on_bad_episode decides: skip it or stop)", self.topic, _stamp_ns(msg) / 1e9
                                if _stamp_ns(msg) > 0 else receive_ns / 1e9)
             self.values.append(values)
+        elif self.kind == "objects":
+            poses = np.array([[p.position.x, p.position.y, p.position.z, p.orientation.x, p.orientation.y,
+                               p.orientation.z, p.orientation.w] for p in msg.poses],  # type: ignore[attr-defined]
+                             dtype=np.float64).reshape(-1, 7)
+            if not np.all(np.isfinite(poses)):
+                raise BagError(self.bag, "non-finite object pose(s); a bad episode (data.on_bad_episode decides: "
+                               "skip it or stop)", self.topic, _stamp_ns(msg) / 1e9
+                               if _stamp_ns(msg) > 0 else receive_ns / 1e9)
+            self.values.append((tuple(msg.names), poses))  # type: ignore[attr-defined]
         else:
             self.values.append(msg)
 
@@ -173,6 +196,8 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None, override
             wanted[topics.action[arm]] = ("action", arm)
     for cam, topic in topics.cameras.items():
         wanted[topic] = ("image", cam)
+    if cfg.object_slots:
+        wanted[topics.object_poses] = ("objects", None)
     task_source = "cli" if task is not None and (override_task or topics.task_source == "cli") else topics.task_source
     if task_source == "topic":
         wanted[topics.task_topic] = ("task", None)
@@ -197,7 +222,7 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None, override
                            "Remap them in data.topics", missing[0])
         collectors: dict[str, _Collector] = {}
         expected_types = {"joint": (JOINT_TYPE,), "action": (JOINT_TYPE,), "image": (IMAGE_TYPE, COMPRESSED_TYPE),
-                          "task": (STRING_TYPE,)}
+                          "task": (STRING_TYPE,), "objects": (OBJECT_POSES_TYPE,)}
         for topic, (kind, name) in wanted.items():
             if present[topic] not in expected_types[kind]:
                 raise BagError(bag, f"has type {present[topic]}, expected {' or '.join(expected_types[kind])}", topic)
@@ -257,7 +282,15 @@ def read_bag(bag: str | Path, cfg: DataConfig, task: str | None = None, override
             raise BagError(bag, "no messages", topic)
         stamps, source = c.stamps(warn)
         images[cam] = ImageStream(topic, c.msgtype, stamps, c.values, source)
-    return RawEpisode(bag, task_name, joints, actions, images, warn)
+    objects = None
+    if cfg.object_slots:
+        c = collectors[topics.object_poses]
+        if not c.values:
+            raise BagError(bag, "no messages", topics.object_poses)
+        stamps, source = c.stamps(warn)
+        objects = ObjectStream(topics.object_poses, stamps, [v[0] for v in c.values], [v[1] for v in c.values],
+                               source)
+    return RawEpisode(bag, task_name, joints, actions, images, warn, objects)
 
 
 def _resolve_task(bag: Path, own: str | None, given: str | None, where: str) -> str:

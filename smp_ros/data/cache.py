@@ -6,6 +6,7 @@ Layout of a cache directory (all arrays are concatenated episodes, N control ste
     qpos.f32            (N, D) float32 joint positions
     action.f32          (N, D) float32 action targets
     images_<cam>.u8     (N, H, W, 3) uint8 RGB, one file per camera
+    objects.f32         (N, object_slots * 7) float32 object poses (only when data.object_slots > 0)
 
 ``index.json`` is written last and the directory is built under a temporary name and renamed into
 place, so a cache that exists is complete. ``prepare_cache`` re-ingests when the bags (paths,
@@ -15,6 +16,8 @@ refuses a cache built with another config and names the fields that differ.
 Statistics (``index["stats"]``, also the policy's normalizer input)::
 
     {"qpos": {"min": [D], "max": [D], "mean": [D], "std": [D]}, "action": {...}, "num_steps": N}
+
+plus ``"objects": {...}`` (object_slots * 7 values each) when object poses were ingested.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from smp_ros.data.align import Episode, align_episode
 from smp_ros.data.bag_reader import find_bags, read_bag
 from smp_ros.data.errors import CacheMismatchError, DataError
 
-CACHE_FORMAT = 2  # 2: every joint value validated finite at ingest; "notes" (e.g. image framing) in the index
+CACHE_FORMAT = 2  # 2: every joint and object-pose value validated finite at ingest; "notes" (e.g. image framing)
+# in the index; optional object poses (objects.f32)
 INDEX = "index.json"
 # on_bad_episode decides what happens to bad bags, not what a good episode looks like.
 _NOT_INGEST_KEYS = ("on_bad_episode",)
@@ -98,6 +102,9 @@ class DatasetCache:
         self.action = np.memmap(root / "action.f32", dtype=np.float32, mode="r", shape=(n, ACTION_DIM))
         self.images = {c: np.memmap(root / f"images_{c}.u8", dtype=np.uint8, mode="r", shape=(n, h, w, 3))
                        for c in self.cameras}
+        self.object_slots = int(index.get("object_slots", 0))
+        self.objects = (np.memmap(root / "objects.f32", dtype=np.float32, mode="r", shape=(n, self.object_slots * 7))
+                        if self.object_slots else None)
 
     def images_at(self, camera: str, size: tuple[int, int] | None) -> np.ndarray:
         """Frames of ``camera`` at ``size`` (height, width): the stored ones when the size matches, otherwise
@@ -178,10 +185,16 @@ class DatasetCache:
         if expect is not None:
             want = ingest_config(expect, task if task is not None else index["ingest_config"]["task_override"])
             have = copy.deepcopy(index["ingest_config"])
+            objects_have = (have.pop("object_slots", 0), have.pop("task_objects", None))
+            objects_want = (want.pop("object_slots", 0), want.pop("task_objects", None))
             for plain in (have, want):
                 plain.pop("image_size", None)
                 plain["topics"].pop("cameras", None)
+                plain["topics"].pop("object_poses", None)
             diffs = _diff(have, want)
+            # A cache with object poses serves a model that reads none; not the other way round.
+            if objects_want[0] and objects_have != objects_want:
+                diffs.append(f"object_slots/task_objects: cache has {objects_have}, config has {objects_want}")
             if diffs:
                 raise CacheMismatchError(f"{root}: cache was built with another data config; differing fields: "
                                          + "; ".join(diffs) + ". Re-ingest from the bags or use the cache's config")
@@ -210,16 +223,21 @@ def _episodes(bags: list[Path], cfg: DataConfig, task: str | None, workers: int,
 
 
 class _Stats:
-    def __init__(self) -> None:
+    def __init__(self, object_dim: int = 0) -> None:
         self.n = 0
-        self.sum = {k: np.zeros(ACTION_DIM) for k in ("qpos", "action")}
-        self.sq = {k: np.zeros(ACTION_DIM) for k in ("qpos", "action")}
-        self.min = {k: np.full(ACTION_DIM, np.inf) for k in ("qpos", "action")}
-        self.max = {k: np.full(ACTION_DIM, -np.inf) for k in ("qpos", "action")}
+        dims = {"qpos": ACTION_DIM, "action": ACTION_DIM, **({"objects": object_dim} if object_dim else {})}
+        self.keys = tuple(dims)
+        self.sum = {k: np.zeros(d) for k, d in dims.items()}
+        self.sq = {k: np.zeros(d) for k, d in dims.items()}
+        self.min = {k: np.full(d, np.inf) for k, d in dims.items()}
+        self.max = {k: np.full(d, -np.inf) for k, d in dims.items()}
 
     def add(self, ep: Episode) -> None:
         self.n += len(ep)
-        for k, v in (("qpos", ep.qpos), ("action", ep.action)):
+        fields = [("qpos", ep.qpos), ("action", ep.action)]
+        if "objects" in self.keys:
+            fields.append(("objects", ep.objects))
+        for k, v in fields:
             v = v.astype(np.float64)
             self.sum[k] += v.sum(0)
             self.sq[k] += (v * v).sum(0)
@@ -228,7 +246,7 @@ class _Stats:
 
     def result(self) -> dict:
         out: dict = {"num_steps": self.n}
-        for k in ("qpos", "action"):
+        for k in self.keys:
             mean = self.sum[k] / self.n
             var = np.maximum(self.sq[k] / self.n - mean * mean, 0.0)
             out[k] = {"min": self.min[k].tolist(), "max": self.max[k].tolist(), "mean": mean.tolist(),
@@ -267,12 +285,14 @@ def _ingest_into(tmp: Path, bags: list[Path], cfg: DataConfig, root: Path, task:
     skipped = []
     for bag, reason in unreadable:
         _bad(cfg, str(bag), reason if reason.startswith(str(bag)) else f"{bag}: {reason}", skipped)
-    stats = _Stats()
+    stats = _Stats(cfg.object_slots * 7)
     episodes: list[dict] = []
     notes: list[str] = []  # once each: e.g. one aspect-ratio report per camera, not one per bag
     start = 0
     files = {"qpos": open(tmp / "qpos.f32", "wb"), "action": open(tmp / "action.f32", "wb")}
     files.update({c: open(tmp / f"images_{c}.u8", "wb") for c in cameras})
+    if cfg.object_slots:
+        files["objects"] = open(tmp / "objects.f32", "wb")
     try:
         stream = _episodes(bags, cfg, task, workers, override_task)
         if progress:
@@ -286,6 +306,8 @@ def _ingest_into(tmp: Path, bags: list[Path], cfg: DataConfig, root: Path, task:
             files["action"].write(ep.action.tobytes())
             for c in cameras:
                 files[c].write(ep.images[c].tobytes())
+            if cfg.object_slots:
+                files["objects"].write(ep.objects.tobytes())
             stats.add(ep)
             episodes.append({"bag": bag, "task": ep.task, "task_id": ep.task_id, "start": start,
                              "length": len(ep), "t0_ns": ep.t0_ns})
@@ -303,7 +325,8 @@ def _ingest_into(tmp: Path, bags: list[Path], cfg: DataConfig, root: Path, task:
         raise DataError(f"no usable episodes in {len(bags)} bag(s) ({len(skipped)} skipped): {reasons}")
     index = {"format": CACHE_FORMAT, "ingest_config": ingest_config(cfg, task, override_task),
              "fingerprint": bag_fingerprint(bags), "notes": notes,
-             "cameras": list(cameras), "image_size": list(cfg.image_size), "control_rate_hz": cfg.control_rate_hz,
+             "cameras": list(cameras), "image_size": list(cfg.image_size),
+             "object_slots": cfg.object_slots, "control_rate_hz": cfg.control_rate_hz,
              "tasks": list(cfg.tasks), "num_steps": start, "episodes": episodes, "stats": stats.result(),
              "skipped": skipped}
     (tmp / INDEX).write_text(json.dumps(index, indent=1))

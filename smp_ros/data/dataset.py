@@ -7,7 +7,8 @@ action repeats after the end.
 
 A segment is L consecutive windows (steps s .. s+L-1, all inside one episode), so the sticky
 gate prior sees g_{t-1}. Batches use the keys of docs/ARCHITECTURE.md:
-``qpos`` (B, L, T_o, D), ``action`` (B, L, H, D), ``task`` (B,), ``images`` (B, L, T_o, N_cam, H, W, 3).
+``qpos`` (B, L, T_o, D), ``action`` (B, L, H, D), ``task`` (B,), ``images`` (B, L, T_o, N_cam, H, W, 3),
+``objects`` (B, L, T_o, object_slots * 7) when the dataset is asked for object poses.
 
 ``StepBatches`` makes the batch of a training step a pure function of (seed, step, rank), so a
 resumed or data-parallel run sees exactly the samples an uninterrupted single process would.
@@ -25,12 +26,18 @@ class SegmentDataset:
     """Trajectory segments of ``segment_length`` steps from the given episodes of a cache."""
 
     def __init__(self, cache: DatasetCache, episodes: list[int], obs_steps: int, horizon: int,
-                 segment_length: int = 1, cameras: tuple[str, ...] = (), image_size: tuple[int, int] | None = None):
-        """``image_size``: read frames resized once to this size (``DatasetCache.images_at``); None: as stored."""
+                 segment_length: int = 1, cameras: tuple[str, ...] = (), image_size: tuple[int, int] | None = None,
+                 *, objects: bool = False):
+        """``image_size``: read frames resized once to this size (``DatasetCache.images_at``); None: as stored.
+        ``objects``: also return the tracked object poses."""
         missing = [c for c in cameras if c not in cache.cameras]
         if missing:
             raise ValueError(f"{cache.root}: cameras {missing} not in the cache (has {list(cache.cameras)}); "
                              "ingest with those topics in data.topics.cameras")
+        if objects and cache.objects is None:
+            raise ValueError(f"{cache.root}: no object poses in the cache; ingest with data.object_slots > 0 "
+                             "(bags with the object-pose topic)")
+        self.objects = objects
         self.cache, self.obs_steps, self.horizon, self.segment_length = cache, obs_steps, horizon, segment_length
         self.cameras = tuple(cameras)
         self.images = {c: cache.images_at(c, image_size) for c in self.cameras}
@@ -63,6 +70,8 @@ class SegmentDataset:
         out = {"qpos": np.asarray(self.cache.qpos[obs.reshape(-1)]).reshape(*obs.shape, -1),  # (B, L, T_o, D)
                "action": np.asarray(self.cache.action[act.reshape(-1)]).reshape(*act.shape, -1),  # (B, L, H, D)
                "task": self.task[idx]}
+        if self.objects:
+            out["objects"] = np.asarray(self.cache.objects[obs.reshape(-1)]).reshape(*obs.shape, -1)  # (B, L, T_o, O)
         if self.cameras:
             flat = obs.reshape(-1)
             # Memmap fancy indexing wants sorted unique rows for sequential reads; gather once per row.
@@ -77,8 +86,8 @@ class WindowDataset(SegmentDataset):
     """Single windows (segment length 1) with the L axis dropped: the inference observation layout."""
 
     def __init__(self, cache: DatasetCache, episodes: list[int], obs_steps: int, horizon: int,
-                 cameras: tuple[str, ...] = ()):
-        super().__init__(cache, episodes, obs_steps, horizon, 1, cameras)
+                 cameras: tuple[str, ...] = (), objects: bool = False):
+        super().__init__(cache, episodes, obs_steps, horizon, 1, cameras, objects=objects)
 
     def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         out = super().batch(idx)

@@ -9,11 +9,15 @@ drop it.
 | IMAGES   | (B, L, T_o, N_cam, H, W, 3)  | (B, T_o, N_cam, H, W, 3)   | uint8   |
 | TASK     | (B,)                         | (B,)                       | int64   |
 | ACTION   | (B, L, H, D)                 | -                          | float32 |
+| OBJECTS  | (B, L, T_o, O)               | (B, T_o, O)                | float32 |
+
+OBJECTS (object-pose models only): O = model.encoder.object_slots * 7 (model/objects.py layout).
 """
 
 QPOS = "qpos"
 IMAGES = "images"
 TASK = "task"
 ACTION = "action"
+OBJECTS = "objects"
 
-OBS_KEYS = (QPOS, IMAGES, TASK)
+OBS_KEYS = (QPOS, IMAGES, TASK, OBJECTS)

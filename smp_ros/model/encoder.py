@@ -15,8 +15,11 @@ Preprocessing happens here so that every caller gets it right: uint8 (.., H, W, 
 resize to image_size, then a crop of crop_ratio x image_size, random per image in training and
 centred in eval mode.
 Lowdim mode: joint positions and task only (fast CPU experiments).
-Fusion: per step [camera features, proprio MLP(qpos_t)], flattened over T_o, concatenated with the
-task embedding, then Linear -> Mish -> Linear to d_s.
+Object poses (``object_slots`` > 0, either mode): the tracked objects' poses (model/objects.py layout,
+normalized by the policy) through their own MLP per step: the state track, joint states + object
+poses + task, which a real robot gets from a tracker's topic.
+Fusion: per step [proprio MLP(qpos_t), object MLP(objects_t), camera features], flattened over T_o,
+concatenated with the task embedding, then Linear -> Mish -> Linear to d_s.
 
 Shared frames (training): a segment of L consecutive windows of T_o frames holds only L + T_o - 1
 distinct frames. ``forward(..., frame_index=idx)`` takes the distinct frames (M, N_cam, H, W, 3) and
@@ -97,6 +100,10 @@ class ObservationEncoder(nn.Module):
         self.proprio = mlp([enc.proprio_dim, enc.proprio_hidden, enc.proprio_hidden], final_activation=True)
         self.task_embed = nn.Embedding(enc.num_tasks, enc.task_embed_dim)
         per_step = enc.proprio_hidden
+        self.object_dim = enc.object_slots * 7
+        if self.object_dim:
+            self.objects = mlp([self.object_dim, enc.object_hidden, enc.object_hidden], final_activation=True)
+            per_step += enc.object_hidden
         if self.vision:
             self.backbones = nn.ModuleDict({c: ResNet18Backbone(enc.backbone_width, enc.group_norm_groups)
                                             for c in enc.cameras})
@@ -125,11 +132,16 @@ class ObservationEncoder(nn.Module):
         return x.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2)  # (N, 3, ch, cw)
 
     def forward(self, qpos: torch.Tensor, images: torch.Tensor | None, task: torch.Tensor,
-                frame_index: torch.Tensor | None = None) -> torch.Tensor:
-        """s (N, d_s). Without ``frame_index`` images are per window (N, T_o, N_cam, H, W, 3); with it they are
-        distinct frames (M, N_cam, H, W, 3) and window n's step j is frame ``frame_index[n, j]`` (module docstring)."""
+                objects: torch.Tensor | None = None, frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        """s (N, d_s). ``objects`` (N, T_o, O) normalized object poses when the encoder reads them. Without
+        ``frame_index`` images are per window (N, T_o, N_cam, H, W, 3); with it they are distinct frames
+        (M, N_cam, H, W, 3) and window n's step j is frame ``frame_index[n, j]`` (module docstring)."""
         N, T = qpos.shape[:2]
         feats = [self.proprio(qpos)]  # (N, T_o, proprio_hidden)
+        if self.object_dim:
+            if objects is None:
+                raise ValueError(f"objects: this encoder reads object poses (N, T_o, {self.object_dim}); none given")
+            feats.append(self.objects(objects))  # (N, T_o, object_hidden)
         if self.vision:
             if images is None:
                 raise ValueError("images: the vision encoder needs camera frames "

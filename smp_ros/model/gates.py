@@ -27,12 +27,18 @@ Gradients through the prior's parameters: E_q[g_{t-1}] and E_q[theta] are NOT de
 The same holds for L_align: both the router and the amortizer receive its gradient, so the
 amortizer is kept predictable from the state alone (as a learned prior regularises a VAE encoder).
 
+posterior_total > 0 (the default, 20): the amortizer outputs only the gate means and
+beta_hat = posterior_total * softmax(logits) + min_concentration, a fixed total concentration. A
+learned total lets the sampled reconstruction (policy.py) drive it to ~10^4 instead of moving the
+means (docs/RESULTS.md); 0 restores the learned total of eq. 8.
+
 sticky=False (C.1 'W/o sticky gate'): the gates are the feed-forward amortizer alone; no global-usage
 variable and no prior KL terms (L_gate = 0). The router is still trained by L_align for deployment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -41,6 +47,13 @@ from torch import nn
 
 from smp_ros.config import GateConfig, ModelConfig
 from smp_ros.model.basis import mlp
+
+
+def _full_precision(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``t``'s device (where autocast exists: not on the meta device of the sync checks)."""
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def dirichlet_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -96,11 +109,25 @@ class DirichletGates(nn.Module):
             self.usage_raw = nn.Parameter(torch.full((K,), raw))
 
     def _concentration(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.softplus(logits) + self.cfg.min_concentration
+        # The Dirichlet math (concentrations, closed-form KLs, rsample) stays float32 under bf16 autocast:
+        # lgamma / digamma lose too much in bf16, and Dirichlet sampling has no bf16 kernel.
+        with _full_precision(logits):
+            return F.softplus(logits.float()) + self.cfg.min_concentration
 
     def posterior(self, s: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """beta_hat: s (N, d_s), normalized action chunk (N, H, D) -> (N, K)."""
-        return self._concentration(self.posterior_net(torch.cat([s, action.flatten(1)], dim=-1)))
+        logits = self.posterior_net(torch.cat([s, action.flatten(1)], dim=-1))
+        if self.cfg.posterior_total > 0:  # fixed total concentration: only the means are learned
+            with _full_precision(logits):  # float32, as _concentration
+                return self.cfg.posterior_total * torch.softmax(logits.float(), dim=-1) + self.cfg.min_concentration
+        return self._concentration(logits)
+
+    def sample(self, beta_hat: torch.Tensor) -> torch.Tensor:
+        """A reparameterised draw g ~ Dir(beta_hat) (N, K); gradients reach beta_hat (implicit
+        reparameterisation of the Gamma draws, torch.distributions.Dirichlet.rsample)."""
+        # No argument validation: it reads the concentrations back to the host (a sync per step), and a
+        # diverged run's NaNs reach the loss, where the trainer's non-finite check reports them.
+        return torch.distributions.Dirichlet(beta_hat.float(), validate_args=False).rsample()
 
     def router(self, s: torch.Tensor) -> torch.Tensor:
         """beta_tilde: s (N, d_s) -> (N, K)."""

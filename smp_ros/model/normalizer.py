@@ -9,7 +9,8 @@ Statistics format (what ``from_stats`` accepts and ``to_stats`` writes)::
     {"action": {"min": [D floats], "max": [D floats]},
      "qpos":   {"min": [D floats], "max": [D floats]}}
 
-Other keys inside a field (``mean``, ``std``, ...) are ignored.
+plus ``"objects"`` (object_slots * 7 values) for a model that reads object poses. Other keys inside a
+field (``mean``, ``std``, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ MIN_RANGE = 1e-4
 class Normalizer(nn.Module):
     """x_n = (x - centre) * scale per field; ``unnormalize`` inverts it exactly up to rounding."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, object_dim: int = 0) -> None:
         super().__init__()
         self.dim = dim
-        for name in FIELDS:
+        self.dims = {"action": dim, "qpos": dim, **({"objects": object_dim} if object_dim else {})}
+        self.fields = tuple(self.dims)
+        for name, dim in self.dims.items():
             # Not persistent: the statistics live in normalizer.json, not in the weight file.
             self.register_buffer(f"{name}_centre", torch.zeros(dim), persistent=False)
             self.register_buffer(f"{name}_scale", torch.ones(dim), persistent=False)
@@ -44,11 +47,11 @@ class Normalizer(nn.Module):
         """Fit from ``{"action": {"min", "max"}, "qpos": {"min", "max"}}`` (see module docstring)."""
         if not isinstance(stats, Mapping):
             raise ValueError(f"{where}: expected a mapping with keys {FIELDS}, got {type(stats).__name__}")
-        for name in FIELDS:
+        for name in self.fields:
             if name not in stats or not isinstance(stats[name], Mapping):
                 raise ValueError(f"{where}: missing field {name!r} (expected {{'min': [...], 'max': [...]}})")
-            lo = _vector(stats[name].get("min"), self.dim, f"{where}.{name}.min")
-            hi = _vector(stats[name].get("max"), self.dim, f"{where}.{name}.max")
+            lo = _vector(stats[name].get("min"), self.dims[name], f"{where}.{name}.min")
+            hi = _vector(stats[name].get("max"), self.dims[name], f"{where}.{name}.max")
             bad = (hi < lo).nonzero().flatten().tolist()
             if bad:
                 raise ValueError(f"{where}.{name}: max < min at dimension(s) {bad}")
@@ -65,7 +68,7 @@ class Normalizer(nn.Module):
     def stats(self) -> dict[str, dict[str, list[float]]]:
         """The statistics this normalizer was fitted from (JSON-ready, float32 values round-trip exactly)."""
         return {name: {"min": getattr(self, f"{name}_min").cpu().tolist(),
-                       "max": getattr(self, f"{name}_max").cpu().tolist()} for name in FIELDS}
+                       "max": getattr(self, f"{name}_max").cpu().tolist()} for name in self.fields}
 
     def normalize(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return (x - getattr(self, f"{name}_centre")) * getattr(self, f"{name}_scale")

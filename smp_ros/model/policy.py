@@ -23,11 +23,15 @@ as the trajectory ELBO (eq. 6) sums over t, then averaged over the B segments. S
 relative weights the ELBO gives them and the loss does not change with batch size.
 
 Choices the paper leaves open, and why:
- - g in the reconstruction is the posterior mean E_q[g_t] (eq. 7 writes g_t ~ q). With a sample,
-   g_i / (E_q[g_i] + eps) is heavy-tailed when E_q[g_i] is small (a Dirichlet component's relative
-   variance (1 - m)/(m (beta_0 + 1)) grows without bound as its mean m -> 0), which would swamp
-   L_recon with noise from experts that do not matter. With the mean, a_rec = B (E/(E + eps) ⊙ B^T a),
-   i.e. L_recon measures the action energy outside span B(s) and trains B to capture it (A.3).
+ - g in the reconstruction (eq. 7, 35) is a reparameterised sample g_t ~ q(g_t | s_t, a_t)
+   (model.gate.recon_gate = "sample", the default), as the equations write it. Its expectation is
+   ||a - B B^T a||^2 + sum_i u_i^2 Var(g_i) / (E_i + eps)^2 with u = B^T a, and at a fixed total
+   concentration beta_0 the second term, sum_i u_i^2 (1 - m_i) / (m_i (beta_0 + 1)), is smallest for
+   gate means m_i proportional to |u_i|: the gates must follow the action energy per basis direction,
+   and B is pushed to concentrate it. With "mean" (E_q[g_t]), a_rec = B (E/(E + eps) ⊙ B^T a) does not
+   depend on the gates and they stay near uniform (measured; docs/RESULTS.md). The total concentration
+   is fixed (model.gate.posterior_total, gates.py) because, learned, it grows to ~10^4 and removes the
+   variance term instead.
  - Gradient isolation: z_sg projects with sg(B), so L_coeff gives exactly zero gradient to the basis
    network; it does reach the amortizer through E_q[g_t] (A.3). L_recon moves B through both the
    projection B^T a and the decoder B(.).
@@ -110,7 +114,7 @@ class _PolicyBase(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.normalizer = Normalizer(cfg.action_dim)
+        self.normalizer = Normalizer(cfg.action_dim, cfg.encoder.object_slots * 7)
         self.encoder = ObservationEncoder(cfg)
         self.scheduler = DiffusionScheduler(cfg.scheduler)
 
@@ -134,6 +138,8 @@ class _PolicyBase(nn.Module):
         need = [keys.QPOS, keys.TASK] + ([keys.ACTION] if segment else [])
         if cfg.encoder.mode == "vision":
             need.append(keys.IMAGES)
+        if cfg.encoder.object_slots:
+            need.append(keys.OBJECTS)
         for k in need:
             if k not in data:
                 raise KeyError(f"{where}: missing key {k!r}; expected keys {need}")
@@ -154,6 +160,11 @@ class _PolicyBase(nn.Module):
                 raise ValueError(f"{where}[{keys.ACTION!r}]: expected shape (B, L, H={cfg.horizon}, "
                                  f"D={cfg.action_dim}) = {(*q.shape[:2], cfg.horizon, cfg.action_dim)}, "
                                  f"got {tuple(a.shape)}")
+        if cfg.encoder.object_slots:
+            o, n_obj = data[keys.OBJECTS], cfg.encoder.object_slots * 7
+            if o.shape != (*q.shape[:lead], cfg.obs_steps, n_obj):
+                raise ValueError(f"{where}[{keys.OBJECTS!r}]: expected shape {lead_txt}T_o={cfg.obs_steps}, "
+                                 f"{n_obj}) (object_slots={cfg.encoder.object_slots} poses of 7), got {tuple(o.shape)}")
         if cfg.encoder.mode == "vision":
             im = data[keys.IMAGES]
             n_cam = len(cfg.encoder.cameras)
@@ -172,7 +183,11 @@ class _PolicyBase(nn.Module):
         """Stage 1: raw observation (B, T_o, ...) -> s (B, d_s). Training's flattened segments may carry
         distinct frames and a ``frame_index`` instead (``_flatten_segments``)."""
         qpos = self.normalizer.normalize("qpos", obs[keys.QPOS].float())
-        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long(), obs.get(FRAME_INDEX))
+        objects = None
+        if self.cfg.encoder.object_slots:
+            objects = self.normalizer.normalize("objects", obs[keys.OBJECTS].float())
+        return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long(), objects=objects,
+                            frame_index=obs.get(FRAME_INDEX))
 
     def _timed_encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[_Timer, torch.Tensor]:
         """Validate an observation, start the stage timer and run stage 1: (timer, s (B, d_s))."""
@@ -217,6 +232,8 @@ class _PolicyBase(nn.Module):
                 obs[FRAME_INDEX] = index.flatten(0, 1)  # (B*L, T_o)
             else:
                 obs[keys.IMAGES] = images.flatten(0, 1)  # (B*L, T_o, N_cam, H, W, 3)
+        if keys.OBJECTS in batch and self.cfg.encoder.object_slots:
+            obs[keys.OBJECTS] = batch[keys.OBJECTS].flatten(0, 1)  # (B*L, T_o, O)
         return obs, Bn, L
 
 
@@ -253,11 +270,13 @@ class SMPPolicy(_PolicyBase):
         Bm = self.basis(s)  # (N, D, K)
 
         beta_hat = self.gates.posterior(s, a)  # (N, K)
+        self.last_beta_hat = beta_hat  # for diagnostics of what each term does to the gates (gate_probe.py)
         E_g = dirichlet_mean(beta_hat)
         denom = (E_g + cfg.z_eps).unsqueeze(1)  # (N, 1, K)
         z_sg = (a @ Bm.detach()) / denom  # (N, H, K), eq. 34 with sg(B)
         z_rec = (a @ Bm) / denom  # (N, H, K), eq. 34
-        a_rec = (E_g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
+        g = E_g if cfg.gate.recon_gate == "mean" else self.gates.sample(beta_hat)  # g_t of eq. 35
+        a_rec = (g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
         recon = (a - a_rec).pow(2).sum((-1, -2)) / (2 * cfg.sigma_a ** 2)  # (N,)
 
         if not self._z_scale_fitted:  # data-dependent initialisation, once (trainer: fit_z_scale first)

@@ -28,6 +28,9 @@ def demonstration_topics(cameras=CAMERAS) -> dict[str, str]:
         topics[f"/{arm}/joint_states"] = "sensor_msgs/msg/JointState"
         topics[f"/{arm}/joint_cmd"] = "sensor_msgs/msg/JointState"
     topics[TASK_TOPIC] = "std_msgs/msg/String"
+    # Object poses (the state track): from the simulator, or a tracker on a real robot; a bag of a setup
+    # without one simply holds no messages on it.
+    topics["/smp/object_poses"] = "smp_ros/msg/ObjectPoses"
     return topics
 
 

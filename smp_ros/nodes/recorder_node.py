@@ -14,10 +14,13 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from smp_ros.data import bag_writer
+from smp_ros.model.objects import OBJECT_POSES_TYPE
+from smp_ros.msg import ObjectPoses
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
 from smp_ros.sim import recorder as bagfmt
 
-_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState, "std_msgs/msg/String": String}
+_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState, "std_msgs/msg/String": String,
+          OBJECT_POSES_TYPE: ObjectPoses}
 
 
 def _qos_for(topic: str):

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import Future
 from functools import partial
 
+from geometry_msgs.msg import Pose
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
@@ -30,7 +31,7 @@ from std_msgs.msg import String
 from smp_ros.config import TASKS, ConfigError
 from smp_ros.hardware.arm import element_names
 from smp_ros.hardware.piper import PiperArm
-from smp_ros.msg import EpisodeStatus
+from smp_ros.msg import EpisodeStatus, ObjectPoses
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
@@ -95,6 +96,8 @@ class SimNode(GuardedNode, Node):
         self.info_pubs = {c: self.create_publisher(CameraInfo, f"/cameras/{c}/camera_info", SENSOR_QOS)
                           for c in self.cfg.cameras}
         self.task_pub = self.create_publisher(String, "/smp/task", LATCHED_QOS)
+        # The tracked objects' poses at the camera rate, as a tracker would publish them on a real robot.
+        self.objects_pub = self.create_publisher(ObjectPoses, "/smp/object_poses", SENSOR_QOS)
         self.episode_pub = self.create_publisher(EpisodeStatus, "/smp/episode", LATCHED_QOS)
         self.create_service(ResetEpisode, "~/reset_episode", self._on_reset,
                             callback_group=MutuallyExclusiveCallbackGroup())
@@ -164,6 +167,7 @@ class SimNode(GuardedNode, Node):
                 if sim_elapsed >= next_camera:
                     next_camera = sim_elapsed + camera_period
                     self._publish_cameras()
+                    self._publish_objects()
                 if sim_elapsed >= next_status:
                     next_status = sim_elapsed + status_period
                     self._publish_status()
@@ -207,6 +211,19 @@ class SimNode(GuardedNode, Node):
             cam_id = self.world.model.camera(name).id
             self.info_pubs[name].publish(camera_info(stamp, name, frame.shape[0], frame.shape[1],
                                                      float(self.world.model.cam_fovy[cam_id])))
+
+    def _publish_objects(self) -> None:
+        msg = ObjectPoses()
+        msg.header.stamp = to_stamp(now_seconds(self))
+        msg.header.frame_id = "world"
+        names, poses = self.world.object_poses()
+        msg.names = list(names)
+        for p in poses:
+            pose = Pose()
+            pose.position.x, pose.position.y, pose.position.z = (float(v) for v in p[:3])
+            pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = (float(v) for v in p[3:])
+            msg.poses.append(pose)
+        self.objects_pub.publish(msg)
 
     def _publish_status(self) -> None:
         world = self.world

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import ACTION_DIM, TASKS, RuntimeConfig
-from smp_ros.model.batch import IMAGES, QPOS, TASK
+from smp_ros.model.batch import IMAGES, OBJECTS, QPOS, TASK
+from smp_ros.model.objects import object_vector
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.executor import HOLD, ActionChunk, ChunkExecutor
 from smp_ros.runtime.safety import SafetyFilter, is_stale
@@ -61,6 +62,8 @@ class LearnedPolicy:
         self.infer_every = max(1, round(control_rate_hz / runtime.policy_rate_hz))
         self.obs_steps = engine.cfg.obs_steps
         self.cameras = engine.cameras
+        self.object_slots = engine.cfg.encoder.object_slots  # > 0: the model reads obs.objects
+        self.task_objects = engine.smp_cfg.data.task_objects
         self.seed = seed
         self.executor = ChunkExecutor(runtime.chunk_blend, blend_window_s=runtime.blend_window_s,
                                       ensemble_decay=runtime.ensemble_decay,
@@ -81,6 +84,7 @@ class LearnedPolicy:
     def _reset_state(self) -> None:
         self._qpos: deque[np.ndarray] = deque(maxlen=self.obs_steps)
         self._images: deque[np.ndarray] = deque(maxlen=self.obs_steps)
+        self._objects: deque[np.ndarray] = deque(maxlen=self.obs_steps)
         self._last_time: float | None = None
         self._steps_since_infer = 0
         self._calls = 0
@@ -115,16 +119,26 @@ class LearnedPolicy:
             return self._hold(reason)
 
         images = self._stack_images(obs.images) if self.cameras else None
+        objects = None
+        if self.object_slots:
+            task = TASKS[self.task_index]
+            objects = object_vector(task, list(obs.objects), np.array(list(obs.objects.values())).reshape(-1, 7),
+                                    self.task_objects, self.object_slots, where="obs.objects")
         if self._last_time is None or obs.time - self._last_time > 1.5 * self.dt:
             self._qpos.clear()
             self._images.clear()
+            self._objects.clear()
         while len(self._qpos) < self.obs_steps - 1:  # pad a fresh history with the first frame
             self._qpos.append(qpos)
             if images is not None:
                 self._images.append(images)
+            if objects is not None:
+                self._objects.append(objects)
         self._qpos.append(qpos)
         if images is not None:
             self._images.append(images)
+        if objects is not None:
+            self._objects.append(objects)
         self._last_time = float(obs.time)
         if not self._started:
             self.safety.reset(qpos)
@@ -155,6 +169,8 @@ class LearnedPolicy:
         }
         if self.cameras:
             obs[IMAGES] = np.stack(self._images)[None]  # (1, T_o, N_cam, H, W, 3)
+        if self.object_slots:
+            obs[OBJECTS] = np.stack(self._objects)[None]  # (1, T_o, O)
         self._calls += 1
         result = self.engine.infer(obs, seed=self.seed + self._calls)
         accepted, why = self.executor.submit(ActionChunk(result.action, stamp, self.dt), now)
@@ -177,13 +193,14 @@ class LearnedPolicy:
         return np.stack([np.asarray(images[c], dtype=np.uint8) for c in self.cameras])  # (N_cam, H, W, 3)
 
 
-def make_learned_policy(model_dir: str | Path, world: object, runtime: RuntimeConfig | None = None) -> LearnedPolicy:
+def make_learned_policy(model_dir: str | Path, world: object, runtime: RuntimeConfig | None = None,
+                        overrides: dict | None = None) -> LearnedPolicy:
     """The learned policy for a simulated world (``smp-ros eval --policy MODEL_DIR``).
 
     The world's control rate must be the model's: chunk targets are spaced at the rate the model
     was trained at, and the T_o history is sampled at the rate ``act`` is called."""
     runtime = runtime or RuntimeConfig()
-    engine = InferenceEngine(model_dir, runtime)
+    engine = InferenceEngine(model_dir, runtime, overrides=overrides)
     world_rate = float(world.cfg.control_rate_hz)
     model_rate = float(engine.smp_cfg.data.control_rate_hz)
     if abs(world_rate - model_rate) > 1e-6 * model_rate:

@@ -183,6 +183,9 @@ class InferenceEngine:
         cfg = self.cfg
         obs: dict[str, np.ndarray] = {keys.QPOS: np.zeros((1, cfg.obs_steps, cfg.action_dim), np.float32),
                                       keys.TASK: np.zeros((1,), np.int64)}
+        if cfg.encoder.object_slots:
+            obs[keys.OBJECTS] = np.zeros((1, cfg.obs_steps, cfg.encoder.object_slots * 7), np.float32)
+            obs[keys.OBJECTS][..., 6::7] = 1.0  # identity orientations
         if self.cameras:
             h, w = self.runtime.camera_size if tuple(self.runtime.camera_size) != (0, 0) else cfg.encoder.image_size
             obs[keys.IMAGES] = np.full((1, cfg.obs_steps, len(self.cameras), h, w, 3), 128, np.uint8)
@@ -250,6 +253,18 @@ class InferenceEngine:
         if task.shape != (1,) or not 0 <= task[0] < cfg.encoder.num_tasks:
             raise ValueError(f"obs[{keys.TASK!r}]: expected one task id in 0..{cfg.encoder.num_tasks - 1}, got {task}")
         host = {keys.QPOS: qpos, keys.TASK: task}
+        if cfg.encoder.object_slots:
+            n_obj = cfg.encoder.object_slots * 7
+            if obs.get(keys.OBJECTS) is None:
+                raise ValueError(f"obs[{keys.OBJECTS!r}]: this model reads tracked object poses "
+                                 f"(1, T_o={cfg.obs_steps}, {n_obj}); none given")
+            objects = np.asarray(obs[keys.OBJECTS], dtype=np.float32)
+            if objects.ndim == 2:
+                objects = objects[None]
+            if objects.shape != (1, cfg.obs_steps, n_obj) or not np.all(np.isfinite(objects)):
+                raise ValueError(f"obs[{keys.OBJECTS!r}]: expected finite (1, T_o={cfg.obs_steps}, {n_obj}) object "
+                                 f"poses, got {objects.shape}")
+            host[keys.OBJECTS] = objects
         if self.cameras:
             images = np.asarray(obs[keys.IMAGES])
             if images.ndim == 5:

@@ -60,15 +60,20 @@ class _JointStateLog:
 
 
 def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper", storage: str = "mcap",
-                   settle_s: float = 1.0, start_ns: int | None = None) -> EpisodeResult:
-    """Run the scripted expert for one episode of ``world`` and write it as the bag directory ``bag``."""
+                   settle_s: float = 1.0, start_ns: int | None = None, render: bool = True) -> EpisodeResult:
+    """Run the scripted expert for one episode of ``world`` and write it as the bag directory ``bag``.
+
+    Object poses go on their topic at the camera rate (one message per control step, stamped with the
+    frame time); ``render=False`` records no camera topics (state-only demonstrations)."""
     from smp_ros.sim.experts import ScriptedExpert
 
     cfg = world.cfg
     expert = ScriptedExpert(world)
     arm_phases: dict[str, list[str]] = {side: [] for side in ARMS}
     bag = Path(bag)
-    with BagRecorder(bag, cameras=cfg.cameras, storage=storage, start_ns=start_ns, seed=seed) as rec:
+    cameras = cfg.cameras if render else ()
+    stages: list[int] = []
+    with BagRecorder(bag, cameras=cameras, storage=storage, start_ns=start_ns, seed=seed, objects=True) as rec:
         joint_states = _JointStateLog(rec)
 
         def on_step(k, obs, action, sent, arms) -> None:
@@ -77,12 +82,14 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
                 joint_states(arms)  # the state the first command starts from
             for cam, img in obs.images.items():
                 rec.image(cam, obs.time, img)
+            rec.object_poses(obs.time, list(obs.objects), np.stack(list(obs.objects.values())))
+            stages.append(world.stage())
             for i, side in enumerate(ARMS):
                 rec.joint_cmd(side, obs.time, sent[7 * i:7 * i + 7])
             for side, name in expert.arm_phases.items():
                 arm_phases[side].append(name)
 
-        result = run_episode(world, expert, seed, backend=backend, render=True, on_step=on_step,
+        result = run_episode(world, expert, seed, backend=backend, render=render, on_step=on_step,
                              on_feedback=joint_states, settle_s=settle_s)
         start = rec.start_ns
     info = {
@@ -93,6 +100,9 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
         "sim_time_s": result.sim_time, "wall_time_s": result.wall_time, "start_time_ns": start,
         "cameras": list(cfg.cameras), "image_size": list(cfg.image_size),
         "phases": {"expert": result.phases, **arm_phases},
+        # The task stage reached when each control step's observation was taken (0 .. n_stages): the
+        # phase a step belongs to, for per-phase expert usage in the diagnostics.
+        "stages": stages,
     }
     (bag / EPISODE_FILE).write_text(json.dumps(info, indent=1))
     return result
@@ -100,7 +110,7 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
 
 def record(tasks, episodes: int, out: str | Path, *, seed: int = 0, cfg: SimConfig | None = None,
            backend: str = "piper", storage: str = "mcap", only_success: bool = True, settle_s: float = 1.0,
-           verify: bool = True, progress: bool = True) -> dict:
+           verify: bool = True, progress: bool = True, render: bool = True) -> dict:
     """Record ``episodes`` bags per task under ``out``; returns a summary (kept / dropped bags per task)."""
     from smp_ros.sim.world import BimanualWorld
 
@@ -123,7 +133,7 @@ def record(tasks, episodes: int, out: str | Path, *, seed: int = 0, cfg: SimConf
                 for task_seed in (s for t, s in planned if t == task):
                     bag = out / bag_name(task, task_seed)
                     result = record_episode(world, task_seed, bag, backend=backend, storage=storage,
-                                            settle_s=settle_s)
+                                            settle_s=settle_s, render=render)
                     if verify:
                         verify_bag(bag)
                     if result.success or not only_success:
@@ -151,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only-success", default=True, action=argparse.BooleanOptionalAction,
                         help="keep only the bags of successful episodes (default: on)")
     parser.add_argument("--settle-s", type=float, default=1.0, help="seconds recorded after the task succeeds")
+    parser.add_argument("--no-render", action="store_true",
+                        help="record no camera topics (state-only demonstrations: joint states, object poses, "
+                             "commands, task); much faster")
     parser.add_argument("--episode-steps", type=int, default=None,
                         help=f"control steps at most per episode (default: sim.episode_steps = "
                              f"{SimConfig().episode_steps})")
@@ -167,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = TASKS if args.task == "all" else (args.task,)
     try:
         summary = record(tasks, args.episodes, args.out, seed=args.seed, cfg=cfg, backend=args.backend,
-                         storage=args.storage, only_success=args.only_success, settle_s=args.settle_s)
+                         storage=args.storage, only_success=args.only_success, settle_s=args.settle_s,
+                         render=not args.no_render)
     except (ValueError, FileExistsError) as exc:
         raise SystemExit(f"smp-ros sim-demos: {exc}") from None
     print(f"{'task':<14}{'kept':>6}{'dropped':>9}")

@@ -174,7 +174,8 @@ class _FeedbackHook:
         return self.arms.feedback_horizon()
 
 
-def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1):
+def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1,
+                overrides: dict | None = None):
     if spec == "scripted":
         from smp_ros.sim.experts import ScriptedExpert
         return ScriptedExpert(world)
@@ -184,7 +185,8 @@ def make_policy(spec: str, world, inference_backend: str = "eager", inference_th
     # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
     # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
     return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend, threads=inference_threads,
-                                                          camera_size=tuple(world.cfg.image_size)))
+                                                          camera_size=tuple(world.cfg.image_size)),
+                               overrides=overrides)
 
 
 def make_arms(world, backend: str):
@@ -218,7 +220,9 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
         policy.reset(world.task.name)
         for k in range(cfg.episode_steps):
             images = {c: world.render(c) for c in cfg.cameras} if render else {}
-            obs = Observation(time=world.time, qpos=arms.qpos(), images=images, task=world.task.name)
+            names, poses = world.object_poses()
+            obs = Observation(time=world.time, qpos=arms.qpos(), images=images, task=world.task.name,
+                              objects=dict(zip(names, poses)))
             action = np.asarray(policy.act(obs), dtype=float)
             if action.shape != (14,) or not np.all(np.isfinite(action)):
                 raise ValueError(f"policy.act returned {action.shape} with non-finite values; expected finite (14,)")
@@ -240,22 +244,65 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
                          world.time, time.perf_counter() - wall, phases, steps=len(phases))
 
 
+class _InferenceLog:
+    """Per episode, what a learned policy's inference calls chose: |S|, the argmax expert, latency."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.sizes: list[int] = []
+        self.top: list[int] = []
+        self.latency: list[float] = []
+
+    def __call__(self, k, obs, action, sent, arms) -> None:
+        step = getattr(self.policy, "last_step", None)
+        if step is None or not step.inferred or step.result is None:
+            return
+        r = step.result
+        self.sizes.append(len(r.active))
+        self.top.append(int(np.argmax(r.gate)))
+        self.latency.append(float(r.timings["total"]))
+
+    def summary(self) -> dict:
+        if not self.sizes:
+            return {}
+        top = np.asarray(self.top)
+        return {"inferences": len(self.sizes), "mean_active": float(np.mean(self.sizes)),
+                "flip_rate": float(np.mean(top[1:] != top[:-1])) if top.size > 1 else 0.0,
+                "latency_p50_s": float(np.median(self.latency))}
+
+
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
-             backend: str = "piper", render: bool = True, inference_backend: str = "eager") -> dict:
+             backend: str = "piper", render: bool = True, inference_backend: str = "eager",
+             overrides: dict | None = None) -> dict:
+    """Run ``episodes`` per task from seeds ``seed`` .. ``seed + episodes - 1``. ``overrides`` are load-time
+    runtime overrides of a learned policy (``{"model.selection.tau_m": 0.9}``, checkpoint.RUNTIME_OVERRIDES).
+    A learned policy's episodes also report its inference calls' mean |S|, flip-rate of the argmax
+    expert between calls and median latency."""
     from smp_ros.sim.world import BimanualWorld
 
     cfg = cfg or SimConfig()
-    report = {"policy": policy_spec, "backend": backend, "episodes": episodes, "tasks": {}}
+    report = {"policy": policy_spec, "backend": backend, "episodes": episodes, "overrides": overrides or {},
+              "tasks": {}}
     for task in tasks:
         with BimanualWorld(cfg, task, seed) as world:
-            policy = make_policy(policy_spec, world, inference_backend)
-            results = [run_episode(world, policy, seed + i, backend=backend, render=render) for i in range(episodes)]
+            policy = make_policy(policy_spec, world, inference_backend, overrides=overrides)
+            results, infer = [], []
+            for i in range(episodes):
+                log = _InferenceLog(policy)
+                results.append(run_episode(world, policy, seed + i, backend=backend, render=render, on_step=log))
+                infer.append(log.summary())
+        episodes_out = [{**{k: v for k, v in asdict(r).items() if k != "phases"}, **inf}
+                        for r, inf in zip(results, infer)]
         report["tasks"][task] = {
             "success_rate": float(np.mean([r.success for r in results])),
             "mean_progress": float(np.mean([r.progress for r in results])),
             "mean_episode_wall_s": float(np.mean([r.wall_time for r in results])),
-            "episodes": [{k: v for k, v in asdict(r).items() if k != "phases"} for r in results],
+            "episodes": episodes_out,
         }
+        for key in ("mean_active", "flip_rate", "latency_p50_s"):
+            values = [inf[key] for inf in infer if key in inf]
+            if values:
+                report["tasks"][task][key] = float(np.mean(values))
     rows = report["tasks"].values()
     report["success_rate"] = float(np.mean([r["success_rate"] for r in rows]))
     report["mean_progress"] = float(np.mean([r["mean_progress"] for r in rows]))
@@ -276,7 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--backend", default="piper", choices=BACKENDS)
-    parser.add_argument("--no-render", action="store_true", help="skip cameras (scripted policy only)")
+    parser.add_argument("--no-render", action="store_true",
+                        help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
     parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
 

@@ -23,13 +23,16 @@ from rosbags.typesys import Stores, get_typestore
 
 from smp_ros.config import ARMS, ARM_JOINTS
 from smp_ros.data.errors import BagError
+from smp_ros.model.objects import OBJECT_POSES_TYPE, register_object_poses
 
 TYPESTORE = get_typestore(Stores.LATEST)
+register_object_poses(TYPESTORE)
 _T = TYPESTORE.types
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 JOINT_TYPE = "sensor_msgs/msg/JointState"
 STRING_TYPE = "std_msgs/msg/String"
 TASK_TOPIC = "/smp/task"
+OBJECT_POSES_TOPIC = "/smp/object_poses"
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 BAG_VERSION = 9  # the metadata format of Jazzy and Kilted
 
@@ -75,12 +78,12 @@ _REORDER_WINDOW_NS = 100_000_000
 class BagRecorder:
     """One demonstration bag at ``path`` (must not exist). Times passed in are simulated seconds.
 
-    ``cameras`` and ``arms`` fix the topics; ``start_ns`` is the epoch of simulated time 0 (default:
-    now); ``seed`` makes the receive-time jitter reproducible.
+    ``cameras`` and ``arms`` fix the topics; ``objects`` adds the object-pose topic; ``start_ns`` is
+    the epoch of simulated time 0 (default: now); ``seed`` makes the receive-time jitter reproducible.
     """
 
     def __init__(self, path: str | Path, *, cameras: tuple[str, ...], arms: tuple[str, ...] = ARMS,
-                 storage: str = "mcap", start_ns: int | None = None, seed: int = 0):
+                 storage: str = "mcap", start_ns: int | None = None, seed: int = 0, objects: bool = False):
         if storage not in STORAGES:
             raise ValueError(f"BagRecorder: storage must be one of {tuple(STORAGES)}, got {storage!r}")
         self.path = Path(path)
@@ -106,6 +109,9 @@ class BagRecorder:
                                                        offered_qos_profiles=[SENSOR_QOS])
             self._conns[joint_cmd_topic(side)] = add(joint_cmd_topic(side), JOINT_TYPE, typestore=TYPESTORE,
                                                      offered_qos_profiles=[COMMAND_QOS])
+        if objects:
+            self._conns[OBJECT_POSES_TOPIC] = add(OBJECT_POSES_TOPIC, OBJECT_POSES_TYPE, typestore=TYPESTORE,
+                                                  offered_qos_profiles=[SENSOR_QOS])
         self.counts = {topic: 0 for topic in self._conns}
 
     # -- messages ----------------------------------------------------------------------------------
@@ -121,6 +127,18 @@ class BagRecorder:
         msg = _T[IMAGE_TYPE](header=self._header(topic, t, camera), height=h, width=w, encoding="rgb8",
                              is_bigendian=0, step=3 * w, data=np.ascontiguousarray(rgb).reshape(-1))
         self._put(topic, t, "image", IMAGE_TYPE, msg)
+
+    def object_poses(self, t: float, names, poses, frame_id: str = "world") -> None:
+        """Tracked objects at simulated time ``t``: names (n,), poses (n, 7) as x, y, z, qx, qy, qz, qw."""
+        poses = np.asarray(poses, dtype=np.float64).reshape(-1, 7)
+        if len(names) != poses.shape[0]:
+            raise ValueError(f"BagRecorder {OBJECT_POSES_TOPIC}: {len(names)} names but {poses.shape[0]} poses")
+        pose_msgs = [_T["geometry_msgs/msg/Pose"](
+            position=_T["geometry_msgs/msg/Point"](x=p[0], y=p[1], z=p[2]),
+            orientation=_T["geometry_msgs/msg/Quaternion"](x=p[3], y=p[4], z=p[5], w=p[6])) for p in poses]
+        msg = _T[OBJECT_POSES_TYPE](header=self._header(OBJECT_POSES_TOPIC, t, frame_id), names=list(names),
+                                    poses=pose_msgs)
+        self._put(OBJECT_POSES_TOPIC, t, "joint", OBJECT_POSES_TYPE, msg)
 
     def joint_state(self, side: str, t: float, position, velocity, effort) -> None:
         """One arm's reading: 6 joints (rad, rad/s, N*m) then the gripper (m, m/s, its effort)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from smp_ros.config import TASKS
+from smp_ros.config import TASK_OBJECTS, TASKS
 from smp_ros.sim.scene import mat_to_quat
 
 TABLE_Z = 0.0
@@ -307,6 +307,9 @@ class PourBeans(Task):
 
 TASK_CLASSES = {cls.name: cls for cls in (PenCap, CupsInBowl, Handover, PourBeans)}
 assert tuple(TASK_CLASSES) == TASKS
+# The tracked objects of each task (the object-pose observation, config.TASK_OBJECTS) are its bodies,
+# beans excepted: a tracker follows the cup and the bowl, not a dozen 13 mm beans.
+assert all(set(TASK_OBJECTS[t]) <= set(TASK_CLASSES[t]().bodies) for t in TASKS)
 
 
 def make_task(name: str) -> Task:

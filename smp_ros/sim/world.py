@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARM_JOINTS, SimConfig
+from smp_ros.config import ARM_JOINTS, TASK_OBJECTS, SimConfig
 from smp_ros.sim.gl import select_backend
 
 select_backend(SimConfig().gl_backend)
@@ -249,6 +249,18 @@ class BimanualWorld:
 
     def task_state(self) -> dict:
         return self.task.state(self)
+
+    def object_poses(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """The task's tracked objects (``config.TASK_OBJECTS`` order) and their world poses (n, 7):
+        position (m) then orientation quaternion (x, y, z, w), as a tracker would report them."""
+        names = TASK_OBJECTS[self.task.name]
+        poses = np.empty((len(names), 7))
+        for i, name in enumerate(names):
+            body = self.data.body(name)
+            w, x, y, z = body.xquat  # MuJoCo stores (w, x, y, z)
+            poses[i, :3] = body.xpos
+            poses[i, 3:] = (x, y, z, w)
+        return names, poses
 
     # -- contact queries used by the tasks -------------------------------------------------------
     def grasping(self, side: str, body_ids) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def episode_gates(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
     """Router means (T, K) and active sets (T, K) bool for every control step of one cache episode."""
     m = policy.cfg
     cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
-    windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams)
+    windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
     device = policy.device
     gates, active = [], []
     for lo in range(0, len(windows), batch):
@@ -190,3 +191,143 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
     result = {"summary": summary, "usage_per_task": usage_out, "episodes": per_episode}
     (out_dir / "diagnostics.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def step_stages(bag: str | Path, t0_ns: int, n: int) -> np.ndarray | None:
+    """The task stage of each of the ``n`` grid steps of an episode (from ``smp_episode.json`` "stages",
+    one per simulator control step from ``start_time_ns``), or None when the bag has none."""
+    path = Path(bag) / EPISODE_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        stages = np.asarray(info["stages"], dtype=np.int64)
+        origin = (t0_ns - int(info["start_time_ns"])) / 1e9
+        k = np.round(origin * float(info["control_rate_hz"]) + np.arange(n)).astype(np.int64)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if stages.size == 0:
+        return None
+    return stages[np.clip(k, 0, stages.size - 1)]
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+
+
+def normalized_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """NMI(a; b) = I(a; b) / sqrt(H(a) H(b)) of two label arrays, in [0, 1]; 0 when either is constant."""
+    a, b = np.unique(a, return_inverse=True)[1], np.unique(b, return_inverse=True)[1]
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    ha, hb = _entropy(pa), _entropy(pb)
+    if ha <= 0 or hb <= 0:
+        return 0.0
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    return mi / float(np.sqrt(ha * hb))
+
+
+@torch.no_grad()
+def gate_metrics(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[str, float]:
+    """Training-time gate health on held-out episodes, from the state-only router (what runs on the robot):
+
+    - ``gate_entropy``: mean entropy of g_bar (nats; log K = uniform, 0 = one expert);
+    - ``mean_active``: mean |S| at the model's tau_m (coverage rule, capped at k) and ``mean_active_uncapped``
+      with the cap at K, which shows how many experts the coverage really asks for;
+    - ``flip_rate``: share of consecutive steps whose argmax expert differs (A.4 iv);
+    - ``phase_nmi``: normalised mutual information between the argmax expert and the task stage of the
+      step, within each task (weighted by steps): 0 = expert use unrelated to the phase, 1 = each phase
+      has its own expert; ``task_nmi`` the same between argmax expert and task;
+    - ``max_gate``: mean of the largest gate;
+    - ``action_mse``: held-out action error (``held_out_action_error``), comparable across configurations
+      where the loss terms are not (L_coeff's targets depend on the gates, L_recon on how g_t is drawn).
+    """
+    from smp_ros.model.selection import select_experts
+
+    was_training = policy.training
+    policy.eval()
+    K = policy.cfg.num_experts
+    uncapped_cfg = dataclass_replace(policy.cfg.selection, k=K)
+    gates_all, sizes, sizes_uncapped, flips, pairs, argmaxes, phases = [], [], [], 0, 0, [], []
+    for e in episodes:
+        info = cache.episodes[e]
+        gates, active = episode_gates(policy, cache, e)
+        g = torch.from_numpy(gates)
+        uncapped, _ = select_experts(g, uncapped_cfg)
+        top = gates.argmax(1)
+        flips += int(np.sum(top[1:] != top[:-1]))
+        pairs += max(len(top) - 1, 0)
+        gates_all.append(gates)
+        sizes.append(active.sum(1))
+        sizes_uncapped.append(uncapped.numpy().sum(1))
+        stages = step_stages(info.bag, info.t0_ns, len(top))
+        if stages is not None:
+            argmaxes.append(top)
+            phases.append(info.task_id * 100 + stages)
+    out_action = held_out_action_error(policy, cache, episodes)
+    policy.train(was_training)
+    if not gates_all:
+        return {}
+    gates = np.concatenate(gates_all)
+    out = {"gate_entropy": float(_entropy(gates).mean()), "max_gate": float(gates.max(1).mean()),
+           "mean_active": float(np.concatenate(sizes).mean()),
+           "mean_active_uncapped": float(np.concatenate(sizes_uncapped).mean()),
+           "flip_rate": flips / pairs if pairs else 0.0, **out_action}
+    if argmaxes:
+        top, phase = np.concatenate(argmaxes), np.concatenate(phases)
+        task = phase // 100
+        # Within each task: does the expert in charge change with the stage? (Across tasks the task id
+        # alone could explain a different expert, which is not a skill switching at a phase.)
+        per_task = [(normalized_mutual_information(top[task == t], phase[task == t]), int((task == t).sum()))
+                    for t in np.unique(task)]
+        out["phase_nmi"] = float(sum(v * n for v, n in per_task) / sum(n for _, n in per_task))
+        out["task_nmi"] = normalized_mutual_information(top, task)
+    return out
+
+
+def phase_usage(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[str, Any]:
+    """Mean router gate per (task, stage) over ``episodes``: {task: {stage: [K]}} (steps without stage
+    labels are left out)."""
+    sums: dict[str, dict[int, np.ndarray]] = {}
+    counts: dict[str, dict[int, int]] = {}
+    for e in episodes:
+        info = cache.episodes[e]
+        gates, _ = episode_gates(policy, cache, e)
+        stages = step_stages(info.bag, info.t0_ns, len(gates))
+        if stages is None:
+            continue
+        for st in np.unique(stages):
+            sel = stages == st
+            sums.setdefault(info.task, {}).setdefault(int(st), np.zeros(gates.shape[1]))
+            sums[info.task][int(st)] += gates[sel].sum(0)
+            counts.setdefault(info.task, {}).setdefault(int(st), 0)
+            counts[info.task][int(st)] += int(sel.sum())
+    return {task: {str(st): (v / counts[task][st]).tolist() for st, v in sorted(per.items())}
+            for task, per in sums.items()}
+
+
+@torch.no_grad()
+def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 128,
+                          seed: int = 0) -> dict[str, float]:
+    """Mean squared error, in the normalizer's [-1, 1] units, between the action chunk the policy samples
+    (Algorithm 2, its own selection) and the demonstrated one, on ``windows`` fixed held-out windows with
+    fixed sampling noise; also with every expert active (``action_mse_all``) for SMP."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
+    if len(data) == 0:
+        return {}
+    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
+    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
+    target = policy.normalizer.normalize("action", batch.pop("action").float())
+    out = {}
+    variants = [("action_mse", None)]
+    if hasattr(policy, "experts"):
+        variants.append(("action_mse_all", list(range(m.num_experts))))
+    for name, active in variants:
+        pred = policy.predict_action(batch, generator=torch.Generator(policy.device).manual_seed(seed), active=active)
+        out[name] = float((policy.normalizer.normalize("action", pred.action) - target).pow(2).mean())
+    return out

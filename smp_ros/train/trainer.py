@@ -12,7 +12,7 @@ Output layout for ``out = models/foo``::
                            config.yaml, normalizer.json, manifest.json, training_summary.json
     models/foo.train/      training state: state.pt (model, EMA, optimizer, LR schedule, RNG states,
                            step; loaded with torch.load(weights_only=True)), history.jsonl (logged
-                           losses), tb/ (TensorBoard), diagnostics/ (gate traces, flip-rate,
+                           losses), val.jsonl (validation losses and gate health per checkpoint), tb/ (TensorBoard), diagnostics/ (gate traces, flip-rate,
                            segment lengths; PNG + JSON)
 
 Running the same command again resumes from ``state.pt`` (e.g. after the process was killed), if the
@@ -57,6 +57,9 @@ from smp_ros.model.policy import SMPPolicy, build_policy
 LOSS_TERMS = ("loss", "coeff", "recon", "gate", "align")
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.jsonl"  # one JSON line per log step: loss terms, lr, grad norm
+# One JSON line per checkpoint: validation loss terms and, for SMP, the router's gate health on the
+# held-out episodes (gate entropy, mean |S| at tau_m, flip-rate, phase NMI; train/diagnostics.py).
+VAL_FILE = "val.jsonl"
 SUMMARY_FILE = "training_summary.json"
 VAL_BATCHES = 4
 Z_SCALE_SEGMENTS = 256  # training segments the experts' diffusion scale is fitted on (policy.fit_z_scale)
@@ -231,7 +234,8 @@ def data_config_for(cfg: SMPConfig):
     missing = [c for c in enc.cameras if enc.mode == "vision" and c not in cfg.data.topics.cameras]
     if missing:
         raise TrainError(f"model.encoder.cameras {missing} have no topic in data.topics.cameras")
-    return dataclasses.replace(cfg.data, topics=dataclasses.replace(cfg.data.topics, cameras=cams))
+    return dataclasses.replace(cfg.data, topics=dataclasses.replace(cfg.data.topics, cameras=cams),
+                               object_slots=enc.object_slots)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -363,8 +367,9 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
                              f"{cache.episodes[e].task_id} but the model has model.encoder.num_tasks = "
                              f"{m.encoder.num_tasks}")
     size = m.encoder.image_size if tcfg.model_size_frames and cams else None
-    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size)
-    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size)
+    objs = m.encoder.object_slots > 0
+    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size, objects=objs)
+    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size, objects=objs)
     if len(train_set) == 0:
         raise TrainError(f"{cache.root}: no training segments; every training episode is shorter than "
                          f"train.segment_length = {tcfg.segment_length} steps")
@@ -448,6 +453,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     if ddp.main:
         sdir.mkdir(parents=True, exist_ok=True)
         _truncate_history(sdir / HISTORY_FILE, start)
+        _truncate_history(sdir / VAL_FILE, start)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(sdir / "tb"), purge_step=start)
     bar = None
@@ -531,6 +537,14 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
                 val = validate(ema.model, val_set, tcfg.batch_size, tcfg.seed, device, done)
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, done)
+                gates = {}
+                if isinstance(ema.model, SMPPolicy):
+                    from smp_ros.train.diagnostics import gate_metrics
+                    gates = gate_metrics(ema.model, cache, val_eps)
+                    for k, v in gates.items():
+                        writer.add_scalar(f"gates/{k}", v, done)
+                with open(sdir / VAL_FILE, "a") as f:
+                    f.write(json.dumps({"step": done, **val, "gates": gates}) + "\n")
     if bar is not None:
         bar.close()
     elapsed = time.time() - t_start
