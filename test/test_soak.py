@@ -73,6 +73,7 @@ def test_memory_growth_is_measured_from_the_first_sample_after_warmup():
     m = soak.memory_figures(samples, warmup_s=5.0)
     assert m["after_warmup_total_mib"] == 200 and m["end_total_mib"] == 210
     assert m["growth_pct"] == pytest.approx(5.0)
+    assert m["total_mib_series"] == [[0.0, 60.0], [5.0, 200.0], [9.0, 202.0], [20.0, 210.0]]
     assert soak.memory_figures(samples[:1], warmup_s=5.0)["growth_pct"] is None
 
 

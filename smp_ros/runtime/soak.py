@@ -196,7 +196,10 @@ def memory_figures(samples: list[tuple[float, dict[int, dict]]], warmup_s: float
     end_t, end_total = total[-1]
     out = {"samples": len(samples), "warmup_s": float(warmup_s), "end_s": float(end_t),
            "end_total_mib": float(end_total), "peak_total_mib": float(max(v for _, v in total)),
-           "processes_end": [dict(pid=pid, **p) for pid, p in samples[-1][1].items()]}
+           "processes_end": [dict(pid=pid, **p) for pid, p in samples[-1][1].items()],
+           # The whole series (seconds, MiB): a steady climb and a step after warm-up look alike
+           # in the two-point growth figure.
+           "total_mib_series": [[round(t, 1), round(v, 1)] for t, v in total]}
     if base_i is None or base_i == len(total) - 1:
         out.update(after_warmup_s=None, after_warmup_total_mib=None, growth_pct=None)
         return out
