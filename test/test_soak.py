@@ -141,7 +141,8 @@ def test_a_short_soak_of_the_real_system_reports_consistent_counts(tmp_path):
     """The whole system for a few seconds in a subprocess: the report is written while it runs
     (a killed run keeps its figures), and the final report's counts agree."""
     out = tmp_path / "soak.json"
-    env = dict(os.environ, ROS_DOMAIN_ID=str(20 + os.getpid() % 80), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))  # a set domain keeps other systems unheard
     proc = subprocess.Popen([sys.executable, "-m", "smp_ros.cli", "soak", "--minutes", "0.25", "--sample-s", "2",
                              "--warmup-s", "2", "--json", str(out), "--task", "pen_cap"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
