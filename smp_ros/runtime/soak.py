@@ -295,6 +295,10 @@ def format_table(report: dict) -> str:
                  f"{k.get('arm_callback_errors', 0)}; worker restarts {k.get('worker_restarts', 0)}; "
                  f"skipped planning cycles {k.get('skipped_cycles', 0)}; late inference {k.get('inference_missed_deadlines', 0)}"
                  f" of {k.get('chunks', 0)} chunks")
+    for arm, a in report.get("arm_counters", {}).items():
+        # Refused commands mean another publisher was heard: another system in this ROS domain.
+        lines.append(f"{arm} arm: {a.get('commands_executed', 0)} commands executed, {a.get('commands_rejected', 0)} "
+                     f"rejected, {a.get('commands_not_owner', 0)} refused (another publisher)")
     m = report["memory"]
     lines.append(f"memory: {f(m.get('after_warmup_total_mib'), '.0f')} MiB after warm-up "
                  f"({f(m.get('after_warmup_s'), '.0f')} s) -> {f(m.get('end_total_mib'), '.0f')} MiB at "
