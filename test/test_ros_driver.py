@@ -197,7 +197,8 @@ def test_emergency_stop_holds_until_reset(system):
     moved = stream_until(probe, np.append(frozen + 0.04, 0.02),
                          lambda: not np.allclose(arm_sim.plant.joint_positions(), frozen, atol=1e-3), timeout=1.0)
     assert not moved, "the arm moved while emergency-stopped"
-    assert "emergency stop" in probe.status.reason
+    # (a feedback gap on a busy machine can name itself first for a moment: wait, do not sample)
+    wait_for(lambda: "emergency stop" in probe.status.reason, what="the e-stop named as the reason")
 
     # ISO 13850: clearing the stop must not start motion. Until the start service, nothing moves,
     # whatever is streamed.
