@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-bench": ("smp_ros.train.bench", "training throughput of a preset, float32 against bf16 autocast"),
     "export": ("smp_ros.runtime.export", "export compiled inference engines next to a model"),
     "bringup": ("smp_ros.nodes.bringup", "start the bimanual ROS 2 system in one process (no ROS install needed)"),
+    "soak": ("smp_ros.nodes.soak", "run the simulated system for minutes; report missed deadlines, jitter, holds, memory"),
     "record": ("smp_ros.nodes.record", "record the demonstration topics to rosbag2 (no ROS install needed)"),
     "bag": ("smp_ros.data.bag_repair", "bag tools: `bag repair BAG` makes an interrupted recording readable"),
     "inspect": ("smp_ros.data.inspect", "list a bag's topics, rates, encodings and gaps; suggest a data.topics overlay"),

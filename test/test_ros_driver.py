@@ -117,6 +117,28 @@ def system():
         rclpy.try_shutdown()
 
 
+@pytest.fixture(autouse=True)
+def running_arm(system):
+    """Each test starts with the arm running, still, and commanded by the probe, whatever the
+    test before it left (an e-stop, a disabled arm, another owner): the tests run in any order."""
+    probe, arm_sim, _ = system
+    if probe.status.emergency_stopped:
+        assert probe.call("reset").success
+        wait_for(lambda: not probe.status.emergency_stopped, what="the e-stop cleared")
+    if not probe.status.enabled:
+        assert probe.call("enable").success
+        wait_for(lambda: probe.status.enabled, what="the arm enabled")
+    if probe.status.awaiting_start:
+        assert probe.call("start").success
+        wait_for(lambda: not probe.status.awaiting_start, what="the arm started")
+    # Hold where it is until the driver executes the probe's commands again (another owner's
+    # stream times out first).
+    here = np.append(arm_sim.plant.joint_positions(), arm_sim.plant.gripper_opening())
+    executed = probe.status.commands_executed
+    assert stream_until(probe, here, lambda: probe.status.state == "running" and probe.status.reason == ""
+                        and probe.status.commands_executed > executed, timeout=30.0), probe.status
+
+
 def stream_until(probe, target, done, timeout=10.0):
     """Publish ``target`` at ~100 Hz (as the policy does) until ``done()``."""
     deadline = time.monotonic() + timeout
@@ -156,14 +178,15 @@ def test_commands_move_the_arm_in_si_units(system):
 
 def test_bad_commands_are_refused_and_counted(system):
     probe, arm_sim, _ = system
+    before = arm_sim.plant.joint_positions()
     rejected = probe.status.commands_rejected
     # One at a time: joint_cmd keeps only the newest command (depth 1).
     probe.send([math.nan] + [0.0] * 6)
     wait_for(lambda: probe.status.commands_rejected >= rejected + 1, what="the NaN command refused")
     probe.cmd.publish(JointState(name=["joint1"], position=[0.1]))  # not this arm's names
     wait_for(lambda: probe.status.commands_rejected >= rejected + 2, what="the misnamed command refused")
-    # Neither moved the arm: it still holds the last valid target (joint 1 at 0.2, not 0 or 0.1).
-    assert np.allclose(arm_sim.plant.joint_positions(), TARGET, atol=3e-3)
+    # Neither moved the arm: it still holds the last valid target (not joint 1 at 0 or 0.1).
+    assert np.allclose(arm_sim.plant.joint_positions(), before, atol=3e-3)
 
 
 def test_emergency_stop_holds_until_reset(system):
@@ -174,7 +197,8 @@ def test_emergency_stop_holds_until_reset(system):
     moved = stream_until(probe, np.append(frozen + 0.04, 0.02),
                          lambda: not np.allclose(arm_sim.plant.joint_positions(), frozen, atol=1e-3), timeout=1.0)
     assert not moved, "the arm moved while emergency-stopped"
-    assert "emergency stop" in probe.status.reason
+    # (a feedback gap on a busy machine can name itself first for a moment: wait, do not sample)
+    wait_for(lambda: "emergency stop" in probe.status.reason, what="the e-stop named as the reason")
 
     # ISO 13850: clearing the stop must not start motion. Until the start service, nothing moves,
     # whatever is streamed.

@@ -127,14 +127,16 @@ def test_commands_move_the_simulated_arm(sim):
 def test_task_is_latched_and_reset_starts_a_new_episode(sim):
     node, probe, got = sim
     wait_for(lambda: got["task"] and got["episode"], what="task and episode status")
-    assert got["task"][-1].data == "handover"
+    # The fixture's task ("handover") unless another test reset to another one before this one.
+    task = node.episode_status().task
+    wait_for(lambda: got["task"][-1].data == task, what=f"/smp/task to latch {task}")
     first = got["episode"][-1].episode
     response = call(probe, ResetEpisode, "/sim/reset_episode", ResetEpisode.Request(seed=7))
     assert response.success, response.message
     assert (response.episode, response.seed) == (first + 1, 7)
     wait_for(lambda: got["episode"][-1].episode == first + 1 and got["episode"][-1].seed == 7, what="new episode")
     status = got["episode"][-1]
-    assert status.task == "handover" and 0.0 <= status.progress <= 1.0 and not status.done
+    assert status.task == task and 0.0 <= status.progress <= 1.0 and not status.done
 
     bad = call(probe, ResetEpisode, "/sim/reset_episode", ResetEpisode.Request(task="juggling"))
     assert not bad.success and "juggling" in bad.message
@@ -153,7 +155,7 @@ def test_emergency_stop_service_is_offered_per_arm(sim):
     wait_for(lambda: got["status"]["left"].state == "running", what="left arm running after start")
 
 
-def test_bad_parameters_are_named():
+def test_bad_parameters_are_named(sim):  # the fixture initializes rclpy, in any test order
     with pytest.raises(ConfigError, match="task"):
         SimNode(parameter_overrides=[Parameter("task", value="juggling")])
     with pytest.raises(ConfigError, match="real_time_factor"):
