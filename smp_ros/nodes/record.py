@@ -12,6 +12,7 @@ task on ``/smp/task`` (latched) so the bag says what was demonstrated. On a ROS 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
@@ -79,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="record", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args())
+    # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.
+    from rclpy.utilities import remove_ros_args
+
+    return run(parser.parse_args(remove_ros_args(sys.argv)[1:]))
 
 
 if __name__ == "__main__":
