@@ -80,3 +80,95 @@ def test_bad_leader_pose_is_named():
             leader.advance(0.01)
     finally:
         leader.close()
+
+
+# ------------------------------------------------------------------ the driver node in teleop mode
+
+@pytest.mark.ros
+def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothing():
+    import threading
+
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import JointState
+
+    from smp_ros.nodes.driver_node import DriverNode
+    from smp_ros.nodes.ros_util import COMMAND_QOS, SENSOR_QOS
+
+    names = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
+    sent: list[tuple[float, np.ndarray]] = []  # every leader sample, in order
+
+    def hand(t):
+        q, g = operator(t)
+        sent.append((t, np.append(q, g)))
+        return q, g
+
+    channel = f"teleop-ros-{uuid.uuid4().hex[:8]}"
+    rig = PlantRig(channel)
+    leader = LeaderArm(channel, hand, rate_hz=100.0)
+    stop = threading.Event()
+
+    def real_time():  # plant, leader and follower firmware advanced in (about) real time
+        dt, start = 0.005, time.monotonic()
+        while not stop.is_set():
+            while rig.time < time.monotonic() - start:
+                rig.plant.step(dt)
+                leader.advance(dt)
+                rig.emulator.advance(dt)
+            time.sleep(0.001)
+
+    stepper = threading.Thread(target=real_time, daemon=True)
+    stepper.start()
+    rclpy.init()
+    arm = PiperArm(channel, "left", bustype="virtual", clock=lambda: rig.time)
+    driver = DriverNode(arm=arm, namespace="/left", parameter_overrides=[Parameter("teleop", value=True)])
+    probe = rclpy.create_node("teleop_probe")
+    leader_msgs, follower_msgs = [], []
+    probe.create_subscription(JointState, "/left/leader_joint_states", leader_msgs.append, SENSOR_QOS)
+    probe.create_subscription(JointState, "/left/joint_states", follower_msgs.append, SENSOR_QOS)
+    cmd = probe.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(driver)
+    executor.add_node(probe)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while len(leader_msgs) < 100:
+            # A commander that must be ignored: the leader alone moves a teleoperated arm.
+            cmd.publish(JointState(name=names, position=[1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 0.07]))
+            assert time.monotonic() < deadline, f"{len(leader_msgs)} leader messages after 60 s"
+            time.sleep(0.01)
+        assert driver.bridge.leader_published >= len(leader_msgs)
+        assert driver.bridge._executed == 0  # nothing was commanded by the driver
+        received = list(leader_msgs)  # first: messages keep arriving, and their samples are sent before
+        samples = [s for _, s in list(sent)]
+        index = -1
+        for msg in received:
+            assert list(msg.name) == names
+            got = np.array(msg.position)
+            # Each message is one leader sample (0.001 deg / 0.001 mm on the wire), in order.
+            match = [i for i in range(index + 1, len(samples))
+                     if np.allclose(got, samples[i], atol=math.radians(0.001) + 1e-9)]
+            assert match, (f"leader message {got.tolist()} is no later sample the leader sent (after sample "
+                           f"{index}: {samples[index].tolist() if index >= 0 else None}, t={sent[index][0] if index >= 0 else None})")
+            index = match[0]
+        stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in received]
+        assert stamps == sorted(stamps)
+        # The follower tracks the leader, not the ignored command.
+        time.sleep(0.5)
+        q_follower = np.array(follower_msgs[-1].position)
+        q_leader = np.array(leader_msgs[-1].position)
+        assert np.max(np.abs(q_follower[:6] - q_leader[:6])) < 0.2
+        assert abs(q_follower[0] - 1.0) > 0.3 or abs(q_leader[0] - 1.0) < 0.3
+    finally:
+        executor.shutdown()
+        spinner.join()
+        driver.destroy_node()
+        probe.destroy_node()
+        rclpy.try_shutdown()
+        stop.set()
+        stepper.join()
+        leader.close()
+        rig.close()
