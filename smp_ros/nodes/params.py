@@ -255,4 +255,4 @@ def driver_settings(side: str, values: dict[str, Any]) -> DriverSettings:
         speed_percent=values["speed_percent"], gripper_effort=values["gripper_effort"],
         enable_timeout_s=values["enable_timeout_s"], joint_names=tuple(values["joint_names"]),
         safety=safety_config(values, where="parameters"), owner_timeout_s=values["owner_timeout_s"],
-        teleop=values["teleop"])
+        teleop=values.get("teleop", False))
