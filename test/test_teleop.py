@@ -85,7 +85,7 @@ def test_bad_leader_pose_is_named():
 # ------------------------------------------------------------------ the driver node in teleop mode
 
 @pytest.mark.ros
-def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothing():
+def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothing(tmp_path):
     import threading
 
     import rclpy
@@ -93,7 +93,11 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import JointState
 
+    from rosbags.highlevel import AnyReader
+
     from smp_ros.nodes.driver_node import DriverNode
+    from smp_ros.nodes.record import demonstration_topics
+    from smp_ros.nodes.recorder_node import RecorderNode
     from smp_ros.nodes.ros_util import COMMAND_QOS, SENSOR_QOS
 
     names = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
@@ -128,9 +132,12 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     probe.create_subscription(JointState, "/left/leader_joint_states", leader_msgs.append, SENSOR_QOS)
     probe.create_subscription(JointState, "/left/joint_states", follower_msgs.append, SENSOR_QOS)
     cmd = probe.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+    bag = tmp_path / "teleop_bag"
+    recorder = RecorderNode(bag, demonstration_topics(("cam_high",), teleop=True), storage="mcap")
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(driver)
     executor.add_node(probe)
+    executor.add_node(recorder)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
@@ -165,6 +172,8 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     finally:
         executor.shutdown()
         spinner.join()
+        counts = recorder.close()
+        recorder.destroy_node()
         driver.destroy_node()
         probe.destroy_node()
         rclpy.try_shutdown()
@@ -172,3 +181,8 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
         stepper.join()
         leader.close()
         rig.close()
+    # The recorder (smp-ros record --teleop) kept the leader's targets beside the follower's states.
+    assert counts["/left/leader_joint_states"] >= 50 and counts["/left/joint_states"] >= 50, counts
+    with AnyReader([bag]) as reader:
+        stored = {c.topic: c.msgcount for c in reader.connections}
+    assert stored["/left/leader_joint_states"] == counts["/left/leader_joint_states"]
