@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 package_name = "smp_ros"
@@ -10,7 +12,12 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", ["launch/bimanual.launch.py", "launch/record.launch.py"]),
-        ("share/" + package_name + "/config", ["config/bimanual.yaml"]),
+        ("share/" + package_name + "/config", sorted(str(p) for p in Path("config").glob("*.yaml"))),
+    ] + [
+        # The shipped model, found from share/smp_ros by a relative `model: models/smp_sim`.
+        # (An editable install, `make venv`, links these instead: python -m smp_ros.install.)
+        ("share/" + package_name + "/" + str(d), sorted(str(p) for p in d.iterdir() if p.is_file()))
+        for d in sorted(Path("models").iterdir()) if d.is_dir()
     ],
     python_requires=">=3.11",
     install_requires=["setuptools"],

@@ -3,8 +3,9 @@
     ros2 launch smp_ros record.launch.py task:=pen_cap [out:=demos/pen_cap_001] [config:=...]
 
 The arms run in the PiPER firmware's leader/follower mode: the operator moves the leader arms and
-the followers copy them over CAN. This launch starts the follower drivers (without enabling or
-commanding them: the firmware does that) so their joint states are published, the three cameras,
+the followers copy them over CAN. This launch starts the follower drivers in teleop mode (without
+enabling or commanding them: the firmware does that) so their joint states and the leaders' targets
+(``leader_joint_states``, the actions: ``data.topics.action_source: leader``) are published, the three cameras,
 publishes the task on /smp/task (latched), and records the demonstration topics of
 docs/ARCHITECTURE.md into an MCAP bag. Without a ROS install use ``smp-ros record``.
 """
@@ -21,7 +22,7 @@ ARMS = ("left", "right")
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
 TOPICS = ([f"/cameras/{c}/image_raw" for c in CAMERAS] + [f"/{a}/joint_states" for a in ARMS]
-          + [f"/{a}/joint_cmd" for a in ARMS] + ["/smp/task"])
+          + [f"/{a}/joint_cmd" for a in ARMS] + [f"/{a}/leader_joint_states" for a in ARMS] + ["/smp/task"])
 
 
 def _actions(context):
@@ -33,7 +34,7 @@ def _actions(context):
     actions = []
     for arm in ARMS:
         actions.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
-                            parameters=[config, {"enable_on_start": False}], output="screen"))
+                            parameters=[config, {"enable_on_start": False, "teleop": True}], output="screen"))
     for camera in CAMERAS:
         actions.append(Node(package="smp_ros", executable="camera_node", name="camera",
                             namespace=f"/cameras/{camera}", parameters=[config], output="screen"))

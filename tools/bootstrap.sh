@@ -43,6 +43,9 @@ fi
 if [ -x tools/build_msgs.sh ]; then
   tools/build_msgs.sh "$VENV"
 fi
+# What colcon installs, into the venv: lib/smp_ros executables (ros2 run), share/smp_ros launch,
+# config and models (ros2 launch; the relative default model path).
+"$VENV/bin/python" -m smp_ros.install --prefix "$VENV"
 rm -f "$VENV"/.smp_ros-*
 touch "$stamp"
 echo "bootstrap: environment ready in $VENV"

@@ -249,6 +249,25 @@ class PiperArm(Arm):
                               gripper=gripper, gripper_effort=gripper_effort, enabled=bool(enabled),
                               estopped=estopped)
 
+    # ------------------------------------------------------------------ teleoperation
+
+    def leader_targets(self) -> tuple[float, np.ndarray, float] | None:
+        """The newest targets a teleoperation leader put on this arm's bus, as (stamp, 6 joint angles
+        in rad, gripper opening in m); None until a leader has sent joint and gripper frames.
+
+        In master-slave mode the leader's firmware sends the control frames a host would (0x155-0x157
+        joints in 0.001 deg, 0x159 gripper in 0.001 mm); piper_sdk parses them from the bus like
+        any other frame. The stamp is the newest of the joint frames' receive time (the CAN timestamp:
+        the kernel's on socketcan, simulated time on the emulator's virtual bus)."""
+        sdk = self._require_connected()
+        joints, gripper = sdk.GetArmJointCtrl(), sdk.GetArmGripperCtrl()
+        if not joints.time_stamp or not gripper.time_stamp:
+            return None
+        jc = joints.joint_ctrl
+        q = np.array([sdk_angle_to_rad(v) for v in (jc.joint_1, jc.joint_2, jc.joint_3,
+                                                    jc.joint_4, jc.joint_5, jc.joint_6)])
+        return float(joints.time_stamp), q, sdk_gripper_to_m(gripper.gripper_ctrl.grippers_angle)
+
     # ------------------------------------------------------------------ commands
 
     def _send(self, sent: np.ndarray) -> None:

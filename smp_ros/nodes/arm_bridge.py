@@ -26,6 +26,15 @@ other publisher are refused (``commands_not_owner``, reason in ``arm_status``, a
 until the owner has been silent for ``owner_timeout_s``; then the next publisher to send becomes
 the owner. Publishers are told apart by their DDS publisher GID. The arm follows one stream and
 never alternates between two.
+
+Teleop mode (``teleop=True``, the driver's ``teleop`` parameter): the arm is the follower of a
+PiPER leader arm on the same CAN bus (master-slave mode) and obeys the leader's frames, so the
+bridge commands nothing: ``joint_cmd`` is not subscribed. It publishes the leader's targets, read
+through piper_sdk from the leader's control frames (0x155-0x157 joints, 0x159 gripper), on
+``leader_joint_states`` (sensor_msgs/JointState, sensor QoS, the same joint names as
+``joint_states``), one message per new leader sample (checked every tick, so at the rate the
+leader sends up to ``command_rate_hz``), beside the follower's ``joint_states``. These are the
+actions a recording of teleoperated demonstrations needs (``data.topics.action_source: leader``).
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ def _gid(info) -> str:
 class ArmBridge:
     def __init__(self, node: Node, arm: Arm, *, prefix: str, command_rate_hz: float,
                  joint_names: tuple[str, ...], enable_timeout_s: float = 2.0,
-                 owner_timeout_s: float = OWNER_TIMEOUT_S, clock=time.monotonic) -> None:
+                 owner_timeout_s: float = OWNER_TIMEOUT_S, clock=time.monotonic, teleop: bool = False) -> None:
         self.node = node
         self.arm = arm
         self.names = tuple(joint_names)
@@ -90,6 +99,12 @@ class ArmBridge:
         self._last_status: tuple | None = None
         self._last_status_time = -math.inf
         self._last_stamp = -math.inf
+        self.teleop = teleop
+        self._leader_stamp = -math.inf  # the newest leader sample published (the arm's clock)
+        self._leader_ros_stamp = -math.inf  # and its ROS stamp
+        self.leader_published = 0
+        if teleop and not callable(getattr(arm, "leader_targets", None)):
+            raise ArmError(f"teleop: {type(arm).__name__} cannot read a leader arm (no leader_targets())")
 
         # The tick talks to the arm; services too, but in their own group so a slow enable (which
         # waits for the drivers) does not stop joint_states.
@@ -100,8 +115,11 @@ class ArmBridge:
         # Depth 10, not 1: with depth 1 a second publisher's message overwrites the owner's in the
         # queue before it is read, and ownership could not be judged. Only the newest accepted
         # target is kept (``_pending``), so nothing is queued toward the arm.
-        node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command, COMMAND_SUB_QOS,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
+        if teleop:  # the leader commands the arm; nothing else may
+            self.leader_pub = node.create_publisher(JointState, f"{prefix}leader_joint_states", SENSOR_QOS)
+        else:
+            node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command, COMMAND_SUB_QOS,
+                                     callback_group=MutuallyExclusiveCallbackGroup())
         for name, handler in (("enable", self._on_enable), ("disable", self._on_disable),
                               ("emergency_stop", self._on_estop), ("reset", self._on_reset),
                               ("start", self._on_start)):
@@ -158,6 +176,8 @@ class ArmBridge:
         velocity = np.append(obs.joint_velocities, math.nan)
         effort = np.append(obs.joint_efforts, obs.gripper_effort)
         self.state_pub.publish(joint_state_msg(self.names, stamp, obs.qpos, velocity, effort))
+        if self.teleop:
+            self._publish_leader(stamp, obs.stamp)
 
         estopped = obs.estopped or self._estop_requested
         if estopped:
@@ -196,6 +216,21 @@ class ArmBridge:
             self.log.warning(f"{self.cmd_topic}: dropping commands, {reason}", throttle_duration_sec=2.0)
         self._status(state=state, connected=True, enabled=obs.enabled, estopped=estopped, reason=reason,
                      age=obs.age)
+
+    def _publish_leader(self, feedback_ros_stamp: float, feedback_arm_stamp: float) -> None:
+        """Publish the leader's newest sample if it is new; its ROS stamp is placed relative to the
+        follower feedback's (both CAN stamps are on the arm's clock)."""
+        leader = self.arm.leader_targets()
+        if leader is None or leader[0] <= self._leader_stamp:
+            return
+        arm_stamp, q, gripper = leader
+        self._leader_stamp = arm_stamp
+        # Scheduling jitter in placing the feedback on the ROS clock must not make consecutive
+        # leader samples go back in time.
+        ros_stamp = max(feedback_ros_stamp + (arm_stamp - feedback_arm_stamp), self._leader_ros_stamp)
+        self._leader_ros_stamp = ros_stamp
+        self.leader_pub.publish(joint_state_msg(self.names, ros_stamp, np.append(q, gripper)))
+        self.leader_published += 1
 
     def hold(self) -> None:
         """The hold hook: forget the pending target; the arm stays at the last one it was sent."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from smp_ros.config import CAMERAS, TASKS, ConfigError
 from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
+from smp_ros.resources import resolve
 
 SWITCH_INTERVAL_S = 0.0005
 MODEL_LOAD_TIMEOUT_S = 600.0  # loading and warming up (compiling) a model on a slow CPU
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The default config/bimanual.yaml: the working directory's, else the installed share/smp_ros one.
+    args.config = str(resolve(args.config, "--config"))
     params = ParamsFile.load(args.config)  # a clear error for a bad file before rcl sees it
     if args.episodes < 0:
         raise ConfigError(f"--episodes: expected >= 0, got {args.episodes}")
@@ -204,7 +207,10 @@ def _wait(predicate, timeout: float, what: str, spinner=None) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bringup", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args())
+    # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.
+    from rclpy.utilities import remove_ros_args
+
+    return run(parser.parse_args(remove_ros_args(sys.argv)[1:]))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Topics (relative to the namespace): ``joint_states`` (sensor_msgs/JointState, se
 ``command_rate_hz``; names ``<side>_joint1..6``, ``<side>_gripper``; rad, gripper opening m),
 ``arm_status`` (smp_ros/ArmStatus, latched), ``joint_cmd`` (sensor_msgs/JointState, reliable depth 1,
 subscribed). Services (std_srvs/Trigger): ``enable``, ``disable``, ``emergency_stop``, ``reset``,
-``start`` (after a reset no command executes until ``start``; see ``arm_bridge``).
+``start`` (after a reset no command executes until ``start``; see ``arm_bridge``). With ``teleop:
+true`` the arm follows a leader arm on its bus: no ``joint_cmd``; the leader's targets are published
+on ``leader_joint_states`` (see ``arm_bridge``).
 
 To stand in for piper_ros, remap the topics and names, e.g.::
 
@@ -52,9 +54,11 @@ class DriverNode(GuardedNode, Node):
             arm.enable()
         self.bridge = ArmBridge(self, arm, prefix="", command_rate_hz=settings.command_rate_hz,
                                 joint_names=settings.joint_names, enable_timeout_s=settings.enable_timeout_s,
-                               owner_timeout_s=settings.owner_timeout_s)
+                               owner_timeout_s=settings.owner_timeout_s, teleop=settings.teleop)
         self.get_logger().info(f"{side} arm on {settings.can_channel} ({settings.bus_type}), "
-                               f"{settings.command_rate_hz:g} Hz")
+                               f"{settings.command_rate_hz:g} Hz" + (", teleop: following the leader arm, "
+                                                                     "publishing leader_joint_states"
+                                                                     if settings.teleop else ""))
 
     def on_callback_fault(self, name: str, message: str) -> None:
         if self.bridge is not None:

@@ -207,6 +207,7 @@ class DriverSettings:
     joint_names: tuple[str, ...]
     safety: SafetyConfig
     owner_timeout_s: float = 0.5
+    teleop: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, expected: str, got: Any) -> None:
@@ -242,6 +243,8 @@ def driver_param_specs(side: str) -> list[ParamSpec]:
                   "used on joint_states and expected on joint_cmd"),
         ParamSpec("owner_timeout_s", 0.5, "joint_cmd ownership: another publisher may take over the command "
                   "stream only after its owner has been silent this long (s)"),
+        ParamSpec("teleop", False, "teleoperation: the arm follows a leader arm on its bus; the driver commands "
+                  "nothing (no joint_cmd) and publishes the leader's targets on leader_joint_states"),
     ] + safety_param_specs()
 
 
@@ -251,4 +254,5 @@ def driver_settings(side: str, values: dict[str, Any]) -> DriverSettings:
         enable_on_start=values["enable_on_start"], command_rate_hz=values["command_rate_hz"],
         speed_percent=values["speed_percent"], gripper_effort=values["gripper_effort"],
         enable_timeout_s=values["enable_timeout_s"], joint_names=tuple(values["joint_names"]),
-        safety=safety_config(values, where="parameters"), owner_timeout_s=values["owner_timeout_s"])
+        safety=safety_config(values, where="parameters"), owner_timeout_s=values["owner_timeout_s"],
+        teleop=values.get("teleop", False))

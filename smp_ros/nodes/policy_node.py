@@ -48,6 +48,7 @@ from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime
 from smp_ros.nodes.policy_core import Command, PolicyRunner
 from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
                                     joint_positions, joint_state_msg, now_seconds, run, to_stamp)
+from smp_ros.resources import resolve
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.guard import cause_of as hold_cause
 from smp_ros.runtime.worker import EngineProcess
@@ -123,8 +124,11 @@ class PolicyNode(GuardedNode, LifecycleNode):
             if self.p[key]:
                 overrides[dotted] = self.p[key]
         try:
+            # A relative path (the config's models/smp_sim) is looked up in the working directory,
+            # then in the installed share/smp_ros: `ros2 run` starts nodes in the user's directory.
+            model = resolve(self.p["model"], "model")
             engine_class = EngineProcess if self.runtime.inference_process else InferenceEngine
-            self.engine = engine_class(self.p["model"], self.runtime, overrides=overrides)
+            self.engine = engine_class(str(model), self.runtime, overrides=overrides)
             self.engine.warmup()
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")

@@ -12,6 +12,7 @@ task on ``/smp/task`` (latched) so the bag says what was demonstrated. On a ROS 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
@@ -21,12 +22,16 @@ from smp_ros.data.bag_writer import DEFAULT_FLUSH_PERIOD_S
 TASK_TOPIC = "/smp/task"
 
 
-def demonstration_topics(cameras=CAMERAS) -> dict[str, str]:
-    """topic -> ROS type name, the demonstration-bag contract."""
+def demonstration_topics(cameras=CAMERAS, teleop: bool = False) -> dict[str, str]:
+    """topic -> ROS type name, the demonstration-bag contract. ``teleop`` adds each arm's
+    ``leader_joint_states`` (the driver's teleop mode): the actions of a teleoperated demonstration,
+    ingested with ``data.topics.action_source: leader``."""
     topics = {f"/cameras/{c}/image_raw": "sensor_msgs/msg/Image" for c in cameras}
     for arm in ARMS:
         topics[f"/{arm}/joint_states"] = "sensor_msgs/msg/JointState"
         topics[f"/{arm}/joint_cmd"] = "sensor_msgs/msg/JointState"
+        if teleop:
+            topics[f"/{arm}/leader_joint_states"] = "sensor_msgs/msg/JointState"
     topics[TASK_TOPIC] = "std_msgs/msg/String"
     # Object poses (the state track): from the simulator, or a tracker on a real robot; a bag of a setup
     # without one simply holds no messages on it.
@@ -38,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="bag directory to create (must not exist)")
     parser.add_argument("--task", choices=TASKS, help="publish this task on /smp/task (latched) and record it")
     parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), help="cameras to record")
+    parser.add_argument("--teleop", action="store_true",
+                        help="also record /<arm>/leader_joint_states (drivers in teleop mode)")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
     parser.add_argument("--flush-period", type=float, default=DEFAULT_FLUSH_PERIOD_S, metavar="SECONDS",
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     node = None
     executor = SingleThreadedExecutor()  # one thread: the bag writer is not thread-safe
     try:
-        node = RecorderNode(out, demonstration_topics(tuple(args.cameras)), storage=args.storage, task=args.task,
+        node = RecorderNode(out, demonstration_topics(tuple(args.cameras), teleop=args.teleop), storage=args.storage, task=args.task,
                             flush_period_s=args.flush_period, fsync=args.fsync)
         executor.add_node(node)
         if args.duration > 0:
@@ -82,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="record", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args())
+    # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.
+    from rclpy.utilities import remove_ros_args
+
+    return run(parser.parse_args(remove_ros_args(sys.argv)[1:]))
 
 
 if __name__ == "__main__":

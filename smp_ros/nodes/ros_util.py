@@ -36,6 +36,7 @@ from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
@@ -266,8 +267,45 @@ def spin_node(node: Node) -> None:
         raise RuntimeError(spinner.failure)
 
 
-def run(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
+def cli_parameter_overrides(args: Sequence[str] | None = None) -> list[Parameter]:
+    """The ``-p name:=value`` / ``--param name:=value`` rules of the ``--ros-args`` sections of
+    ``args`` (default ``sys.argv``), last one winning, as rclpy Parameters.
+
+    Why: rcl files an unqualified ``-p`` under ``/**``, and rclpy then lets a parameters file's
+    node-specific block (``/smp/policy: backend: compiled``) beat it, whatever the order on the
+    command line. ROS users expect the command line to win (``ros2 run smp_ros policy_node
+    --ros-args --params-file config/bimanual.yaml -p backend:=eager``), so :func:`run` hands these
+    to the node as ``parameter_overrides``, which rclpy applies over every file. The value is YAML,
+    as rcl parses it. Rules qualified with a node name (``node:name:=value``) are left to rcl."""
+    import yaml
+
+    args = list(sys.argv if args is None else args)
+    found: dict[str, Parameter] = {}
+    in_ros_args = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--ros-args":
+            in_ros_args = True
+        elif arg == "--":
+            in_ros_args = False
+        elif in_ros_args and arg in ("-p", "--param") and i + 1 < len(args):
+            i += 1
+            rule = args[i]
+            name, sep, text = rule.partition(":=")
+            if sep and ":" not in name:
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"command line -p {rule}: the value is not YAML ({exc})") from None
+                found[name] = Parameter(name, value=value)
+        i += 1
+    return list(found.values())
+
+
+def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
     """The body of every node's ``main()``: init, build, spin, always destroy and shut down.
+    Command-line ``-p`` values win over ``--params-file`` ones (:func:`cli_parameter_overrides`).
 
     Exit status: 0 after Ctrl-C / SIGTERM; 1 with the error message when the node cannot start (a
     bad parameter, an arm or camera that cannot be opened) or when it died while running (the
@@ -277,7 +315,8 @@ def run(make_node: Callable[[], Node], args: list[str] | None = None) -> int:
     node = None
     status = 0
     try:
-        node = make_node()
+        overrides = cli_parameter_overrides(args)
+        node = make_node(parameter_overrides=overrides) if overrides else make_node()
         spin_node(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -24,6 +24,8 @@ Behaviour modelled on the real arm:
 - ``unplug()`` models a pulled CAN cable: no feedback leaves and no command arrives until
   ``replug()``.
 
+``LeaderArm`` puts a teleoperation leader's control frames on the same bus (master-slave mode).
+
 Not modelled: Cartesian (0x152-0x154), MIT (0x15A-0x15F) and teaching modes (ignored), parameter
 writes (0x474-0x47D), and the joint acceleration limit.
 """
@@ -507,6 +509,62 @@ class PlantRig:
 
     def close(self) -> None:
         self.emulator.close()
+
+
+class LeaderArm:
+    """The leader arm of a PiPER teleoperation pair, on the follower's bus.
+
+    In master-slave mode a real leader is moved by hand and its firmware puts on the shared bus the
+    control frames a host would send: 0x151 (CAN control, MOVE J), 0x155-0x157 (joint targets,
+    0.001 deg) and 0x159 (gripper target, 0.001 mm, enabled). The follower obeys them, and piper_sdk
+    on that bus parses them (``GetArmJointCtrl`` / ``GetArmGripperCtrl``): that is how the driver's
+    teleop mode reads what the operator did. Here the hand is ``pose(t)``, a function of simulated
+    time returning (6 joint angles in rad, gripper opening in m), e.g. a scripted demonstrator.
+    Frames go out at ``rate_hz`` in simulated time, stamped with it, in ``advance(dt)``.
+    """
+
+    def __init__(self, channel: str, pose, *, rate_hz: float = 200.0, speed_percent: int = 100,
+                 gripper_effort: float = 1.0) -> None:
+        if not (rate_hz > 0 and math.isfinite(rate_hz)):
+            raise ValueError(f"LeaderArm: rate_hz must be > 0, got {rate_hz}")
+        if not callable(pose):
+            raise TypeError(f"LeaderArm: pose must be a function of simulated time, got {type(pose).__name__}")
+        self.channel = channel
+        self.pose = pose
+        self.period = 1.0 / rate_hz
+        self.speed_percent = int(speed_percent)
+        self.gripper_effort = gripper_effort
+        self._bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
+        self.time = 0.0
+        self._tick = 0
+        self.frames_sent = 0
+        self.last = None  # (stamp, q, gripper) of the newest frames sent
+
+    def advance(self, dt: float) -> None:
+        self.time += dt
+        while self._tick * self.period <= self.time + 1e-12:
+            self._emit(self._tick * self.period)
+            self._tick += 1
+
+    def _emit(self, stamp: float) -> None:
+        q, gripper = self.pose(stamp)
+        q = np.asarray(q, dtype=float)
+        if q.shape != (6,) or not np.all(np.isfinite(q)) or not math.isfinite(gripper):
+            raise ValueError(f"LeaderArm {self.channel}: pose({stamp:.3f}) must give 6 finite joint angles (rad) "
+                             f"and a finite gripper opening (m), got {q.tolist()}, {gripper!r}")
+        milli_deg = [_clamp_int(math.degrees(v) * 1000.0, -(2**31), 2**31 - 1) for v in q]
+        frames = [(ID_MOTION_CTRL_2, bytes([CTRL_CAN, MOVE_J, self.speed_percent, 0, 0, 0, 0, 0]))]
+        frames += [(ID_JOINT_CTRL[k], _I32.pack(milli_deg[2 * k], milli_deg[2 * k + 1])) for k in range(3)]
+        micro_m = _clamp_int(gripper * 1e6, 0, 2**31 - 1)
+        effort = _clamp_int(self.gripper_effort * 1000.0, 0, 5000)
+        frames.append((ID_GRIPPER_CTRL, struct.pack(">iHBB", micro_m, effort, 0x01, 0x00)))
+        for can_id, data in frames:
+            self._bus.send(_Frame(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=stamp))
+            self.frames_sent += 1
+        self.last = (stamp, q.copy(), float(gripper))
+
+    def close(self) -> None:
+        self._bus.shutdown()
 
 
 def attach(world, channels: dict[str, str], feedback_rate_hz: float | None = None) -> dict[str, PiperCanEmulator]:
