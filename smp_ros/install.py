@@ -30,7 +30,7 @@ EXECUTABLES = {
     "camera_node": "smp_ros.nodes.camera_node",
     "sim_node": "smp_ros.nodes.sim_node",
     "policy_node": "smp_ros.nodes.policy_node",
-    "train_node": "smp_ros.nodes.train_node",
+    "train_node": "smp_ros.train.train_node",
     "bringup": "smp_ros.nodes.bringup",
     "record": "smp_ros.nodes.record",
 }

@@ -100,7 +100,7 @@ def test_sim_state_preset_trains_and_runs_closed_loop_on_poses(bags, tmp_path):
 
 def test_closed_loop_refuses_observations_without_the_tracked_objects(bags, tmp_path):
     from smp_ros.runtime.closed_loop import LearnedPolicy
-    from smp_ros.sim.types import Observation
+    from smp_ros.runtime.observation import Observation
     from smp_ros.train.trainer import TrainRequest, load_config, train
 
     train(load_config("sim_state", steps=1), TrainRequest(data=[str(bags)], out=tmp_path / "m", device="cpu",

@@ -8,7 +8,7 @@ import pytest
 from smp_ros.config import RuntimeConfig, SimConfig, preset
 from smp_ros.runtime.closed_loop import LearnedPolicy, make_learned_policy
 from smp_ros.runtime.engine import InferenceEngine
-from smp_ros.sim.types import Observation
+from smp_ros.runtime.observation import Observation
 
 D = 14
 RATE = 20.0

@@ -165,7 +165,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=
 
 def _write_gate_trace(out_dir: Path, task: str, trace: list, status) -> str | None:
     """Router gates g_bar and active sets S over one closed-loop episode (like the paper's Fig. 1)."""
-    from smp_ros.train.diagnostics import plot_gate_trace
+    from smp_ros.gate_trace_plot import plot_gate_trace
 
     if len(trace) < 2:
         return None

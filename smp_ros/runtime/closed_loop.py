@@ -31,7 +31,7 @@ from smp_ros.model.objects import object_vector
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.executor import HOLD, ActionChunk, ChunkExecutor
 from smp_ros.runtime.safety import SafetyFilter, is_stale
-from smp_ros.sim.types import Observation
+from smp_ros.runtime.observation import Observation
 
 log = logging.getLogger(__name__)
 

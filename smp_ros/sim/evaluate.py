@@ -26,7 +26,7 @@ import numpy as np
 
 from smp_ros.config import ARMS, TASKS, RuntimeConfig, SafetyConfig, SimConfig
 from smp_ros.hardware.arm import ArmObservation
-from smp_ros.sim.types import Observation
+from smp_ros.runtime.observation import Observation
 
 BACKENDS = ("piper", "direct")
 

@@ -27,7 +27,7 @@ import numpy as np
 from smp_ros.config import TASKS
 from smp_ros.sim import kinematics as K
 from smp_ros.sim import scene
-from smp_ros.sim.types import Observation
+from smp_ros.runtime.observation import Observation
 
 R_DOWN = np.diag([-1.0, 1.0, -1.0])  # tool z down, closing axis (flange y) along world y
 OPEN, CLOSED = scene.GRIPPER_MAX, 0.0
