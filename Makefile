@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all test-stress bench train-sim gpu-wheels gpu-check clean
+.PHONY: venv demo lint test test-all test-stress bench train-sim gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -11,10 +11,13 @@ venv:
 demo: venv
 	$(VENV)/bin/smp-ros demo $(DEMO_ARGS)
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check smp_ros test tools
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: venv
+test-all: lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 	OUT=runs/gpu_check_dry tools/gpu_check.sh --dry-run
 

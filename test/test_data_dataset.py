@@ -57,9 +57,9 @@ def test_segments_stay_inside_episodes(cache):
     k = 0
     for info in cache.episodes:
         for s in range(info.length - L + 1):
-            for l in range(L):
-                np.testing.assert_array_equal(b["qpos"][k, l], cache.qpos[rows(info, s + l, [-1, 0])])
-                np.testing.assert_array_equal(b["action"][k, l], cache.action[rows(info, s + l, [0, 1, 2])])
+            for step in range(L):
+                np.testing.assert_array_equal(b["qpos"][k, step], cache.qpos[rows(info, s + step, [-1, 0])])
+                np.testing.assert_array_equal(b["action"][k, step], cache.action[rows(info, s + step, [0, 1, 2])])
             k += 1
 
 

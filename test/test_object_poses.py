@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rosbags.highlevel import AnyReader
 
 from smp_ros.config import OBJECT_SLOTS, TASK_OBJECTS, SimConfig, preset

@@ -3,7 +3,6 @@ counted, logged rate-limited and turned into a hold; the executor and the node's
 keep running; the callback recovers when good input returns."""
 
 import os
-import threading
 
 import pytest
 from waiting import wait_for

@@ -27,6 +27,7 @@ import shutil
 import struct
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def _decompress(data: bytes, compression: str, size: int) -> bytes:
     raise _Cut(f"unsupported chunk compression {compression!r}")
 
 
-def _records(buf) -> "iterator":
+def _records(buf) -> Iterator[tuple[int, bytes]]:
     """(opcode, body) of each complete record until the end or the first record cut short."""
     while True:
         head = buf.read(9)

@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     executor = MultiThreadedExecutor()
     nodes, spinner, report, soak_run = [], None, None, None
-    interrupted = False
     try:
         sim = SimNode(parameter_overrides=[Parameter("task", value=args.task)] if args.task else [])
         nodes.append(sim)
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         soak_run = SoakRun(args, duration, warmup, policy.runtime.command_rate_hz, monitor, spinner)
         report = soak_run.run(sim, policy)
     except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
-        interrupted = True
+        pass  # finished below, as an interrupted run
     finally:
         shutdown_nodes(spinner, executor, nodes)
         rclpy.try_shutdown()

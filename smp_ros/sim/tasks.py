@@ -148,7 +148,9 @@ class CupsInBowl(Task):
     BOWL_R, BOWL_H = 0.075, 0.035
 
     def objects_xml(self):
-        cube = lambda rgba: f'<geom class="object" type="box" size="{self.CUBE} {self.CUBE} {self.CUBE}" mass="0.05" rgba="{rgba}"/>'
+        def cube(rgba):
+            return f'<geom class="object" type="box" size="{self.CUBE} {self.CUBE} {self.CUBE}" mass="0.05" rgba="{rgba}"/>'
+
         return ("".join([
             _free_body("cup_left", (0.2, 0.16, self.CUBE), cube("0.85 0.2 0.2 1")),
             _free_body("cup_right", (0.2, -0.16, self.CUBE), cube("0.2 0.7 0.3 1")),

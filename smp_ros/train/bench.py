@@ -147,7 +147,8 @@ def measure(name: str, precision: str, device: torch.device, steps: int, warmup:
         "loss_first": float(values[0]), "loss_last": float(values[-1]), "finite": bool(np.isfinite(values).all()),
         "peak_memory_GiB": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
     }
-    del policy, ema, optimizer, batch
+    # Release this variant's model and optimizer before the next one (``step`` closes over them).
+    policy = ema = optimizer = batch = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
