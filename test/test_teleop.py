@@ -15,7 +15,10 @@ from smp_ros.sim.can_emulator import LeaderArm, PlantRig
 
 def operator(t: float) -> tuple[np.ndarray, float]:
     """A hand moving the leader: smooth joint motion inside the limits and a gripper that opens."""
-    q = np.array([0.3 * math.sin(t), 0.5 + 0.2 * math.sin(0.5 * t), -0.6, 0.1 * t, 0.2, -0.3 * t])
+    # Bounded for any t (a slow, loaded run lasts longer): j4 within +-1.0 of its +-1.745 limit, j6 within
+    # +-1.5 of +-2.094, so the follower never has to clip what the leader asks.
+    q = np.array([0.3 * math.sin(t), 0.5 + 0.2 * math.sin(0.5 * t), -0.6, math.sin(0.1 * t), 0.2,
+                  -1.5 * math.sin(0.2 * t)])
     return q, min(0.05, 0.02 * t)
 
 
