@@ -81,7 +81,8 @@ def test_the_process_tree_includes_child_processes():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         deadline = time.monotonic() + 60
-        while child.pid not in soak.process_tree_rss():
+        # Until the child has exec'd, its /proc command line can be empty: wait for the named process.
+        while not soak.process_tree_rss().get(child.pid, {}).get("name"):
             assert time.monotonic() < deadline, "the child never appeared under this process"
             time.sleep(0.05)
         tree = soak.process_tree_rss()
