@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo lint test test-all test-stress bench train-sim gpu-wheels gpu-check clean
+.PHONY: venv demo lint test test-random test-all test-stress bench train-sim gpu-wheels gpu-check clean
 
 venv:
 	@tools/bootstrap.sh
@@ -16,6 +16,10 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The default suite in random order (pytest-randomly), the seed printed in the header.
+test-random: lint
+	$(PY) -m pytest -p randomly $(PYTEST_ARGS)
 
 test-all: lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
