@@ -19,7 +19,7 @@ test: lint
 
 # The default suite in random order (pytest-randomly), the seed printed in the header.
 test-random: lint
-	$(PY) -m pytest -p randomly $(PYTEST_ARGS)
+	$(PY) -m pytest -o addopts="-ra --strict-markers -m 'not slow and not gpu'" $(PYTEST_ARGS)
 
 test-all: lint
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
