@@ -2,7 +2,8 @@
 
 The simulated bimanual PiPER (both arms emulated at the CAN level under the real piper_sdk, three
 rendered cameras) is driven by the shipped SMP model through real ROS 2 topics, for a few episodes
-of each task. It prints per-task success, progress score, command rate and inference latency, and
+of each task. It prints per-task success, progress score, mean number of active experts |S|, command rate and
+inference latency, and
 writes the results JSON and one gate-trace PNG per task. Nothing is trained.
 
 The parameters are those of ``config/bimanual.yaml`` except the policy's timing: on a CPU shared
@@ -87,16 +88,21 @@ def write_demo_params(source: Path, target: Path, policy_rate_hz: float, deadlin
 
 def format_table(results: dict) -> str:
     """Per-task table of a bringup evaluation."""
-    rows = [f"{'task':<14}{'episodes':>9}{'success':>9}{'progress':>10}{'cmd Hz':>8}{'infer p50':>11}{'p99':>9}"]
+    rows = [f"{'task':<14}{'episodes':>9}{'success':>9}{'progress':>10}{'mean |S|':>10}{'cmd Hz':>8}"
+            f"{'infer p50':>11}{'p99':>9}"]
 
     def ms(value):
         return f"{1000 * value:.0f} ms" if value is not None else "-"
 
+    def active(value):  # mean number of experts denoised per chunk (the adaptive set S)
+        return f"{value:.2f}" if value is not None else "-"
+
     for name, t in results["tasks"].items():
         rows.append(f"{name:<14}{len(t['episodes']):>9}{t['success_rate']:>9.2f}{t['progress']:>10.2f}"
-                    f"{t['command_rate_hz']:>8.0f}{ms(t['latency_p50_s']):>11}{ms(t['latency_p99_s']):>9}")
+                    f"{active(t.get('mean_active')):>10}{t['command_rate_hz']:>8.0f}{ms(t['latency_p50_s']):>11}"
+                    f"{ms(t['latency_p99_s']):>9}")
     o = results["overall"]
     rows.append(f"{'all':<14}{o['episodes']:>9}{o['success_rate']:>9.2f}{o['progress']:>10.2f}"
-                f"{o['command_rate_hz']:>8.0f}")
+                f"{active(o.get('mean_active')):>10}{o['command_rate_hz']:>8.0f}")
     rows.append(f"model {o['model']}, backend {o['backend']}")
     return "\n".join(rows)

@@ -39,15 +39,16 @@ def test_a_missing_model_is_named(tmp_path):
 
 
 def test_table_lists_every_task_and_the_overall_line():
-    task = {"success_rate": 0.5, "progress": 0.75, "command_rate_hz": 98.0, "latency_p50_s": 0.21,
-            "latency_p99_s": 0.4, "episodes": [{}, {}]}
-    results = {"tasks": {"pen_cap": task, "handover": dict(task, latency_p50_s=None)},
-               "overall": {"episodes": 4, "success_rate": 0.5, "progress": 0.75, "command_rate_hz": 98.0,
-                           "model": "models/smp_sim", "backend": "eager"}}
+    task = {"success_rate": 0.5, "progress": 0.75, "mean_active": 2.25, "command_rate_hz": 98.0,
+            "latency_p50_s": 0.21, "latency_p99_s": 0.4, "episodes": [{}, {}]}
+    results = {"tasks": {"pen_cap": task, "handover": dict(task, latency_p50_s=None, mean_active=None)},
+               "overall": {"episodes": 4, "success_rate": 0.5, "progress": 0.75, "mean_active": 2.25,
+                           "command_rate_hz": 98.0, "model": "models/smp_sim", "backend": "eager"}}
     lines = demo.format_table(results).splitlines()
-    assert lines[1].split() == ["pen_cap", "2", "0.50", "0.75", "98", "210", "ms", "400", "ms"]
-    assert lines[2].split()[-3:] == ["-", "400", "ms"]
-    assert lines[3].split()[:2] == ["all", "4"] and "backend eager" in lines[4]
+    assert "mean |S|" in lines[0]
+    assert lines[1].split() == ["pen_cap", "2", "0.50", "0.75", "2.25", "98", "210", "ms", "400", "ms"]
+    assert lines[2].split()[-5:] == ["-", "98", "-", "400", "ms"]
+    assert lines[3].split() == ["all", "4", "0.50", "0.75", "2.25", "98"] and "backend eager" in lines[4]
 
 
 @pytest.mark.slow
@@ -61,4 +62,5 @@ def test_the_shipped_model_runs_one_episode(tmp_path):
         out=tmp_path, seed=100, policy_rate=4.0, inference_deadline=0.6)) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["overall"]["episodes"] == 1
+    assert 1 <= results["tasks"]["handover"]["mean_active"] <= 4  # the adaptive set, cap k = 4
     assert (tmp_path / "gate_trace_handover.png").stat().st_size > 10_000

@@ -145,12 +145,14 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=
             wall = time.monotonic() - started
             status = sim.episode_status()
             latencies = list(policy.runner.stats.latencies)[latencies0:]
+            trace = list(policy.runner.stats.gates)[gates0:]
             episodes.append({"episode": episode, "seed": used_seed, "success": bool(status.success),
                              "progress": float(status.progress), "sim_time_s": float(status.sim_time),
                              "command_rate_hz": (policy.commands_published - commands0) / wall,
+                             # |S| per inference call: how many experts the router kept (tau_m coverage, cap k)
+                             "mean_active": float(np.mean([len(s) for _, _, s in trace])) if trace else None,
                              "latencies_s": latencies})
             if args.gate_trace and len(episodes) == 1:
-                trace = list(policy.runner.stats.gates)[gates0:]
                 episodes[0]["gate_trace"] = _write_gate_trace(Path(args.gate_trace), task, trace, status)
         per_task[task] = _summary(episodes)
         per_task[task]["episodes"] = [{k: v for k, v in e.items() if k != "latencies_s"} for e in episodes]
@@ -159,6 +161,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=
                "success_rate": float(np.mean([e["success"] for e in everything])),
                "progress": float(np.mean([e["progress"] for e in everything])),
                "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in everything])),
+               "mean_active": _mean_of([e.get("mean_active") for e in everything]),
                "model": policy.p["model"], "backend": policy.engine.backend_name}
     return {"overall": overall, "tasks": per_task}
 
@@ -182,12 +185,18 @@ def _write_gate_trace(out_dir: Path, task: str, trace: list, status) -> str | No
     return str(path)
 
 
+def _mean_of(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
 def _summary(episodes: list[dict]) -> dict:
     latencies = np.array([x for e in episodes for x in e["latencies_s"]])
     out = {"success_rate": float(np.mean([e["success"] for e in episodes])),
            "progress": float(np.mean([e["progress"] for e in episodes])),
            "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in episodes])),
            "inference_calls": int(latencies.size)}
+    out["mean_active"] = _mean_of([e.get("mean_active") for e in episodes])
     for q in (50, 90, 99):
         out[f"latency_p{q}_s"] = float(np.percentile(latencies, q)) if latencies.size else None
     return out
