@@ -21,7 +21,7 @@ from smp_ros.config import ConfigError
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.errors import CacheMismatchError
 from smp_ros.data.synthetic import BagSpec, write_bag
-from smp_ros.model.checkpoint import load_model
+from smp_ros.model.checkpoint import load_model, read_manifest
 from smp_ros.train.trainer import TrainError, TrainRequest, load_config, state_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +215,26 @@ def test_vision_model_trains_from_camera_bags(tmp_path):
     obs = {"qpos": torch.zeros(1, 2, 14), "task": torch.tensor([0]),
            "images": torch.from_numpy(np.array(cache.images["cam_high"][:2]))[None, :, None]}  # (1, T_o, 1, H, W, 3)
     assert policy.predict_action(obs).action.shape == (1, loaded.model.horizon, 14)
+
+
+def test_snapshot_of_a_run_writes_its_ema_model(bags, tmp_path):
+    """`smp-ros train --snapshot DIR`: the checkpoint's EMA model, loadable; at the end it is the written model."""
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"steps": 8, "checkpoint_every": 4, "log_every": 4}}))
+    base = ["train", "--data", str(bags), "--preset", "tiny", "--config", str(overlay), "--out", str(tmp_path / "m"),
+            "--no-progress", "--no-diagnostics", "--device", "cpu"]
+    assert cli.main(base + ["--snapshot", str(tmp_path / "none")]) == 2  # no training state yet: named, no crash
+    train(load_config("tiny", overlay), TrainRequest(data=[str(bags)], out=tmp_path / "m", progress=False,
+                                                     diagnostics=False, ingest_workers=1, stop_after=4))
+    assert cli.main(base + ["--snapshot", str(tmp_path / "mid")]) == 0
+    mid, mid_cfg = load_model(tmp_path / "mid")
+    assert read_manifest(tmp_path / "mid")["extra"]["step"] == 4 and mid_cfg.train.steps == 8
+    assert mid.normalizer.fitted
+    train(load_config("tiny", overlay), TrainRequest(data=[str(bags)], out=tmp_path / "m", progress=False,
+                                                     diagnostics=False, ingest_workers=1))
+    assert cli.main(base + ["--snapshot", str(tmp_path / "end")]) == 0
+    a = load_file(str(tmp_path / "m" / "model.safetensors"))
+    b = load_file(str(tmp_path / "end" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "m" / "normalizer.json").read_text()) == \
+        json.loads((tmp_path / "end" / "normalizer.json").read_text())

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the gate diagnostics after training")
+    parser.add_argument("--snapshot", type=Path, default=None, metavar="DIR",
+                        help="train nothing: write the latest checkpoint's EMA model of the run in OUT.train to DIR "
+                             "(to evaluate a run in progress)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError
-    from smp_ros.train.trainer import TrainError, TrainRequest, load_config, train
+    from smp_ros.train.trainer import TrainError, TrainRequest, load_config, snapshot, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
                            device=args.device, task=args.task, override_task=args.override_task,
                            on_data_change=args.on_data_change, fail_on_skip=args.fail_on_skip, cache_dir=args.cache,
                            progress=not args.no_progress, diagnostics=not args.no_diagnostics)
+        if args.snapshot is not None:
+            info = snapshot(req, args.snapshot)
+            print(f"wrote {args.snapshot}: the EMA model of {info['snapshot_of']} at step {info['step']} "
+                  f"of {info['steps']}")
+            return 0
         result = train(cfg, req)
     except (ConfigError, DataError, TrainError, CheckpointError) as exc:
         print(f"smp-ros train: {exc}", file=sys.stderr)

@@ -584,6 +584,36 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
     return result
 
 
+def snapshot(req: TrainRequest, dest: Path) -> dict[str, Any]:
+    """Write the EMA weights of the latest checkpoint in ``req.out``.train as a model directory at ``dest``.
+
+    For a run in progress (or one stopped early): the model it would write if it ended now, to evaluate
+    while it trains. The configuration is the run's own (from its state); the normalizer is the initial
+    model's for a fine-tune, else the dataset cache's, which must still be the data the run trains on.
+    """
+    state_path = state_dir(Path(req.out)) / STATE_FILE
+    if not state_path.is_file():
+        raise TrainError(f"{state_path}: no training state to snapshot (train first, with the same --out)")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["identity"])
+    cfg = SMPConfig.from_dict(saved["config"], where=f"{state_path}: config")
+    if saved.get("init"):
+        stats = load_model(saved["init"])[0].normalizer.stats()
+    else:
+        cache = prepare_cache(req.data, data_config_for(cfg), cache_dir=req.cache_dir, task=req.task,
+                              workers=req.ingest_workers, progress=req.progress, override_task=req.override_task)
+        if cache.fingerprint != saved.get("data"):
+            raise TrainError(f"{cache.root}: not the data the run in {state_path} was trained on (the bags under "
+                             "--data changed); its normalizer would not match the weights")
+        stats = cache.stats
+    policy = build_policy(cfg.model)
+    policy.set_normalizer(stats)
+    policy.load_state_dict(state["ema"])
+    info = {"snapshot_of": str(state_path), "step": int(state["step"]), "steps": cfg.train.steps}
+    save_model(policy, cfg, dest, extra=info)
+    return info
+
+
 def _checkpoint(path: Path, step: int, identity: dict, policy: nn.Module, ema: EMA, optimizer, schedule,
                 device: torch.device, ddp: _Dist) -> None:
     rng = _rng_state(device)
