@@ -11,7 +11,7 @@ starts the inference thread and the command timer; deactivate stops both (no com
 deactivated node); cleanup drops the model. With ``autostart`` (default) the node configures and
 activates itself, which is what ``smp-ros bringup`` and the launch file rely on.
 
-Holding (see ``smp_ros.nodes.policy_core``): on a stale stream, a missed inference deadline or no
+Holding (see ``smp_ros.runtime.policy_runner``): on a stale stream, a missed inference deadline or no
 chunk to execute, the node publishes NO command (the drivers keep the arms at the last target)
 and logs, and reports in policy_status, why. Also:
 
@@ -45,7 +45,7 @@ from smp_ros.hardware.arm import element_names
 from smp_ros.msg import ArmStatus, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
-from smp_ros.nodes.policy_core import Command, PolicyRunner
+from smp_ros.runtime.policy_runner import Command, PolicyRunner
 from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
                                     joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.resources import resolve
