@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from smp_ros import topics
+
 ACTION_DIM = 14  # D: left joints 1-6, left gripper, right joints 1-6, right gripper
 ARM_JOINTS = 6
 ARMS = ("left", "right")
@@ -293,14 +295,14 @@ class TrainConfig:
 class TopicMap:
     """Which bag topics feed which inputs (defaults follow the house topic conventions)."""
 
-    cameras: dict[str, str] = field(default_factory=lambda: {c: f"/cameras/{c}/image_raw" for c in CAMERAS})
-    joint_states: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_states" for a in ARMS})
-    action: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_cmd" for a in ARMS})
+    cameras: dict[str, str] = field(default_factory=lambda: {c: topics.image_raw(c) for c in CAMERAS})
+    joint_states: dict[str, str] = field(default_factory=lambda: {a: topics.joint_states(a) for a in ARMS})
+    action: dict[str, str] = field(default_factory=lambda: {a: topics.joint_cmd(a) for a in ARMS})
     # "command": the commanded targets on `action`; "leader": the leader arms' joint states in
     # leader/follower teleoperation (point `action` at them); "next_state": the follower's next state.
     action_source: str = "command"
-    task_topic: str = "/smp/task"
-    object_poses: str = "/smp/object_poses"  # smp_ros/msg/ObjectPoses, read when data.object_slots > 0
+    task_topic: str = topics.TASK
+    object_poses: str = topics.OBJECT_POSES  # smp_ros/msg/ObjectPoses, read when data.object_slots > 0
     task_source: str = "topic"  # "topic" | "metadata" | "cli"
     task_metadata_key: str = "smp_task"  # custom_data key in metadata.yaml when task_source is "metadata"
     # Per-arm joint order; a message may name them bare ("joint1") or arm-prefixed ("left_joint1").
@@ -448,6 +450,12 @@ class RuntimeConfig:
         _require(self.task in TASKS, f"{w}.task", f"expected one of {TASKS}, got {self.task!r}")
         _require(len(self.camera_size) == 2 and (tuple(self.camera_size) == (0, 0) or min(self.camera_size) >= 8),
                  f"{w}.camera_size", f"expected (height, width) >= 8 px, or (0, 0), got {self.camera_size}")
+
+    def frame_size(self, model_image_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of the frames the cameras deliver: ``camera_size``, or the model's image size
+        when it is (0, 0). The engine warms up on frames of this size; the policy refuses others."""
+        size = tuple(int(v) for v in self.camera_size)
+        return size if size != (0, 0) else tuple(int(v) for v in model_image_size)
 
 
 # --------------------------------------------------------------------------------------------

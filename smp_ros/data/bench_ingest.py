@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from smp_ros.config import DataConfig, TopicMap
+from smp_ros import topics
 from smp_ros.data.cache import prepare_cache
 from smp_ros.data.synthetic import BagSpec, write_bag
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     write_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in (root / "bags").rglob("*") if f.is_file())
 
-    cfg = DataConfig(topics=TopicMap(cameras={c: f"/cameras/{c}/image_raw" for c in CAMERAS}), image_size=(96, 96))
+    cfg = DataConfig(topics=TopicMap(cameras={c: topics.image_raw(c) for c in CAMERAS}), image_size=(96, 96))
     t = time.perf_counter()
     cache = prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
     ingest_s = time.perf_counter() - t

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import ARMS, ConfigError
+from smp_ros import topics
 
 WAIT_S = 60.0
 
@@ -71,17 +72,17 @@ class Probe:
         self.arm_status = {arm: None for arm in ARMS}
         self.cmds = {arm: [] for arm in ARMS}
         self.states = {arm: [] for arm in ARMS}
-        node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_status, LATCHED_QOS)
+        node.create_subscription(PolicyStatus, topics.POLICY_STATUS, self._on_status, LATCHED_QOS)
         for arm in ARMS:
-            node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
+            node.create_subscription(ArmStatus, topics.arm_status(arm), lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
             # Depth 100, not the commands' 1: the record must not lose a command on a busy machine.
-            node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._keep(self.cmds[a], m),
+            node.create_subscription(JointState, topics.joint_cmd(arm), lambda m, a=arm: self._keep(self.cmds[a], m),
                                      QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
-            node.create_subscription(JointState, f"/{arm}/joint_states",
+            node.create_subscription(JointState, topics.joint_states(arm),
                                      lambda m, a=arm: self._keep(self.states[a], m), SENSOR_QOS)
-        self.image_pub = node.create_publisher(Image, f"/cameras/{camera}/image_raw", SENSOR_QOS)
-        self.joint_pub = node.create_publisher(JointState, "/left/joint_states", SENSOR_QOS)
-        self.cmd_pub = node.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+        self.image_pub = node.create_publisher(Image, topics.image_raw(camera), SENSOR_QOS)
+        self.joint_pub = node.create_publisher(JointState, topics.joint_states("left"), SENSOR_QOS)
+        self.cmd_pub = node.create_publisher(JointState, topics.joint_cmd("left"), COMMAND_QOS)
         self.clients = {(arm, name): node.create_client(Trigger, f"/{arm}/{name}")
                         for arm in ARMS for name in ("emergency_stop", "reset", "start")}
 
@@ -211,7 +212,7 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
 
     probe, sim, policy = m.probe, m.sim, m.policy
     h, w = size
-    image_topic = f"/cameras/{camera}/image_raw"
+    image_topic = topics.image_raw(camera)
 
     def flood_images(msg):
         def send():
@@ -233,7 +234,7 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
     for fault, q, names in (("joint state NaN", [np.nan] + home[1:], element_names("left")),
                             ("joint state inf", [np.inf] + home[1:], element_names("left")),
                             ("joint state wrong names", home, element_names("right"))):
-        m.run(fault, "refused, hold naming the topic", "/left/joint_states", nothing, nothing,
+        m.run(fault, "refused, hold naming the topic", topics.joint_states("left"), nothing, nothing,
               during=flood_joints(q, names))
 
     m.run("camera stops", "hold: stale camera", f"stale {image_topic}",

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from smp_ros.config import ARMS, TASKS, ConfigError
+from smp_ros import topics
 from smp_ros.runtime import soak
 
 SWITCH_INTERVAL_S = 0.0005  # as bringup: short GIL hand-overs between simulator and executor threads
@@ -160,9 +161,9 @@ class Monitor:
         status_qos = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=100,
                                 reliability=LATCHED_QOS.reliability, durability=LATCHED_QOS.durability)
         for arm in ARMS:
-            node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._on_command(a, m), deep)
-            node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), status_qos)
-        node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_policy, status_qos)
+            node.create_subscription(JointState, topics.joint_cmd(arm), lambda m, a=arm: self._on_command(a, m), deep)
+            node.create_subscription(ArmStatus, topics.arm_status(arm), lambda m, a=arm: self._on_arm(a, m), status_qos)
+        node.create_subscription(PolicyStatus, topics.POLICY_STATUS, self._on_policy, status_qos)
 
     @staticmethod
     def _stamp(msg) -> float:

@@ -190,7 +190,7 @@ class InferenceEngine:
             obs[keys.OBJECTS] = np.zeros((1, cfg.obs_steps, cfg.encoder.object_slots * 7), np.float32)
             obs[keys.OBJECTS][..., 6::7] = 1.0  # identity orientations
         if self.cameras:
-            h, w = self.runtime.camera_size if tuple(self.runtime.camera_size) != (0, 0) else cfg.encoder.image_size
+            h, w = self.runtime.frame_size(cfg.encoder.image_size)
             obs[keys.IMAGES] = np.full((1, cfg.obs_steps, len(self.cameras), h, w, 3), 128, np.uint8)
         return obs
 

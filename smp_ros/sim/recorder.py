@@ -22,6 +22,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from smp_ros.config import ARMS, ARM_JOINTS
+from smp_ros import topics
 from smp_ros.data.errors import BagError
 from smp_ros.model.objects import OBJECT_POSES_TYPE, register_object_poses
 
@@ -31,22 +32,10 @@ _T = TYPESTORE.types
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 JOINT_TYPE = "sensor_msgs/msg/JointState"
 STRING_TYPE = "std_msgs/msg/String"
-TASK_TOPIC = "/smp/task"
-OBJECT_POSES_TOPIC = "/smp/object_poses"
+TASK_TOPIC = topics.TASK
+OBJECT_POSES_TOPIC = topics.OBJECT_POSES
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 BAG_VERSION = 9  # the metadata format of Jazzy and Kilted
-
-
-def image_topic(camera: str) -> str:
-    return f"/cameras/{camera}/image_raw"
-
-
-def joint_state_topic(side: str) -> str:
-    return f"/{side}/joint_states"
-
-
-def joint_cmd_topic(side: str) -> str:
-    return f"/{side}/joint_cmd"
 
 
 def joint_names(side: str) -> list[str]:
@@ -102,12 +91,12 @@ class BagRecorder:
         self._conns = {TASK_TOPIC: add(TASK_TOPIC, STRING_TYPE, typestore=TYPESTORE,
                                        offered_qos_profiles=[LATCHED_QOS])}
         for cam in cameras:
-            self._conns[image_topic(cam)] = add(image_topic(cam), IMAGE_TYPE, typestore=TYPESTORE,
+            self._conns[topics.image_raw(cam)] = add(topics.image_raw(cam), IMAGE_TYPE, typestore=TYPESTORE,
                                                 offered_qos_profiles=[SENSOR_QOS])
         for side in arms:
-            self._conns[joint_state_topic(side)] = add(joint_state_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+            self._conns[topics.joint_states(side)] = add(topics.joint_states(side), JOINT_TYPE, typestore=TYPESTORE,
                                                        offered_qos_profiles=[SENSOR_QOS])
-            self._conns[joint_cmd_topic(side)] = add(joint_cmd_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+            self._conns[topics.joint_cmd(side)] = add(topics.joint_cmd(side), JOINT_TYPE, typestore=TYPESTORE,
                                                      offered_qos_profiles=[COMMAND_QOS])
         if objects:
             self._conns[OBJECT_POSES_TOPIC] = add(OBJECT_POSES_TOPIC, OBJECT_POSES_TYPE, typestore=TYPESTORE,
@@ -123,7 +112,7 @@ class BagRecorder:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"BagRecorder.image {camera}: expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
         h, w, _ = rgb.shape
-        topic = image_topic(camera)
+        topic = topics.image_raw(camera)
         msg = _T[IMAGE_TYPE](header=self._header(topic, t, camera), height=h, width=w, encoding="rgb8",
                              is_bigendian=0, step=3 * w, data=np.ascontiguousarray(rgb).reshape(-1))
         self._put(topic, t, "image", IMAGE_TYPE, msg)
@@ -142,11 +131,11 @@ class BagRecorder:
 
     def joint_state(self, side: str, t: float, position, velocity, effort) -> None:
         """One arm's reading: 6 joints (rad, rad/s, N*m) then the gripper (m, m/s, its effort)."""
-        self._joints(joint_state_topic(side), side, t, position, velocity, effort)
+        self._joints(topics.joint_states(side), side, t, position, velocity, effort)
 
     def joint_cmd(self, side: str, t: float, position) -> None:
         """The 7 targets sent to one arm at simulated time ``t`` (positions only)."""
-        self._joints(joint_cmd_topic(side), side, t, position, (), ())
+        self._joints(topics.joint_cmd(side), side, t, position, (), ())
 
     def _joints(self, topic: str, side: str, t: float, position, velocity, effort) -> None:
         arrays = []
