@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
         for node in nodes:
             executor.add_node(node)
         spinner = Spinner(executor, nodes).start()
-        # The policy configures itself (autostart) on the executor; a model that cannot be loaded
-        # ends bringup with that error instead of leaving the arms without a policy.
-        _wait(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
-              "the policy to load its model", spinner)
-        if policy.configure_error:
-            raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
+        wait_for_policy(policy, spinner)
         if args.episodes:
             results = evaluate(nodes[0], policy, params, args, spinner)
             if args.json:
@@ -121,7 +116,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 class Interrupted(Exception):
-    """The executor stopped (signal or a dead node) while bringup waited for something."""
+    """The executor stopped (signal or a dead node) while bringup (or the soak) waited for something."""
+
+
+def wait_for_policy(policy, spinner) -> None:
+    """Wait until the policy node has loaded its model. It configures itself (autostart) on the
+    executor; a model that cannot be loaded ends the caller with that error (``ConfigError``) instead
+    of leaving the arms without a policy."""
+    wait_until(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
+               "the policy to load its model", spinner)
+    if policy.configure_error:
+        raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
 
 
 def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=None) -> dict:
@@ -140,7 +145,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=
             gates0 = len(policy.runner.stats.gates)
             started = time.monotonic()
             # Wall-clock guard only: the episode's own budget is simulated time.
-            _wait(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
+            wait_until(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
                   10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
             wall = time.monotonic() - started
             status = sim.episode_status()
@@ -193,14 +198,14 @@ def _summary(episodes: list[dict]) -> dict:
     return out
 
 
-def _wait(predicate, timeout: float, what: str, spinner=None) -> None:
+def wait_until(predicate, timeout: float, what: str, spinner=None) -> None:
     """Poll ``predicate``; Interrupted as soon as the executor stops (a signal, a dead node)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if spinner is not None and not spinner.running():
             raise Interrupted(what)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"bringup: timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
 
 

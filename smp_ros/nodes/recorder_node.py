@@ -18,7 +18,7 @@ from smp_ros import topics as default_topics
 from smp_ros.model.objects import OBJECT_POSES_TYPE
 from smp_ros.msg import ObjectPoses
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
-from smp_ros.sim import recorder as bagfmt
+from smp_ros.data import bag_format as bagfmt
 
 _TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState, "std_msgs/msg/String": String,
           OBJECT_POSES_TYPE: ObjectPoses}

@@ -114,7 +114,7 @@ def bench_render(cfg: SimConfig, task: str, frames: int) -> list[dict]:
 
 def bench_episode(cfg: SimConfig, task: str, backend: str, seed: int) -> dict:
     from smp_ros.sim.evaluate import run_episode
-    from smp_ros.sim.experts import ScriptedExpert
+    from smp_ros.sim.scripted import ScriptedExpert
     from smp_ros.sim.world import BimanualWorld
     with BimanualWorld(cfg, task, seed=seed) as world, _Breakdown().patched() as parts:
         world.render(cfg.cameras[0])
