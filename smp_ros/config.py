@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -485,6 +485,14 @@ class SMPConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SMPConfig":
         return _from_plain(cls, data, where)
 
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "overrides") -> "SMPConfig":
+        """A new config with ``overrides`` applied: the one way settings are layered on a config (YAML
+        overlays, model-load overrides, ROS parameters). Keys are nested mappings (any subset of the
+        tree, as an overlay file writes it) or dotted names (``"runtime.safety.max_joint_step"``, as
+        ROS parameters are named), or both; values replace, mappings merge. The result is validated
+        like any config: an unknown key or a bad value raises ``ConfigError`` naming it and ``where``."""
+        return SMPConfig.from_dict(merge(self.to_dict(), unflatten(overrides)), where=where)
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SMPConfig":
         data = load_yaml_mapping(path)
@@ -506,6 +514,43 @@ def load_yaml_mapping(path: str | Path, what: str = "file") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted names (``{"safety": {"stale_after_s": 1}}`` -> ``{"safety.stale_after_s": 1}``),
+    exactly as rcl names the parameters of a nested parameters-file block."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted names (and nested mappings) -> one nested mapping; the inverse of :func:`flatten`."""
+    nested: dict[str, Any] = {}
+    for name, value in mapping.items():
+        *parents, leaf = str(name).split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping):
+            node[leaf] = merge(node.get(leaf, {}), unflatten(value))
+        else:
+            node[leaf] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` layered on ``base``: its values replace, mappings merge key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(base[key], value) if isinstance(value, Mapping) and isinstance(base.get(key), Mapping) \
+            else value
+    return out
 
 
 def _to_plain(obj: Any) -> Any:

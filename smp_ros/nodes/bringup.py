@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --episodes: write a gate-trace PNG of each task's first episode here")
 
 
+@dataclass
+class Options:
+    """What a bringup runs: the fields are the command-line options of ``add_arguments``."""
+
+    config: str = "config/bimanual.yaml"
+    sim: bool = False
+    model: str | None = None
+    backend: str | None = None
+    task: str | None = None
+    episodes: int = 0
+    json: str | None = None
+    seed: int = 0
+    gate_trace: str | None = None
+
+
 def run(args: argparse.Namespace) -> int:
+    return bringup(Options(**vars(args)))
+
+
+def bringup(args: Options) -> int:
+    """Start the system ``args`` describes and spin it until Ctrl-C / SIGTERM (or, with ``episodes``,
+    evaluate and exit); the exit status of the command."""
     # The default config/bimanual.yaml: the working directory's, else the installed share/smp_ros one.
     args.config = str(resolve(args.config, "--config"))
     params = ParamsFile.load(args.config)  # a clear error for a bad file before rcl sees it
@@ -129,7 +151,7 @@ def wait_for_policy(policy, spinner) -> None:
         raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
 
 
-def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=None) -> dict:
+def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> dict:
     """Run ``args.episodes`` episodes per task with the policy closing the loop over ROS topics."""
     cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
     episode_s = cfg.episode_steps / cfg.control_rate_hz

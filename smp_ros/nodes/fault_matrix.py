@@ -1,6 +1,6 @@
 """Fault matrix: every fault of the safety checklist injected into the running simulated system.
 
-``python -m smp_ros.nodes.fault_matrix`` (or ``tools/fault_matrix.sh``) starts the simulator
+``smp-ros fault-matrix`` (or ``tools/fault_matrix.sh``) starts the simulator
 (MuJoCo, both PiPER arms through piper_sdk over the CAN emulator) and the policy node in one
 process, waits until the policy commands the arms, then injects one fault at a time through the
 real topics and services (or, where no topic can carry it, the simulator's and engine's own
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -315,18 +314,19 @@ def print_table(rows: list[Row]) -> None:
     print(f"{sum(r.ok for r in rows)} of {len(rows)} passed")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fault_matrix", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--model", default="models/smp_sim", help="model directory")
     parser.add_argument("--backend", default="eager", choices=("eager", "compiled"))
     parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from smp_ros.nodes.bringup import wait_for_policy
     from smp_ros.nodes.params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
     from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
@@ -353,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             executor.add_node(node)
         spinner = Spinner(executor, nodes).start()
-        if _wait(lambda: policy.runner is not None or policy.configure_error, timeout=600.0) is None \
-                or policy.configure_error:
-            raise ConfigError(f"policy: {policy.configure_error or 'not configured within 600 s'}")
+        wait_for_policy(policy, spinner)
         camera = policy.engine.cameras[0] if policy.engine.cameras else sim.cfg.cameras[0]
         probe = Probe(probe_node, camera)
         matrix = Matrix(sim, policy, probe, spinner, policy.runtime.safety.max_joint_step)
@@ -371,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps([asdict(r) for r in matrix.rows], indent=2))
     return 0 if all(r.ok for r in matrix.rows) else 1
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m smp_ros.nodes.fault_matrix``: the same as ``smp-ros fault-matrix``."""
+    parser = argparse.ArgumentParser(prog="smp-ros fault-matrix", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
