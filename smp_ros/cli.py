@@ -27,6 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bag": ("smp_ros.data.bag_repair", "bag tools: `bag repair BAG` makes an interrupted recording readable"),
     "inspect": ("smp_ros.data.inspect", "list a bag's topics, rates, encodings and gaps; suggest a data.topics overlay"),
     "demo": ("smp_ros.demo", "the main job: the simulated bimanual PiPER driven by the shipped model"),
+    "fault-matrix": ("smp_ros.nodes.fault_matrix", "every fault of the safety checklist injected into the running simulated system"),
+    "sim-bench": ("smp_ros.sim.bench", "simulator speed: physics, rendering, whole scripted episodes per arm backend"),
+    "can-bench": ("smp_ros.sim.can_bench", "CPU cost of emulated PiPER arms on virtual CAN, with and without piper_sdk"),
+    "executor-bench": ("smp_ros.runtime.executor_bench", "chunk joining: plain switching vs temporal ensembling vs latency-aware splice"),
+    "bench-ingest": ("smp_ros.data.bench_ingest", "ingest benchmark on about 1 GB of synthetic demonstration bags"),
+    "gate-probe": ("smp_ros.train.gate_probe", "which way each loss term pushes the router's gates"),
+    "render-frames": ("smp_ros.sim.render_frames", "write one frame of every simulated camera as PNG (the pictures in the docs)"),
 }
 
 

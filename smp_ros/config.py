@@ -15,9 +15,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
+
+from smp_ros import topics
 
 ACTION_DIM = 14  # D: left joints 1-6, left gripper, right joints 1-6, right gripper
 ARM_JOINTS = 6
@@ -293,14 +295,14 @@ class TrainConfig:
 class TopicMap:
     """Which bag topics feed which inputs (defaults follow the house topic conventions)."""
 
-    cameras: dict[str, str] = field(default_factory=lambda: {c: f"/cameras/{c}/image_raw" for c in CAMERAS})
-    joint_states: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_states" for a in ARMS})
-    action: dict[str, str] = field(default_factory=lambda: {a: f"/{a}/joint_cmd" for a in ARMS})
+    cameras: dict[str, str] = field(default_factory=lambda: {c: topics.image_raw(c) for c in CAMERAS})
+    joint_states: dict[str, str] = field(default_factory=lambda: {a: topics.joint_states(a) for a in ARMS})
+    action: dict[str, str] = field(default_factory=lambda: {a: topics.joint_cmd(a) for a in ARMS})
     # "command": the commanded targets on `action`; "leader": the leader arms' joint states in
     # leader/follower teleoperation (point `action` at them); "next_state": the follower's next state.
     action_source: str = "command"
-    task_topic: str = "/smp/task"
-    object_poses: str = "/smp/object_poses"  # smp_ros/msg/ObjectPoses, read when data.object_slots > 0
+    task_topic: str = topics.TASK
+    object_poses: str = topics.OBJECT_POSES  # smp_ros/msg/ObjectPoses, read when data.object_slots > 0
     task_source: str = "topic"  # "topic" | "metadata" | "cli"
     task_metadata_key: str = "smp_task"  # custom_data key in metadata.yaml when task_source is "metadata"
     # Per-arm joint order; a message may name them bare ("joint1") or arm-prefixed ("left_joint1").
@@ -449,6 +451,12 @@ class RuntimeConfig:
         _require(len(self.camera_size) == 2 and (tuple(self.camera_size) == (0, 0) or min(self.camera_size) >= 8),
                  f"{w}.camera_size", f"expected (height, width) >= 8 px, or (0, 0), got {self.camera_size}")
 
+    def frame_size(self, model_image_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of the frames the cameras deliver: ``camera_size``, or the model's image size
+        when it is (0, 0). The engine warms up on frames of this size; the policy refuses others."""
+        size = tuple(int(v) for v in self.camera_size)
+        return size if size != (0, 0) else tuple(int(v) for v in model_image_size)
+
 
 # --------------------------------------------------------------------------------------------
 # Root
@@ -477,6 +485,14 @@ class SMPConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SMPConfig":
         return _from_plain(cls, data, where)
 
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "overrides") -> "SMPConfig":
+        """A new config with ``overrides`` applied: the one way settings are layered on a config (YAML
+        overlays, model-load overrides, ROS parameters). Keys are nested mappings (any subset of the
+        tree, as an overlay file writes it) or dotted names (``"runtime.safety.max_joint_step"``, as
+        ROS parameters are named), or both; values replace, mappings merge. The result is validated
+        like any config: an unknown key or a bad value raises ``ConfigError`` naming it and ``where``."""
+        return SMPConfig.from_dict(merge(self.to_dict(), unflatten(overrides)), where=where)
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SMPConfig":
         data = load_yaml_mapping(path)
@@ -498,6 +514,43 @@ def load_yaml_mapping(path: str | Path, what: str = "file") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted names (``{"safety": {"stale_after_s": 1}}`` -> ``{"safety.stale_after_s": 1}``),
+    exactly as rcl names the parameters of a nested parameters-file block."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted names (and nested mappings) -> one nested mapping; the inverse of :func:`flatten`."""
+    nested: dict[str, Any] = {}
+    for name, value in mapping.items():
+        *parents, leaf = str(name).split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping):
+            node[leaf] = merge(node.get(leaf, {}), unflatten(value))
+        else:
+            node[leaf] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` layered on ``base``: its values replace, mappings merge key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(base[key], value) if isinstance(value, Mapping) and isinstance(base.get(key), Mapping) \
+            else value
+    return out
 
 
 def _to_plain(obj: Any) -> Any:

@@ -47,12 +47,9 @@ def run(args: argparse.Namespace) -> int:
                           "train one with `smp-ros train` (see README)")
     results_path = args.out / "results.json"
     config = write_demo_params(args.config, args.out / "bimanual_demo.yaml", args.policy_rate, args.inference_deadline)
-    argv = ["--config", str(config), "--sim", "--model", str(args.model), "--backend", args.backend,
-            "--episodes", str(args.episodes), "--json", str(results_path), "--gate-trace", str(args.out),
-            "--seed", str(args.seed)] + (["--task", args.task] if args.task else [])
-    bringup_parser = argparse.ArgumentParser(prog="smp-ros bringup")
-    bringup.add_arguments(bringup_parser)
-    status = bringup.run(bringup_parser.parse_args(argv))
+    status = bringup.bringup(bringup.Options(
+        config=str(config), sim=True, model=str(args.model), backend=args.backend, task=args.task,
+        episodes=args.episodes, json=str(results_path), seed=args.seed, gate_trace=str(args.out)))
     if status:
         return status
     results = json.loads(results_path.read_text())

@@ -32,3 +32,30 @@ def test_command_module_has_cli_contract(name):
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "smp_ros.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "smp-ros" in proc.stdout
+
+
+def test_every_runnable_module_is_a_command_or_a_ros_executable():
+    """Commands live in one place: a module that can be run (``__main__``) is an `smp-ros` subcommand, an
+    executable `ros2 run` starts (install.EXECUTABLES), or one of the package's own internals."""
+    from pathlib import Path
+
+    from smp_ros.install import EXECUTABLES
+
+    package = Path(cli.__file__).parent
+    internal = {"smp_ros.cli", "smp_ros.install", "smp_ros.runtime.worker"}  # the dispatcher, the build, a child
+    known = {module for module, _ in cli.COMMANDS.values()} | set(EXECUTABLES.values()) | internal
+    runnable = {".".join(p.relative_to(package.parent).with_suffix("").parts) for p in package.rglob("*.py")
+                if '__name__ == "__main__"' in p.read_text()}
+    assert runnable - known == set(), "runnable modules that are no `smp-ros` command: register them in cli.COMMANDS"
+
+
+def test_bringup_options_are_its_command_line():
+    """`smp-ros demo` calls bringup as a function with ``bringup.Options``: same fields, same defaults."""
+    import argparse
+    import dataclasses
+
+    from smp_ros.nodes import bringup
+
+    parser = argparse.ArgumentParser()
+    bringup.add_arguments(parser)
+    assert vars(parser.parse_args([])) == {f.name: f.default for f in dataclasses.fields(bringup.Options)}

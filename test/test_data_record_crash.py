@@ -18,7 +18,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from smp_ros.data.bag_repair import repair_bag
 from smp_ros.data.bag_writer import TYPESTORE, SplitBagWriter
 from smp_ros.data.errors import BagError
-from smp_ros.sim.recorder import verify_bag
+from smp_ros.data.bag_format import verify_bag
 
 T0 = 1_700_000_000_000_000_000
 STRING = "std_msgs/msg/String"

@@ -10,6 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smp_ros"
 # module (cli, demo, ...). Entry points (cli, demo, experiment, install) sit above everything.
 ENTRY_POINTS = {"cli", "demo", "experiment", "install"}
 FORBIDDEN = {
+    # topics (the default topic names) is a leaf every part may use, config included.
+    "topics": {"config", "model", "data", "train", "runtime", "hardware", "sim", "nodes", "gate_trace_plot",
+               "resources"} | ENTRY_POINTS,
     "config": {"model", "data", "train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
     "model": {"data", "train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
     "data": {"train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,

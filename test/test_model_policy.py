@@ -144,10 +144,13 @@ def test_predict_action_runs_only_the_forced_experts():
     assert p.experts.expert_evaluations - before == 2 * cfg.scheduler.inference_steps
     assert out.active.tolist() == [[k in (1, 6) for k in range(8)]]
     assert out.action.shape == (1, cfg.horizon, D)
-    assert set(out.timings) >= {"encode", "route_select", "basis", "denoise", "decode", "total"}
+    assert set(out.timings) >= {"encoder", "router_select", "basis", "denoise", "decode", "total"}
+    assert out.experts.tolist() == [1, 6]
     # Equivalent by hand: B (g_bar ⊙ z) with z zero outside S.
     s = p.encode(obs)
-    z = p.denoise(s, out.active, torch.Generator().manual_seed(0))
+    experts = torch.tensor([1, 6])
+    x = p.denoise_experts(p.initial_noise(1, torch.Generator().manual_seed(0))[:, experts], s, experts)
+    z = p.scatter_coefficients(x, out.active, experts)
     assert torch.count_nonzero(z[..., [0, 2, 3, 4, 5, 7]]) == 0
     assert torch.allclose(p.decode(p.skill_basis(s), out.gate, z), out.action, atol=1e-6)
 

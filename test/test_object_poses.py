@@ -15,7 +15,7 @@ from smp_ros.model.objects import OBJECT_POSES_MSG, object_vector
 
 world_mod = pytest.importorskip("smp_ros.sim.world")
 from smp_ros.sim import demos  # noqa: E402
-from smp_ros.sim.recorder import TYPESTORE  # noqa: E402
+from smp_ros.data.bag_format import TYPESTORE  # noqa: E402
 
 pytestmark = pytest.mark.sim
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from smp_ros.nodes.params import (POLICY_NODE, SIM_NODE, ParamsFile, driver_sett
 def test_the_shipped_file_maps_onto_the_config_tree():
     params = ParamsFile.load("config/bimanual.yaml")
     runtime = runtime_config(params.for_node(POLICY_NODE))
-    assert runtime.command_rate_hz == 100.0 and runtime.chunk_blend == "ensemble"
+    assert runtime.command_rate_hz == 100.0 and runtime.chunk_blend == "splice"
     assert runtime.safety.stale_after_s == 0.2  # from the /** block
     sim = sim_config(params.for_node(SIM_NODE))
     assert sim.cameras == ("cam_high", "cam_left_wrist", "cam_right_wrist") and sim.image_size == (128, 128)

@@ -12,7 +12,7 @@ from smp_ros.sim.can_emulator import attach
 
 world_mod = pytest.importorskip("smp_ros.sim.world")
 from smp_ros.sim.evaluate import run_episode  # noqa: E402
-from smp_ros.sim.experts import ScriptedExpert  # noqa: E402
+from smp_ros.sim.scripted import ScriptedExpert  # noqa: E402
 
 
 def test_bimanual_world_follows_commands_through_the_real_sdk():

@@ -15,8 +15,8 @@ from smp_ros.data.errors import BagError
 world_mod = pytest.importorskip("smp_ros.sim.world")
 from smp_ros.sim import demos  # noqa: E402
 from smp_ros.sim.evaluate import run_episode  # noqa: E402
-from smp_ros.sim.experts import ScriptedExpert  # noqa: E402
-from smp_ros.sim.recorder import TYPESTORE, verify_bag  # noqa: E402
+from smp_ros.sim.scripted import ScriptedExpert  # noqa: E402
+from smp_ros.data.bag_format import TYPESTORE, verify_bag  # noqa: E402
 
 pytestmark = pytest.mark.sim
 

@@ -9,7 +9,7 @@ from smp_ros.sim import kinematics as K
 
 world_mod = pytest.importorskip("smp_ros.sim.world")
 from smp_ros.sim.evaluate import run_episode  # noqa: E402
-from smp_ros.sim.experts import ScriptedExpert  # noqa: E402
+from smp_ros.sim.scripted import ScriptedExpert  # noqa: E402
 
 
 def test_mjcf_flange_matches_sdk_forward_kinematics():

@@ -4,4 +4,4 @@
 #   tools/fault_matrix.sh --model models/smp_sim --json runs/fault_matrix.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${VENV:-.venv}/bin/python" -m smp_ros.nodes.fault_matrix "$@"
+exec "${VENV:-.venv}/bin/smp-ros" fault-matrix "$@"

@@ -36,12 +36,8 @@ import yaml
 from rosbags.interfaces import Qos
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.rosbag2.metadata import dump_qos_v9
-from rosbags.typesys import Stores, get_typestore
 
-from smp_ros.model.objects import register_object_poses
-
-TYPESTORE = get_typestore(Stores.LATEST)
-register_object_poses(TYPESTORE)  # our own message (msg/ObjectPoses.msg), which the stock store lacks
+from smp_ros.data.bag_format import TYPESTORE
 BAG_VERSION = 9  # the metadata format of Jazzy and Kilted
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 SUFFIXES = {"mcap": ".mcap", "sqlite3": ".db3"}

@@ -1,6 +1,6 @@
 """Ingest benchmark: write about 1 GB of synthetic demonstration bags, ingest them, report the rate.
 
-    python -m smp_ros.data.bench_ingest --dir /tmp/smp_bench [--size-gb 1.0] [--storage mcap] [--workers 2]
+    smp-ros bench-ingest --dir /tmp/smp_bench [--size-gb 1.0] [--storage mcap] [--workers 2]
 
 Bags hold two 640x480 cameras at 30 Hz (rgb8, or JPEG with --encoding jpeg), joint states at 200 Hz and commands at 20 Hz, the
 shape of a real PiPER recording. Prints a table and writes ``bench_ingest.json`` into ``--dir``.
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from smp_ros.config import DataConfig, TopicMap
+from smp_ros import topics
 from smp_ros.data.cache import prepare_cache
 from smp_ros.data.synthetic import BagSpec, write_bag
 
@@ -23,8 +24,7 @@ FRAME_BYTES = 480 * 640 * 3
 CAMERAS = ("cam_high", "cam_left_wrist")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, help="scratch directory (bags and cache are written here)")
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--episode-s", type=float, default=5.0)
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--encoding", choices=("rgb8", "jpeg"), default="rgb8",
                    help="raw frames (sensor_msgs/Image) or JPEG (CompressedImage)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     write_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in (root / "bags").rglob("*") if f.is_file())
 
-    cfg = DataConfig(topics=TopicMap(cameras={c: f"/cameras/{c}/image_raw" for c in CAMERAS}), image_size=(96, 96))
+    cfg = DataConfig(topics=TopicMap(cameras={c: topics.image_raw(c) for c in CAMERAS}), image_size=(96, 96))
     t = time.perf_counter()
     cache = prepare_cache(root / "bags", cfg, cache_dir=root / "cache", workers=args.workers, progress=False)
     ingest_s = time.perf_counter() - t
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     (root / "bench_ingest.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros bench-ingest``: the same as ``smp-ros bench-ingest``."""
+    parser = argparse.ArgumentParser(prog="smp-ros bench-ingest", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

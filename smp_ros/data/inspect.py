@@ -23,6 +23,7 @@ import yaml
 from rosbags.highlevel import AnyReader
 
 from smp_ros.config import ARM_JOINTS, ARMS, CAMERAS, DataConfig, preset
+from smp_ros import topics as default_topics
 from smp_ros.data.bag_reader import _DEFAULT_TYPESTORE, COMPRESSED_TYPE, IMAGE_TYPE, JOINT_TYPE, STRING_TYPE
 from smp_ros.data.errors import BagError
 
@@ -199,8 +200,8 @@ def suggest_topics(report: dict) -> dict:
     if cams:
         overlay["cameras"] = cams
     strings = [t for t in topics if t["type"] == STRING_TYPE and t["count"]]
-    if any(t["topic"] == "/smp/task" for t in strings):
-        why.append("task: /smp/task (the default task topic)")
+    if any(t["topic"] == default_topics.TASK for t in strings):
+        why.append(f"task: {default_topics.TASK} (the default task topic)")
     elif strings:
         overlay["task_source"], overlay["task_topic"] = "topic", strings[0]["topic"]
         why.append(f"task: the String topic {strings[0]['topic']} (first value {strings[0].get('first_value')!r})")
@@ -211,7 +212,7 @@ def suggest_topics(report: dict) -> dict:
         overlay["task_source"] = "cli"
         why.append("task: the bag names none; give it with `smp-ros train --task NAME`")
     used = {v for v in overlay.get("cameras", {}).values()} | set(overlay.get("joint_states", {}).values()) \
-        | set(overlay.get("action", {}).values()) | {overlay.get("task_topic", "/smp/task")}
+        | set(overlay.get("action", {}).values()) | {overlay.get("task_topic", default_topics.TASK)}
     unmapped = [t["topic"] for t in topics if t["topic"] not in used]
     return {"overlay": {"data": {"topics": overlay}}, "why": why, "unmapped": unmapped}
 

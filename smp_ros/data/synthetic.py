@@ -21,6 +21,7 @@ from rosbags.rosbag2.enums import CompressionFormat, CompressionMode
 from rosbags.typesys import Stores, get_typestore
 
 from smp_ros.config import ACTION_DIM, ARMS, ARM_JOINTS
+from smp_ros import topics as default_topics
 
 TYPESTORE = get_typestore(Stores.LATEST)
 T = TYPESTORE.types
@@ -125,20 +126,20 @@ def _messages(spec: BagSpec) -> tuple[list[tuple[int, str, str, object]], dict[s
 
     for a, arm in enumerate(ARMS):
         names = list(spec.joint_names or [f"{arm}_joint{i}" for i in range(1, ARM_JOINTS + 1)] + [f"{arm}_gripper"])
-        topic = f"/{arm}/joint_states"
+        topic = default_topics.joint_states(arm)
         for t in keep(topic, _times(spec.joint_rate_hz, spec, rng, spec.joint_jitter_s))[0]:
             q = joint_signal(np.array([t]))[0, 7 * a : 7 * a + 7]
             msg = T["sensor_msgs/msg/JointState"](header=_header(t, spec.zero_header), name=names, position=q,
                                                   velocity=np.zeros(0), effort=np.zeros(0))
             out.append((receive(t), topic, "sensor_msgs/msg/JointState", msg))
-        topic = f"/{arm}/joint_cmd"
+        topic = default_topics.joint_cmd(arm)
         for t in keep(topic, _times(spec.command_rate_hz, spec, rng))[0]:
             q = command_signal(np.array([t]))[0, 7 * a : 7 * a + 7]
             msg = T["sensor_msgs/msg/JointState"](header=_header(t, spec.zero_header), name=names, position=q,
                                                   velocity=np.zeros(0), effort=np.zeros(0))
             out.append((receive(t), topic, "sensor_msgs/msg/JointState", msg))
     for cam, (rate, enc) in spec.cameras.items():
-        topic = f"/cameras/{cam}/image_raw"
+        topic = default_topics.image_raw(cam)
         for t, i in zip(*keep(topic, _times(rate, spec, rng))):  # frame numbers count dropped frames too
             img = _frame(int(i), spec, enc)
             if enc in ("jpeg", "png"):
@@ -156,7 +157,7 @@ def _messages(spec: BagSpec) -> tuple[list[tuple[int, str, str, object]], dict[s
                                                  encoding=enc, is_bigendian=0, step=step, data=rows.reshape(-1))
                 out.append((receive(t), topic, "sensor_msgs/msg/Image", msg))
     if spec.task is not None:
-        out.append((BASE_NS + int(spec.start_s * 1e9), "/smp/task", "std_msgs/msg/String",
+        out.append((BASE_NS + int(spec.start_s * 1e9), default_topics.TASK, "std_msgs/msg/String",
                     T["std_msgs/msg/String"](data=spec.task)))
     out.sort(key=lambda m: m[0])
     return out, truth

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smp_ros.config import ConfigError, ModelConfig, SMPConfig
+from smp_ros.config import ConfigError, ModelConfig, SMPConfig, flatten
 from smp_ros.model.policy import DensePolicy, SMPPolicy, build_policy
 
 FORMAT = "smp_ros.model/1"
@@ -148,21 +148,11 @@ def load_model(directory: str | Path, overrides: Mapping[str, Any] | None = None
 
 def apply_overrides(cfg: SMPConfig, overrides: Mapping[str, Any], where: str = "overrides") -> SMPConfig:
     """A new SMPConfig with dotted-key overrides; refuses model.* keys that change the network's shape."""
-    data = cfg.to_dict()
-    for key, value in overrides.items():
-        parts = key.split(".")
-        if parts[0] == "model" and key not in RUNTIME_OVERRIDES:
+    for key in flatten(overrides):
+        if key.split(".")[0] == "model" and key not in RUNTIME_OVERRIDES:
             raise ConfigError(f"{where}: {key!r} changes the network's shape and cannot be overridden at load; "
                               f"allowed model keys: {', '.join(RUNTIME_OVERRIDES)}")
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node, dict) or p not in node:
-                raise ConfigError(f"{where}: unknown key {key!r}")
-            node = node[p]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"{where}: unknown key {key!r}")
-        node[parts[-1]] = value
-    return SMPConfig.from_dict(data, where=where)
+    return cfg.with_overrides(overrides, where=where)
 
 
 def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -61,8 +61,9 @@ Choices the paper leaves open, and why:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -78,6 +79,8 @@ from smp_ros.model.scheduler import DiffusionScheduler
 from smp_ros.model.selection import select_experts
 
 FRAME_INDEX = "frame_index"  # flattened training segments only: (N, T_o) rows of each window's frames
+# Stages of one Algorithm 2 call, as ``PolicyOutput.timings`` and the inference engine name them.
+STAGES = ("encoder", "router_select", "basis", "denoise", "decode")
 
 
 @dataclass
@@ -87,25 +90,54 @@ class PolicyOutput:
     active: torch.Tensor  # (B, K) bool, the active set S
     coverage: torch.Tensor  # (B,) mass share of S
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    experts: torch.Tensor | None = None  # (E,) indices of the experts run (the union of the batch's S)
 
 
-class _Timer:
-    """Wall-clock per stage; synchronizes CUDA first so a stage is charged its own GPU work."""
+@dataclass(frozen=True)
+class Stages:
+    """The callables one Algorithm 2 call runs. ``policy.stages()`` are the policy's own (eager); the
+    inference engine passes its backend's (compiled, exported or TensorRT expert networks)."""
+
+    encode: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]  # obs -> s (B, d_s)
+    route: Callable[[torch.Tensor], torch.Tensor] | None  # s -> g_bar (B, K); SMP only
+    basis: Callable[[torch.Tensor], torch.Tensor] | None  # s -> B(s) (B, D, K); SMP only
+    denoise: Callable[..., torch.Tensor]  # (x (B, E, C, H) noise, s, experts (E,)) -> x_0, pure tensor ops
+
+
+class StageClock:
+    """Per-stage time that adds no host-device sync between stages.
+
+    On the CPU a stage's time is the ``perf_counter`` difference around it. On CUDA kernels run
+    asynchronously, so a host timer would measure launch time only; instead each stage boundary
+    records a CUDA event on the current stream and the elapsed times are read afterwards
+    (:meth:`seconds`), at the one synchronisation the caller already pays to read the result."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.times: dict[str, float] = {}
-        self._t = self._now()
+        self._marks: list[tuple[str, Any, Any]] = []
 
-    def _now(self) -> float:
+    def _now(self) -> Any:
         if self.cuda:
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
 
-    def lap(self, name: str) -> None:
-        now = self._now()
-        self.times[name] = now - self._t
-        self._t = now
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = self._now()
+        yield
+        self._marks.append((name, start, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """Stage name -> seconds (a name used twice adds up); on CUDA this waits for the last stage."""
+        out: dict[str, float] = {}
+        if self.cuda and self._marks:
+            self._marks[-1][2].synchronize()
+        for name, start, end in self._marks:
+            dt = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            out[name] = out.get(name, 0.0) + dt
+        return out
 
 
 class _PolicyBase(nn.Module):
@@ -189,14 +221,18 @@ class _PolicyBase(nn.Module):
         return self.encoder(qpos, obs.get(keys.IMAGES), obs[keys.TASK].long(), objects=objects,
                             frame_index=obs.get(FRAME_INDEX))
 
-    def _timed_encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[_Timer, torch.Tensor]:
-        """Validate an observation, start the stage timer and run stage 1: (timer, s (B, d_s))."""
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                       active: Any = None) -> PolicyOutput:
+        """Algorithm 2 on raw observations (B, T_o, ...) -> PolicyOutput (action (B, H, D) raw units), run
+        with the policy's own stages; ``active`` forces the active set (SMP)."""
         self._check(obs, segment=False)
         self._require_normalizer()
-        timer = _Timer(self.device)
-        s = self.encode(obs)
-        timer.lap("encode")
-        return timer, s
+        clock = StageClock(self.device)
+        out = self.algorithm2(obs, self.stages(), clock, generator, active)
+        out.timings = clock.seconds()
+        out.timings["total"] = sum(out.timings.values())
+        return out
 
     # Encode each distinct frame of a segment once (encoder.py, "Shared frames"). Set by the trainer
     # (train.distinct_frames), whose batches are the dataset's segments of consecutive windows; off, every
@@ -295,7 +331,32 @@ class SMPPolicy(_PolicyBase):
                  "gate": gate.mean(), "align": align.mean()}
         return {"loss": terms["coeff"] + terms["recon"] + terms["gate"] + terms["align"], **terms}
 
-    # ---- inference stages (Algorithm 2) ----------------------------------------------------------
+    # ---- inference (Algorithm 2) ------------------------------------------------------------------
+
+    def stages(self) -> Stages:
+        return Stages(self.encode, self.route, self.skill_basis, self.denoise_experts)
+
+    def algorithm2(self, obs: Mapping[str, torch.Tensor], stages: Stages, clock: StageClock,
+                   generator: torch.Generator | None = None, active: Any = None) -> PolicyOutput:
+        """Algorithm 2, the one implementation: ``predict_action`` runs it with the policy's own stages,
+        the inference engine with its backend's. Tensors in, tensors out (timings are the caller's:
+        ``clock``). The selected experts' indices are read once, right after selection (their number
+        |S| is the shape of everything after it): the call's one host sync before the result."""
+        with clock.stage("encoder"):
+            s = stages.encode(obs)  # (B, d_s)
+        with clock.stage("router_select"):
+            g_bar = stages.route(s)  # (B, K), g_bar = E[g | s]
+            mask, coverage = self.select(g_bar, active)  # (B, K), (B,)  Section 4.2
+            experts = mask.any(0).nonzero().flatten()  # (E,): the union of the batch's S; B = 1 runs |S|
+        with clock.stage("basis"):
+            Bm = stages.basis(s)  # (B, D, K)  eq. 12-16
+        with clock.stage("denoise"):
+            x = self.initial_noise(s.shape[0], generator)[:, experts]  # (B, E, 1, H)
+            x = stages.denoise(x, s, experts)  # DDIM over z_S only (eq. 36)
+        with clock.stage("decode"):
+            z = self.scatter_coefficients(x, mask, experts)  # (B, H, K)
+            action = self.decode(Bm, g_bar, z)  # a = B (g_bar ⊙ z), raw units (eq. 1)
+        return PolicyOutput(action, g_bar, mask, coverage, experts=experts)
 
     def route(self, s: torch.Tensor) -> torch.Tensor:
         """Stage 2a: g_bar = E[g | s] from the state-only router, (B, d_s) -> (B, K)."""
@@ -332,17 +393,12 @@ class SMPPolicy(_PolicyBase):
             x = self.scheduler.step(i, x, eps)
         return x
 
-    def denoise(self, s: torch.Tensor, active: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Stage 4: z (B, H, K) with z_S denoised and the other coefficients 0. The experts run are the
-        union of the batch's active sets (one batched call per DDIM step); B = 1 runs exactly |S|."""
-        Bn, K, H = s.shape[0], self.cfg.num_experts, self.cfg.horizon
-        experts = active.any(0).nonzero().flatten()  # (E,)
-        x = self.initial_noise(Bn, generator)[:, experts]  # (B, E, 1, H)
-        x = self.denoise_experts(x, s, experts)
+    def scatter_coefficients(self, x: torch.Tensor, active: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The experts' samples x_0 (B, E, 1, H) -> z (B, H, K): z_S = z_scale * x_0 for each sample's own
+        active set (``active`` (B, K)), every other coefficient 0."""
         coeff = self.coefficients(x[:, :, 0])  # (B, E, H)
-        z = coeff.new_zeros(Bn, K, H)  # coeff's dtype: under bf16 autocast s is bf16, the samples are not
-        z[:, experts] = coeff
+        z = coeff.new_zeros(x.shape[0], self.cfg.num_experts, self.cfg.horizon)  # coeff's dtype: under bf16
+        z[:, experts] = coeff  # autocast s is bf16, the samples are not
         return (z * active.unsqueeze(-1)).transpose(1, 2)  # (B, H, K)
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,23 +410,6 @@ class SMPPolicy(_PolicyBase):
         """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized: (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
         a = (g_bar.unsqueeze(1) * z) @ Bm.transpose(-1, -2)  # (B, H, D)
         return self.normalizer.unnormalize("action", a)
-
-    @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
-                       active: Any = None) -> PolicyOutput:
-        """Algorithm 2 on raw observations (B, T_o, ...) -> PolicyOutput (action (B, H, D) raw units)."""
-        timer, s = self._timed_encode(obs)
-        g_bar = self.route(s)
-        mask, coverage = self.select(g_bar, active)
-        timer.lap("route_select")
-        Bm = self.skill_basis(s)
-        timer.lap("basis")
-        z = self.denoise(s, mask, generator)
-        timer.lap("denoise")
-        action = self.decode(Bm, g_bar, z)
-        timer.lap("decode")
-        timer.times["total"] = sum(timer.times.values())
-        return PolicyOutput(action, g_bar, mask, coverage, timer.times)
 
     @torch.no_grad()
     def fit_z_scale(self, batch: Mapping[str, torch.Tensor]) -> float:
@@ -435,21 +474,32 @@ class DensePolicy(_PolicyBase):
         zero = coeff.new_zeros(())
         return {"loss": coeff, "coeff": coeff, "recon": zero, "gate": zero, "align": zero}
 
-    @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
-                       active: Any = None) -> PolicyOutput:
-        timer, s = self._timed_encode(obs)
+    def stages(self) -> Stages:
+        return Stages(self.encode, None, None, self.denoise_experts)
+
+    def algorithm2(self, obs: Mapping[str, torch.Tensor], stages: Stages, clock: StageClock,
+                   generator: torch.Generator | None = None, active: Any = None) -> PolicyOutput:
+        """The dense baseline's sampling, in SMP's stage structure (no router, no basis: one 'expert')."""
+        with clock.stage("encoder"):
+            s = stages.encode(obs)  # (B, d_s)
         Bn = s.shape[0]
-        x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator, device=self.device)
+        experts = torch.zeros(1, dtype=torch.long, device=s.device)  # the one network
+        with clock.stage("denoise"):
+            x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator,
+                            device=self.device)  # (B, 1, D, H)
+            x = stages.denoise(x, s, experts)
+        with clock.stage("decode"):
+            action = self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (B, H, D)
+        ones = s.new_ones(Bn, 1)
+        return PolicyOutput(action, ones, ones.bool(), ones[:, 0], experts=experts)
+
+    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """DDIM over the dense UNet: x (B, 1, D, H) noise -> x_0; ``experts`` is always the one network."""
         weights = self.unet.gather(self.unet.all_experts(s.device))  # the inference form, as SMP's experts
         for i in range(self.scheduler.num_inference_steps):
-            x = self.scheduler.step(i, x, self.unet.run(x, self.scheduler.timesteps[i].expand(Bn), s, weights))
-        timer.lap("denoise")
-        action = self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (B, H, D)
-        timer.lap("decode")
-        timer.times["total"] = sum(timer.times.values())
-        ones = s.new_ones(Bn, 1)
-        return PolicyOutput(action, ones, ones.bool(), ones[:, 0], timer.times)
+            x = self.scheduler.step(i, x, self.unet.run(x, self.scheduler.timesteps[i].expand(x.shape[0]), s,
+                                                        weights))
+        return x
 
 
 def _mirror_z_scale(module: nn.Module, incompatible_keys: Any) -> None:

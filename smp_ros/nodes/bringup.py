@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --episodes: write a gate-trace PNG of each task's first episode here")
 
 
+@dataclass
+class Options:
+    """What a bringup runs: the fields are the command-line options of ``add_arguments``."""
+
+    config: str = "config/bimanual.yaml"
+    sim: bool = False
+    model: str | None = None
+    backend: str | None = None
+    task: str | None = None
+    episodes: int = 0
+    json: str | None = None
+    seed: int = 0
+    gate_trace: str | None = None
+
+
 def run(args: argparse.Namespace) -> int:
+    return bringup(Options(**vars(args)))
+
+
+def bringup(args: Options) -> int:
+    """Start the system ``args`` describes and spin it until Ctrl-C / SIGTERM (or, with ``episodes``,
+    evaluate and exit); the exit status of the command."""
     # The default config/bimanual.yaml: the working directory's, else the installed share/smp_ros one.
     args.config = str(resolve(args.config, "--config"))
     params = ParamsFile.load(args.config)  # a clear error for a bad file before rcl sees it
@@ -94,12 +116,7 @@ def run(args: argparse.Namespace) -> int:
         for node in nodes:
             executor.add_node(node)
         spinner = Spinner(executor, nodes).start()
-        # The policy configures itself (autostart) on the executor; a model that cannot be loaded
-        # ends bringup with that error instead of leaving the arms without a policy.
-        _wait(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
-              "the policy to load its model", spinner)
-        if policy.configure_error:
-            raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
+        wait_for_policy(policy, spinner)
         if args.episodes:
             results = evaluate(nodes[0], policy, params, args, spinner)
             if args.json:
@@ -121,10 +138,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 class Interrupted(Exception):
-    """The executor stopped (signal or a dead node) while bringup waited for something."""
+    """The executor stopped (signal or a dead node) while bringup (or the soak) waited for something."""
 
 
-def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=None) -> dict:
+def wait_for_policy(policy, spinner) -> None:
+    """Wait until the policy node has loaded its model. It configures itself (autostart) on the
+    executor; a model that cannot be loaded ends the caller with that error (``ConfigError``) instead
+    of leaving the arms without a policy."""
+    wait_until(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
+               "the policy to load its model", spinner)
+    if policy.configure_error:
+        raise ConfigError(f"{POLICY_NODE}: {policy.configure_error}")
+
+
+def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> dict:
     """Run ``args.episodes`` episodes per task with the policy closing the loop over ROS topics."""
     cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
     episode_s = cfg.episode_steps / cfg.control_rate_hz
@@ -140,7 +167,7 @@ def evaluate(sim, policy, params: ParamsFile, args: argparse.Namespace, spinner=
             gates0 = len(policy.runner.stats.gates)
             started = time.monotonic()
             # Wall-clock guard only: the episode's own budget is simulated time.
-            _wait(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
+            wait_until(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
                   10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
             wall = time.monotonic() - started
             status = sim.episode_status()
@@ -202,14 +229,14 @@ def _summary(episodes: list[dict]) -> dict:
     return out
 
 
-def _wait(predicate, timeout: float, what: str, spinner=None) -> None:
+def wait_until(predicate, timeout: float, what: str, spinner=None) -> None:
     """Poll ``predicate``; Interrupted as soon as the executor stops (a signal, a dead node)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if spinner is not None and not spinner.running():
             raise Interrupted(what)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"bringup: timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
 
 

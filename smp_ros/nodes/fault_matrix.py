@@ -1,6 +1,6 @@
 """Fault matrix: every fault of the safety checklist injected into the running simulated system.
 
-``python -m smp_ros.nodes.fault_matrix`` (or ``tools/fault_matrix.sh``) starts the simulator
+``smp-ros fault-matrix`` (or ``tools/fault_matrix.sh``) starts the simulator
 (MuJoCo, both PiPER arms through piper_sdk over the CAN emulator) and the policy node in one
 process, waits until the policy commands the arms, then injects one fault at a time through the
 real topics and services (or, where no topic can carry it, the simulator's and engine's own
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import ARMS, ConfigError
+from smp_ros import topics
 
 WAIT_S = 60.0
 
@@ -71,17 +71,17 @@ class Probe:
         self.arm_status = {arm: None for arm in ARMS}
         self.cmds = {arm: [] for arm in ARMS}
         self.states = {arm: [] for arm in ARMS}
-        node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_status, LATCHED_QOS)
+        node.create_subscription(PolicyStatus, topics.POLICY_STATUS, self._on_status, LATCHED_QOS)
         for arm in ARMS:
-            node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
+            node.create_subscription(ArmStatus, topics.arm_status(arm), lambda m, a=arm: self._on_arm(a, m), LATCHED_QOS)
             # Depth 100, not the commands' 1: the record must not lose a command on a busy machine.
-            node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._keep(self.cmds[a], m),
+            node.create_subscription(JointState, topics.joint_cmd(arm), lambda m, a=arm: self._keep(self.cmds[a], m),
                                      QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
-            node.create_subscription(JointState, f"/{arm}/joint_states",
+            node.create_subscription(JointState, topics.joint_states(arm),
                                      lambda m, a=arm: self._keep(self.states[a], m), SENSOR_QOS)
-        self.image_pub = node.create_publisher(Image, f"/cameras/{camera}/image_raw", SENSOR_QOS)
-        self.joint_pub = node.create_publisher(JointState, "/left/joint_states", SENSOR_QOS)
-        self.cmd_pub = node.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
+        self.image_pub = node.create_publisher(Image, topics.image_raw(camera), SENSOR_QOS)
+        self.joint_pub = node.create_publisher(JointState, topics.joint_states("left"), SENSOR_QOS)
+        self.cmd_pub = node.create_publisher(JointState, topics.joint_cmd("left"), COMMAND_QOS)
         self.clients = {(arm, name): node.create_client(Trigger, f"/{arm}/{name}")
                         for arm in ARMS for name in ("emergency_stop", "reset", "start")}
 
@@ -211,7 +211,7 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
 
     probe, sim, policy = m.probe, m.sim, m.policy
     h, w = size
-    image_topic = f"/cameras/{camera}/image_raw"
+    image_topic = topics.image_raw(camera)
 
     def flood_images(msg):
         def send():
@@ -233,7 +233,7 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
     for fault, q, names in (("joint state NaN", [np.nan] + home[1:], element_names("left")),
                             ("joint state inf", [np.inf] + home[1:], element_names("left")),
                             ("joint state wrong names", home, element_names("right"))):
-        m.run(fault, "refused, hold naming the topic", "/left/joint_states", nothing, nothing,
+        m.run(fault, "refused, hold naming the topic", topics.joint_states("left"), nothing, nothing,
               during=flood_joints(q, names))
 
     m.run("camera stops", "hold: stale camera", f"stale {image_topic}",
@@ -314,18 +314,19 @@ def print_table(rows: list[Row]) -> None:
     print(f"{sum(r.ok for r in rows)} of {len(rows)} passed")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fault_matrix", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--model", default="models/smp_sim", help="model directory")
     parser.add_argument("--backend", default="eager", choices=("eager", "compiled"))
     parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from smp_ros.nodes.bringup import wait_for_policy
     from smp_ros.nodes.params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
     from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
@@ -352,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             executor.add_node(node)
         spinner = Spinner(executor, nodes).start()
-        if _wait(lambda: policy.runner is not None or policy.configure_error, timeout=600.0) is None \
-                or policy.configure_error:
-            raise ConfigError(f"policy: {policy.configure_error or 'not configured within 600 s'}")
+        wait_for_policy(policy, spinner)
         camera = policy.engine.cameras[0] if policy.engine.cameras else sim.cfg.cameras[0]
         probe = Probe(probe_node, camera)
         matrix = Matrix(sim, policy, probe, spinner, policy.runtime.safety.max_joint_step)
@@ -370,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps([asdict(r) for r in matrix.rows], indent=2))
     return 0 if all(r.ok for r in matrix.rows) else 1
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m smp_ros.nodes.fault_matrix``: the same as ``smp-ros fault-matrix``."""
+    parser = argparse.ArgumentParser(prog="smp-ros fault-matrix", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

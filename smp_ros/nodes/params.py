@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, load_yaml_mapping
+from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, flatten, load_yaml_mapping
 
 # Fully qualified names of the nodes the launch files and bringup start.
 POLICY_NODE = "/smp/policy"
@@ -45,28 +45,6 @@ class ParamSpec:
             raise ValueError(f"{self.name}: a list parameter needs a non-empty default to fix its type")
 
 
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = nested
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 class ParamsFile:
     """A parsed ROS 2 parameters file: node name -> flat {parameter: value}."""
 
@@ -86,7 +64,7 @@ class ParamsFile:
             params = body["ros__parameters"]
             if not isinstance(params, dict):
                 raise ConfigError(f"{path}: {key}.ros__parameters: expected a mapping of parameters")
-            nodes[name] = _flatten(params)
+            nodes[name] = flatten(params)
         return cls(nodes, str(path))
 
     def for_node(self, fqn: str) -> dict[str, Any]:
@@ -164,23 +142,23 @@ def runtime_config(values: dict[str, Any], where: str = "runtime") -> RuntimeCon
     """A validated RuntimeConfig from flat parameter values (unknown names are ignored: they belong
     to the node, not to the runtime section)."""
     names = [s.name for s in runtime_param_specs()]
-    return _build(SMPConfig, {"runtime": _unflatten(_section(values, names))}, where).runtime
+    return _build({"runtime": _section(values, names)}, where).runtime
 
 
 def safety_config(values: dict[str, Any], where: str = "safety") -> SafetyConfig:
     names = [s.name for s in safety_param_specs()]
-    nested = _unflatten(_section(values, names))
-    return _build(SMPConfig, {"runtime": nested}, where).runtime.safety
+    return _build({"runtime": _section(values, names)}, where).runtime.safety
 
 
 def sim_config(values: dict[str, Any], where: str = "sim") -> SimConfig:
     names = [s.name for s in sim_param_specs()]
-    return _build(SMPConfig, {"sim": _section(values, names, strip="sim.")}, where).sim
+    return _build({"sim": _section(values, names, strip="sim.")}, where).sim
 
 
-def _build(cls: type[SMPConfig], data: dict[str, Any], where: str) -> SMPConfig:
+def _build(overrides: dict[str, Any], where: str) -> SMPConfig:
+    """The default config with parameter values layered on it (dotted names, as rcl has them)."""
     try:
-        return cls.from_dict(data, where=where)
+        return SMPConfig().with_overrides(overrides, where=where)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -11,7 +11,7 @@ starts the inference thread and the command timer; deactivate stops both (no com
 deactivated node); cleanup drops the model. With ``autostart`` (default) the node configures and
 activates itself, which is what ``smp-ros bringup`` and the launch file rely on.
 
-Holding (see ``smp_ros.nodes.policy_core``): on a stale stream, a missed inference deadline or no
+Holding (see ``smp_ros.runtime.policy_runner``): on a stale stream, a missed inference deadline or no
 chunk to execute, the node publishes NO command (the drivers keep the arms at the last target)
 and logs, and reports in policy_status, why. Also:
 
@@ -41,11 +41,12 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import Image, JointState
 
 from smp_ros.config import ARMS, TASKS, ConfigError
+from smp_ros import topics
 from smp_ros.hardware.arm import element_names
 from smp_ros.msg import ArmStatus, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
-from smp_ros.nodes.policy_core import Command, PolicyRunner
+from smp_ros.runtime.policy_runner import Command, PolicyRunner
 from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
                                     joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.resources import resolve
@@ -63,8 +64,8 @@ POLICY_SPECS = [
               "discarded; 0 means one policy period (1 / policy_rate_hz)"),
     ParamSpec("seed", 0, "seed of the sampling noise (chunk n uses seed + n)"),
     ParamSpec("autostart", True, "configure and activate at start-up"),
-    ParamSpec("camera_topic", "/cameras/{camera}/image_raw", "image topic of each camera the model uses"),
-    ParamSpec("arm_status_topic", "/{arm}/arm_status", "each arm's smp_ros/ArmStatus: the policy holds unless "
+    ParamSpec("camera_topic", topics.CAMERA_TOPIC_TEMPLATE, "image topic of each camera the model uses"),
+    ParamSpec("arm_status_topic", topics.ARM_STATUS_TEMPLATE, "each arm's smp_ros/ArmStatus: the policy holds unless "
               "both report running; '' disables this interlock (drivers that publish no ArmStatus)"),
 ]
 STATUS_PERIOD_S = 0.5
@@ -133,25 +134,24 @@ class PolicyNode(GuardedNode, LifecycleNode):
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
         deadline = self.p["inference_deadline_s"] or 1.0 / self.runtime.policy_rate_hz
-        labels = {arm: f"/{arm}/joint_states" for arm in ARMS}
+        labels = {arm: topics.joint_states(arm) for arm in ARMS}
         labels.update({c: self.p["camera_topic"].format(camera=c) for c in self.engine.cameras})
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
         self.runner.guard.closing = self.closing
 
-        self.cmd_pubs = {arm: self.create_lifecycle_publisher(JointState, f"/{arm}/joint_cmd", COMMAND_QOS)
+        self.cmd_pubs = {arm: self.create_lifecycle_publisher(JointState, topics.joint_cmd(arm), COMMAND_QOS)
                          for arm in ARMS}
-        self.skill_pub = self.create_lifecycle_publisher(SkillState, "/smp/skill_state", 10)
-        self.status_pub = self.create_lifecycle_publisher(PolicyStatus, "/smp/policy_status", LATCHED_QOS)
+        self.skill_pub = self.create_lifecycle_publisher(SkillState, topics.SKILL_STATE, 10)
+        self.status_pub = self.create_lifecycle_publisher(PolicyStatus, topics.POLICY_STATUS, LATCHED_QOS)
         self.names = {arm: element_names(arm) for arm in ARMS}
         self._subs = [self.create_subscription(JointState, labels[arm], lambda m, a=arm: self._on_joints(a, m),
                                                SENSOR_QOS, callback_group=self._sensor_group) for arm in ARMS]
         self._subs += [self.create_subscription(Image, labels[c], lambda m, c=c: self._on_image(c, m),
                                                 SENSOR_QOS, callback_group=self._sensor_group)
                        for c in self.engine.cameras]
-        size = tuple(self.runtime.camera_size)
-        self.camera_size = size if size != (0, 0) else tuple(self.engine.cfg.encoder.image_size)
+        self.camera_size = self.runtime.frame_size(self.engine.cfg.encoder.image_size)
         self.arm_status_topics = ({arm: self.p["arm_status_topic"].format(arm=arm) for arm in ARMS}
                                   if self.p["arm_status_topic"] else {})
         with self._arm_lock:
@@ -226,7 +226,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
     # ------------------------------------------------------------------ callbacks
 
     def _on_joints(self, arm: str, msg: JointState) -> None:
-        q = joint_positions(msg, self.names[arm], f"/{arm}/joint_states")  # RefusedInput: guard holds
+        q = joint_positions(msg, self.names[arm], topics.joint_states(arm))  # RefusedInput: guard holds
         self.runner.sync.add_joints(arm, from_stamp(msg.header.stamp), q)
 
     def _on_image(self, camera: str, msg: Image) -> None:

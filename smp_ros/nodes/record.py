@@ -17,26 +17,24 @@ import threading
 from pathlib import Path
 
 from smp_ros.config import ARMS, CAMERAS, TASKS
+from smp_ros import topics
 from smp_ros.data.bag_writer import DEFAULT_FLUSH_PERIOD_S
-
-TASK_TOPIC = "/smp/task"
-
 
 def demonstration_topics(cameras=CAMERAS, teleop: bool = False) -> dict[str, str]:
     """topic -> ROS type name, the demonstration-bag contract. ``teleop`` adds each arm's
     ``leader_joint_states`` (the driver's teleop mode): the actions of a teleoperated demonstration,
     ingested with ``data.topics.action_source: leader``."""
-    topics = {f"/cameras/{c}/image_raw": "sensor_msgs/msg/Image" for c in cameras}
+    streams = {topics.image_raw(c): "sensor_msgs/msg/Image" for c in cameras}
     for arm in ARMS:
-        topics[f"/{arm}/joint_states"] = "sensor_msgs/msg/JointState"
-        topics[f"/{arm}/joint_cmd"] = "sensor_msgs/msg/JointState"
+        streams[topics.joint_states(arm)] = "sensor_msgs/msg/JointState"
+        streams[topics.joint_cmd(arm)] = "sensor_msgs/msg/JointState"
         if teleop:
-            topics[f"/{arm}/leader_joint_states"] = "sensor_msgs/msg/JointState"
-    topics[TASK_TOPIC] = "std_msgs/msg/String"
+            streams[topics.leader_joint_states(arm)] = "sensor_msgs/msg/JointState"
+    streams[topics.TASK] = "std_msgs/msg/String"
     # Object poses (the state track): from the simulator, or a tracker on a real robot; a bag of a setup
     # without one simply holds no messages on it.
-    topics["/smp/object_poses"] = "smp_ros/msg/ObjectPoses"
-    return topics
+    streams[topics.OBJECT_POSES] = "smp_ros/msg/ObjectPoses"
+    return streams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,11 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from smp_ros.data import bag_writer
+from smp_ros import topics as default_topics
 from smp_ros.model.objects import OBJECT_POSES_TYPE
 from smp_ros.msg import ObjectPoses
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
-from smp_ros.sim import recorder as bagfmt
+from smp_ros.data import bag_format as bagfmt
 
 _TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState, "std_msgs/msg/String": String,
           OBJECT_POSES_TYPE: ObjectPoses}
@@ -25,9 +26,9 @@ _TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointSta
 
 def _qos_for(topic: str):
     """(rclpy QoS to subscribe with, rosbags QoS to store as offered) by the house conventions."""
-    if topic.endswith("/joint_cmd"):
+    if topic.endswith(f"/{default_topics.JOINT_CMD}"):
         return COMMAND_QOS, bagfmt.COMMAND_QOS
-    if topic == "/smp/task":
+    if topic == default_topics.TASK:
         return LATCHED_QOS, bagfmt.LATCHED_QOS
     return SENSOR_QOS, bagfmt.SENSOR_QOS
 
@@ -50,7 +51,7 @@ class RecorderNode(Node):
         # A quiet topic must not hold data back: check the split's age a few times per period.
         self.create_timer(flush_period_s / 4, self._poll)
         if task is not None:
-            self.task_pub = self.create_publisher(String, "/smp/task", LATCHED_QOS)
+            self.task_pub = self.create_publisher(String, default_topics.TASK, LATCHED_QOS)
             self.task_pub.publish(String(data=task))
         self.get_logger().info(f"recording {len(topics)} topics to {out} (flushed every {flush_period_s:g} s)")
 

@@ -29,6 +29,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 
 from smp_ros.config import TASKS, ConfigError
+from smp_ros import topics
 from smp_ros.hardware.arm import element_names
 from smp_ros.hardware.piper import PiperArm
 from smp_ros.msg import EpisodeStatus, ObjectPoses
@@ -91,14 +92,14 @@ class SimNode(GuardedNode, Node):
 
         self.bridges = [ArmBridge(self, arm, prefix=f"{side}/", command_rate_hz=p["command_rate_hz"],
                                   joint_names=element_names(side)) for side, arm in self.arms.items()]
-        self.image_pubs = {c: self.create_publisher(Image, f"/cameras/{c}/image_raw", SENSOR_QOS)
+        self.image_pubs = {c: self.create_publisher(Image, topics.image_raw(c), SENSOR_QOS)
                            for c in self.cfg.cameras}
-        self.info_pubs = {c: self.create_publisher(CameraInfo, f"/cameras/{c}/camera_info", SENSOR_QOS)
+        self.info_pubs = {c: self.create_publisher(CameraInfo, topics.camera_info(c), SENSOR_QOS)
                           for c in self.cfg.cameras}
-        self.task_pub = self.create_publisher(String, "/smp/task", LATCHED_QOS)
+        self.task_pub = self.create_publisher(String, topics.TASK, LATCHED_QOS)
         # The tracked objects' poses at the camera rate, as a tracker would publish them on a real robot.
-        self.objects_pub = self.create_publisher(ObjectPoses, "/smp/object_poses", SENSOR_QOS)
-        self.episode_pub = self.create_publisher(EpisodeStatus, "/smp/episode", LATCHED_QOS)
+        self.objects_pub = self.create_publisher(ObjectPoses, topics.OBJECT_POSES, SENSOR_QOS)
+        self.episode_pub = self.create_publisher(EpisodeStatus, topics.EPISODE, LATCHED_QOS)
         self.create_service(ResetEpisode, "~/reset_episode", self._on_reset,
                             callback_group=MutuallyExclusiveCallbackGroup())
         self._begin_episode()

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 from smp_ros.config import ARMS, TASKS, ConfigError
+from smp_ros import topics
+from smp_ros.nodes.bringup import SWITCH_INTERVAL_S, Interrupted, wait_for_policy
 from smp_ros.runtime import soak
-
-SWITCH_INTERVAL_S = 0.0005  # as bringup: short GIL hand-overs between simulator and executor threads
-MODEL_LOAD_TIMEOUT_S = 600.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,10 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for node in nodes:
             executor.add_node(node)
         spinner = Spinner(executor, nodes).start()
-        _wait(lambda: policy.runner is not None or policy.configure_error, MODEL_LOAD_TIMEOUT_S,
-              "the policy to load its model", spinner)
-        if policy.configure_error:
-            raise ConfigError(f"/smp/policy: {policy.configure_error}")
+        wait_for_policy(policy, spinner)
         soak_run = SoakRun(args, duration, warmup, policy.runtime.command_rate_hz, monitor, spinner)
         report = soak_run.run(sim, policy)
     except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
@@ -122,20 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"soak: {failure}", file=sys.stderr)
         return 1
     return 0
-
-
-class Interrupted(Exception):
-    """The executor stopped (a signal, a dead node) while the soak waited."""
-
-
-def _wait(predicate, timeout: float, what: str, spinner, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if not spinner.running():
-            raise Interrupted(what)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"soak: timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
 
 
 class Monitor:
@@ -160,9 +142,9 @@ class Monitor:
         status_qos = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=100,
                                 reliability=LATCHED_QOS.reliability, durability=LATCHED_QOS.durability)
         for arm in ARMS:
-            node.create_subscription(JointState, f"/{arm}/joint_cmd", lambda m, a=arm: self._on_command(a, m), deep)
-            node.create_subscription(ArmStatus, f"/{arm}/arm_status", lambda m, a=arm: self._on_arm(a, m), status_qos)
-        node.create_subscription(PolicyStatus, "/smp/policy_status", self._on_policy, status_qos)
+            node.create_subscription(JointState, topics.joint_cmd(arm), lambda m, a=arm: self._on_command(a, m), deep)
+            node.create_subscription(ArmStatus, topics.arm_status(arm), lambda m, a=arm: self._on_arm(a, m), status_qos)
+        node.create_subscription(PolicyStatus, topics.POLICY_STATUS, self._on_policy, status_qos)
 
     @staticmethod
     def _stamp(msg) -> float:

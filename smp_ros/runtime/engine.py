@@ -1,17 +1,20 @@
 """The inference engine: a model directory loaded once, run as Algorithm 2 with per-stage timing.
 
-Stages of one call (names as in ``InferenceResult.timings``):
+Algorithm 2 itself is written once, in the policy (``SMPPolicy.algorithm2``, which
+``predict_action`` runs with the policy's own stages); the engine runs it with its backend's
+stages (``model.policy.Stages``) and its own denoising loop (CUDA graphs). Stages of one call
+(names as in ``InferenceResult.timings``):
 
-    preprocess     numpy observation -> tensors on the device, validated
+    preprocess     numpy observation -> tensors on the device, validated     (engine)
     encoder        s = enc(qpos, images, task)                               (policy.encode)
     router_select  g_bar = E[g | s]; S = coverage / top-k selection          (Section 4.2, Alg. 2)
     basis          B(s) = signed thin QR of W(s)                              (eq. 12-16)
     denoise        DDIM over z_S only: |S| experts, one batched call per step (eq. 36)
-    decode         a = B (g_bar ⊙ z), un-normalised                          (eq. 1)
+    decode         a = B (g_bar ⊙ z), un-normalised, copied to the host       (eq. 1)
 
 Host-device synchronisation. The active-set size |S| decides which static shape (compiled
-variant, CUDA graph) runs, so the host must know it: the engine reads the selected indices once
-per call, right after selection (``mask[0].nonzero()`` in ``infer``), and that is the only sync
+variant, CUDA graph) runs, so the host must know it: Algorithm 2 reads the selected indices once
+per call, right after selection (``mask.any(0).nonzero()``), and that is the only sync
 before the final copy of the action chunk to the host (a forced active set, used by benchmarks,
 adds the policy's validation of that set). The denoising loop itself indexes the
 precomputed DDIM coefficients by Python ints and never reads a device value. On CUDA with the
@@ -44,14 +47,14 @@ from torch import nn
 from smp_ros.config import RuntimeConfig, SMPConfig
 from smp_ros.model import batch as keys
 from smp_ros.model.checkpoint import load_model
-from smp_ros.model.policy import DensePolicy, SMPPolicy
+from smp_ros.model.policy import STAGES as ALGORITHM_STAGES
+from smp_ros.model.policy import DensePolicy, SMPPolicy, StageClock, Stages
 from smp_ros.runtime.backends import create_backend
 from smp_ros.runtime.backends.base import Backend
-from smp_ros.runtime.timing import StageClock
 
 log = logging.getLogger("smp_ros.runtime")
 
-STAGES = ("preprocess", "encoder", "router_select", "basis", "denoise", "decode")
+STAGES = ("preprocess",) + ALGORITHM_STAGES
 
 
 @dataclass
@@ -187,7 +190,7 @@ class InferenceEngine:
             obs[keys.OBJECTS] = np.zeros((1, cfg.obs_steps, cfg.encoder.object_slots * 7), np.float32)
             obs[keys.OBJECTS][..., 6::7] = 1.0  # identity orientations
         if self.cameras:
-            h, w = self.runtime.camera_size if tuple(self.runtime.camera_size) != (0, 0) else cfg.encoder.image_size
+            h, w = self.runtime.frame_size(cfg.encoder.image_size)
             obs[keys.IMAGES] = np.full((1, cfg.obs_steps, len(self.cameras), h, w, 3), 128, np.uint8)
         return obs
 
@@ -204,35 +207,14 @@ class InferenceEngine:
             tensors = self._to_tensors(obs)
             if seed is not None:
                 self._generator.manual_seed(seed)
-        with clock.stage("encoder"):
-            s = self.backend.encode(tensors)  # (1, d_s)
+        stages = Stages(self.backend.encode, self.backend.route, self.backend.basis, self._denoise)
+        out = self.policy.algorithm2(tensors, stages, clock, self._generator, active)
+        with clock.stage("decode"):  # the chunk's copy to the host is part of decoding it
+            action_np = out.action[0].float().cpu().numpy()  # (H, D)
         if self.is_smp:
-            with clock.stage("router_select"):
-                g_bar = self.backend.route(s)  # (1, K)
-                mask, coverage = self.policy.select(g_bar, active)  # (1, K), (1,)
-                experts = mask[0].nonzero().flatten()  # (E,): THE host sync of the call (|S| -> shape)
-            with clock.stage("basis"):
-                Bm = self.backend.basis(s)  # (1, D, K)
-            with clock.stage("denoise"):
-                x = self.policy.initial_noise(1, self._generator)[:, experts]  # (1, E, 1, H)
-                x_S = self._denoise(x, s, experts)  # (1, E, 1, H), the diffusion variable z / z_scale
-            with clock.stage("decode"):
-                coeff = self.policy.coefficients(x_S[:, :, 0])  # (1, E, H)
-                z = coeff.new_zeros(1, self.cfg.num_experts, self.cfg.horizon)  # (1, K, H)
-                z[:, experts] = coeff
-                action = self.policy.decode(Bm, g_bar, z.transpose(1, 2))  # (1, H, D)
-                action_np = action[0].float().cpu().numpy()
-            active_set = tuple(int(i) for i in experts.cpu())
-            gate_np, cov = g_bar[0].float().cpu().numpy(), float(coverage[0])
+            active_set = tuple(int(i) for i in out.experts.cpu())
+            gate_np, cov = out.gate[0].float().cpu().numpy(), float(out.coverage[0])
         else:
-            experts = torch.zeros(1, dtype=torch.long, device=self.device)
-            with clock.stage("denoise"):
-                x = torch.randn((1, 1, self.cfg.action_dim, self.cfg.horizon), generator=self._generator,
-                                device=self.device)  # (1, 1, D, H), drawn as DensePolicy does
-                x = self._denoise(x, s, experts)
-            with clock.stage("decode"):
-                action = self.policy.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (1, H, D)
-                action_np = action[0].float().cpu().numpy()
             active_set, gate_np, cov = (0,), np.ones(1, np.float32), 1.0
         timings = clock.seconds()
         timings["total"] = sum(timings.values())

@@ -8,7 +8,7 @@ the largest per-tick step, jerk (third difference), the RMS distance to the refe
 long the commands take to follow a change of the scene (plans from observations after
 ``step_at_s`` are shifted by ``step_rad``: what a closed loop must react to).
 
-    python -m smp_ros.runtime.executor_bench --json executor.json
+    smp-ros executor-bench --json executor.json
 """
 
 from __future__ import annotations
@@ -122,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros executor-bench``: the same as ``smp-ros executor-bench``."""
+    parser = argparse.ArgumentParser(prog="smp-ros executor-bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    raise SystemExit(run(p.parse_args()))
+    raise SystemExit(main())

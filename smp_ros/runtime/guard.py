@@ -1,6 +1,6 @@
 """Containing failures of callbacks and worker loops: count them, log them rate-limited, hold.
 
-ROS-free, so the policy's inference thread (``nodes/policy_core.py``) and every node's callbacks
+ROS-free, so the policy's inference thread (``runtime/policy_runner.py``) and every node's callbacks
 (``nodes/ros_util.GuardedNode``) share one mechanism. Why it exists and what the nodes do with it:
 ``smp_ros.nodes.ros_util``.
 """

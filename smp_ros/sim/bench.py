@@ -1,6 +1,6 @@
 """Simulator speed: physics, rendering, and whole scripted episodes per arm backend.
 
-    python -m smp_ros.sim.bench --json sim_bench.json
+    smp-ros sim-bench --json sim_bench.json
 
 Rows:
 - ``physics``: ``BimanualWorld.step`` of one control period, no hooks (physics steps/s);
@@ -114,7 +114,7 @@ def bench_render(cfg: SimConfig, task: str, frames: int) -> list[dict]:
 
 def bench_episode(cfg: SimConfig, task: str, backend: str, seed: int) -> dict:
     from smp_ros.sim.evaluate import run_episode
-    from smp_ros.sim.experts import ScriptedExpert
+    from smp_ros.sim.scripted import ScriptedExpert
     from smp_ros.sim.world import BimanualWorld
     with BimanualWorld(cfg, task, seed=seed) as world, _Breakdown().patched() as parts:
         world.render(cfg.cameras[0])
@@ -140,8 +140,7 @@ def bench_record(cfg: SimConfig, task: str, seed: int) -> dict:
             "unit": "steps/s", "sim_s": r.sim_time, "success": r.success, "breakdown": parts.rows(wall)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="pen_cap")
     p.add_argument("--steps", type=int, default=300, help="control steps per benchmarked episode")
     p.add_argument("--control-rate", type=float, default=None,
@@ -151,7 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--skip-record", action="store_true", help="leave out the sim-demos recording row")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     cfg = replace(SimConfig(), episode_steps=args.steps)
     if args.control_rate is not None:
         cfg = replace(cfg, control_rate_hz=args.control_rate)
@@ -176,6 +177,12 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros sim-bench``: the same as ``smp-ros sim-bench``."""
+    parser = argparse.ArgumentParser(prog="smp-ros sim-bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

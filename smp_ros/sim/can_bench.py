@@ -1,6 +1,6 @@
 """CPU cost of emulated PiPER arms on virtual CAN, with and without piper_sdk on the other end.
 
-    python -m smp_ros.sim.can_bench --seconds 5 --out can_bench.json
+    smp-ros can-bench --seconds 5 --out can_bench.json
 
 Scenarios (two arms each, first-order plants stepped at ``--physics-dt``, feedback at ``--rate``):
 - ``emulators``: the two emulators alone (frames go out, nobody parses them);
@@ -26,7 +26,7 @@ from smp_ros.hardware.piper import PiperArm
 from smp_ros.sim.can_emulator import PlantRig
 
 
-def run(seconds: float, rate: float, physics_dt: float, command_rate: float, with_sdk: bool) -> dict:
+def run_scenario(seconds: float, rate: float, physics_dt: float, command_rate: float, with_sdk: bool) -> dict:
     tag = uuid.uuid4().hex[:8]
     rigs = [PlantRig(f"bench-{side}-{tag}", feedback_rate_hz=rate, physics_dt=physics_dt)
             for side in ("left", "right")]
@@ -69,15 +69,16 @@ def run(seconds: float, rate: float, physics_dt: float, command_rate: float, wit
             "frames_per_sim_s": frames / seconds, "realtime_factor": seconds / wall}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="simulated seconds per scenario")
     p.add_argument("--rate", type=float, default=200.0, help="feedback rate, Hz of simulated time")
     p.add_argument("--physics-dt", type=float, default=0.002, help="plant step, s (the world's default)")
     p.add_argument("--command-rate", type=float, default=100.0, help="PiperArm.send_action rate, Hz")
     p.add_argument("--out", type=Path, default=Path("can_bench.json"), help="JSON results file")
-    args = p.parse_args(argv)
-    results = [run(args.seconds, args.rate, args.physics_dt, args.command_rate, with_sdk)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = [run_scenario(args.seconds, args.rate, args.physics_dt, args.command_rate, with_sdk)
                for with_sdk in (False, True)]
     print(f"two arms, feedback {args.rate:g} Hz, physics dt {args.physics_dt:g} s, {args.seconds:g} sim s")
     print(f"{'scenario':<16}{'wall s':>8}{'CPU s':>8}{'cores':>7}{'CPU/sim s':>11}{'frames/sim s':>14}{'x realtime':>12}")
@@ -88,6 +89,12 @@ def main(argv=None) -> int:
                                                for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros can-bench``: the same as ``smp-ros can-bench``."""
+    parser = argparse.ArgumentParser(prog="smp-ros can-bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from smp_ros.config import ARMS, SimConfig, TASKS
 from smp_ros.sim.evaluate import BACKENDS, EpisodeResult, run_episode
-from smp_ros.sim.recorder import STORAGES, BagRecorder, verify_bag
+from smp_ros.data.bag_format import STORAGES, verify_bag
+from smp_ros.sim.recorder import BagRecorder
 
 EPISODE_FILE = "smp_episode.json"
 
@@ -65,7 +66,7 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
 
     Object poses go on their topic at the camera rate (one message per control step, stamped with the
     frame time); ``render=False`` records no camera topics (state-only demonstrations)."""
-    from smp_ros.sim.experts import ScriptedExpert
+    from smp_ros.sim.scripted import ScriptedExpert
 
     cfg = world.cfg
     expert = ScriptedExpert(world)

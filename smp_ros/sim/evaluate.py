@@ -177,7 +177,7 @@ class _FeedbackHook:
 def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1,
                 overrides: dict | None = None):
     if spec == "scripted":
-        from smp_ros.sim.experts import ScriptedExpert
+        from smp_ros.sim.scripted import ScriptedExpert
         return ScriptedExpert(world)
     if not (Path(spec) / "manifest.json").is_file():
         raise ValueError(f"--policy {spec!r}: expected 'scripted' or a model directory (with manifest.json)")

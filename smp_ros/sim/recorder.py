@@ -7,6 +7,10 @@ Time: every header stamp is ``start_ns`` (the wall clock when recording started,
 like a real recording's) plus the simulated time of the sample. The log (receive) time is the
 header stamp plus a small transport delay, as a recorder on the same host would see it; messages
 are written in log-time order, as ``ros2 bag record`` writes them.
+
+This writer belongs to the simulator because of that time model (simulated time, simulated
+transport delays). The format it shares with the real-robot recorder (``smp-ros record``,
+``data/bag_writer.py``) is ``data/bag_format.py``.
 """
 
 from __future__ import annotations
@@ -16,56 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rosbags.highlevel import AnyReader
-from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
-from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
+from rosbags.rosbag2 import Writer
 
-from smp_ros.config import ARMS, ARM_JOINTS
-from smp_ros.data.errors import BagError
-from smp_ros.model.objects import OBJECT_POSES_TYPE, register_object_poses
-
-TYPESTORE = get_typestore(Stores.LATEST)
-register_object_poses(TYPESTORE)
-_T = TYPESTORE.types
-IMAGE_TYPE = "sensor_msgs/msg/Image"
-JOINT_TYPE = "sensor_msgs/msg/JointState"
-STRING_TYPE = "std_msgs/msg/String"
-TASK_TOPIC = "/smp/task"
-OBJECT_POSES_TOPIC = "/smp/object_poses"
-STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
-BAG_VERSION = 9  # the metadata format of Jazzy and Kilted
-
-
-def image_topic(camera: str) -> str:
-    return f"/cameras/{camera}/image_raw"
-
-
-def joint_state_topic(side: str) -> str:
-    return f"/{side}/joint_states"
-
-
-def joint_cmd_topic(side: str) -> str:
-    return f"/{side}/joint_cmd"
-
-
-def joint_names(side: str) -> list[str]:
-    return [f"{side}_joint{i + 1}" for i in range(ARM_JOINTS)] + [f"{side}_gripper"]
-
-
-# QoS as a live publisher offers it (what ros2 bag record stores): the durations are DDS "infinite",
-# which the graph reports as 2^63 - 1 ns rather than rclpy's 0 = "use the default".
-_INFINITE = QosTime(9223372036, 854775807)
-
-
-def _qos(history_depth: int, reliability: QosReliability, durability: QosDurability) -> Qos:
-    return Qos(QosHistory.KEEP_LAST, history_depth, reliability, durability, _INFINITE, _INFINITE,
-               QosLiveliness.AUTOMATIC, _INFINITE, False)
-
-
-SENSOR_QOS = _qos(5, QosReliability.BEST_EFFORT, QosDurability.VOLATILE)  # rclpy qos_profile_sensor_data
-COMMAND_QOS = _qos(1, QosReliability.RELIABLE, QosDurability.VOLATILE)
-LATCHED_QOS = _qos(1, QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL)
+from smp_ros import topics
+from smp_ros.config import ARM_JOINTS, ARMS
+from smp_ros.data.bag_format import (_T, BAG_VERSION, COMMAND_QOS, IMAGE_TYPE, JOINT_TYPE, LATCHED_QOS,
+                                     OBJECT_POSES_TOPIC, SENSOR_QOS, STORAGES, STRING_TYPE, TASK_TOPIC,
+                                     TYPESTORE, joint_names)
+from smp_ros.model.objects import OBJECT_POSES_TYPE
 
 # Transport delays from publication (header stamp) to the recorder's receive time on one host:
 # base + uniform jitter, seconds. Images are larger and are copied more often on the way.
@@ -102,12 +64,12 @@ class BagRecorder:
         self._conns = {TASK_TOPIC: add(TASK_TOPIC, STRING_TYPE, typestore=TYPESTORE,
                                        offered_qos_profiles=[LATCHED_QOS])}
         for cam in cameras:
-            self._conns[image_topic(cam)] = add(image_topic(cam), IMAGE_TYPE, typestore=TYPESTORE,
+            self._conns[topics.image_raw(cam)] = add(topics.image_raw(cam), IMAGE_TYPE, typestore=TYPESTORE,
                                                 offered_qos_profiles=[SENSOR_QOS])
         for side in arms:
-            self._conns[joint_state_topic(side)] = add(joint_state_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+            self._conns[topics.joint_states(side)] = add(topics.joint_states(side), JOINT_TYPE, typestore=TYPESTORE,
                                                        offered_qos_profiles=[SENSOR_QOS])
-            self._conns[joint_cmd_topic(side)] = add(joint_cmd_topic(side), JOINT_TYPE, typestore=TYPESTORE,
+            self._conns[topics.joint_cmd(side)] = add(topics.joint_cmd(side), JOINT_TYPE, typestore=TYPESTORE,
                                                      offered_qos_profiles=[COMMAND_QOS])
         if objects:
             self._conns[OBJECT_POSES_TOPIC] = add(OBJECT_POSES_TOPIC, OBJECT_POSES_TYPE, typestore=TYPESTORE,
@@ -123,7 +85,7 @@ class BagRecorder:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"BagRecorder.image {camera}: expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
         h, w, _ = rgb.shape
-        topic = image_topic(camera)
+        topic = topics.image_raw(camera)
         msg = _T[IMAGE_TYPE](header=self._header(topic, t, camera), height=h, width=w, encoding="rgb8",
                              is_bigendian=0, step=3 * w, data=np.ascontiguousarray(rgb).reshape(-1))
         self._put(topic, t, "image", IMAGE_TYPE, msg)
@@ -142,11 +104,11 @@ class BagRecorder:
 
     def joint_state(self, side: str, t: float, position, velocity, effort) -> None:
         """One arm's reading: 6 joints (rad, rad/s, N*m) then the gripper (m, m/s, its effort)."""
-        self._joints(joint_state_topic(side), side, t, position, velocity, effort)
+        self._joints(topics.joint_states(side), side, t, position, velocity, effort)
 
     def joint_cmd(self, side: str, t: float, position) -> None:
         """The 7 targets sent to one arm at simulated time ``t`` (positions only)."""
-        self._joints(joint_cmd_topic(side), side, t, position, (), ())
+        self._joints(topics.joint_cmd(side), side, t, position, (), ())
 
     def _joints(self, topic: str, side: str, t: float, position, velocity, effort) -> None:
         arrays = []
@@ -204,36 +166,3 @@ class BagRecorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _storage_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.suffix in (".mcap", ".db3"))
-
-
-def verify_bag(path: str | Path) -> dict[str, int]:
-    """Read every message of the bag at ``path`` and return ``{topic: count}``.
-
-    Raises ``BagError`` naming the bag (and the storage file) when the bag cannot be opened, a
-    message does not deserialise, or a topic holds fewer messages than ``metadata.yaml`` promises
-    (a storage file cut short by a crash or a partial copy).
-    """
-    path = Path(path)
-    if not (path / "metadata.yaml").is_file():
-        raise BagError(path, "no metadata.yaml: not a rosbag2 bag directory")
-    files = ", ".join(str(p) for p in _storage_files(path)) or "no storage file"
-    counts: dict[str, int] = {}
-    try:
-        with AnyReader([path], default_typestore=TYPESTORE) as reader:
-            expected = {c.topic: c.msgcount for c in reader.connections}
-            for conn, _, raw in reader.messages():
-                reader.deserialize(raw, conn.msgtype)
-                counts[conn.topic] = counts.get(conn.topic, 0) + 1
-    except BagError:
-        raise
-    except Exception as exc:  # rosbags, sqlite3 and the mcap parser each raise their own types
-        raise BagError(path, f"unreadable storage ({files}): {type(exc).__name__}: {exc}") from exc
-    for topic, n in expected.items():
-        if counts.get(topic, 0) != n:
-            raise BagError(path, f"{counts.get(topic, 0)} messages in {files}, metadata.yaml says {n}; "
-                                 f"the storage file is truncated or damaged", topic=topic)
-    return counts

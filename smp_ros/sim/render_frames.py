@@ -1,6 +1,6 @@
 """Write one frame of every simulated camera as PNG (the pictures in the docs).
 
-    python -m smp_ros.sim.render_frames --out docs/img [--task cups_in_bowl] [--seed 1]
+    smp-ros render-frames --out docs/img [--task cups_in_bowl] [--seed 1]
 
 Writes ``<out>/<camera>.png`` for each camera of ``sim.cameras``, at ``sim.image_size``, of the
 task's scene right after ``reset(seed)``.
@@ -33,15 +33,23 @@ def render_frames(out: str | Path, task: str = "cups_in_bowl", seed: int = 1,
     return written
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
     p.add_argument("--task", default="cups_in_bowl", choices=TASKS)
     p.add_argument("--seed", type=int, default=1)
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     for path in render_frames(args.out, args.task, args.seed):
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros render-frames``: the same as ``smp-ros render-frames``."""
+    parser = argparse.ArgumentParser(prog="smp-ros render-frames", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

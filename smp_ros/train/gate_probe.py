@@ -1,6 +1,6 @@
 """Which way does each loss term push the gates? (docs/RESULTS.md, gate findings, hypothesis b)
 
-    python -m smp_ros.train.gate_probe --data CACHE_OR_BAGS [--model MODEL_DIR | --preset sim_state]
+    smp-ros gate-probe --data CACHE_OR_BAGS [--model MODEL_DIR | --preset sim_state]
         [--config YAML] [--batches 4] [--json OUT]
 
 For each term T of the objective (coeff, recon, gate, align) this takes g_T = dT / d beta_hat, the
@@ -67,14 +67,7 @@ def probe(policy, data, batch_size: int, batches: int, seed: int, step: int) -> 
     return sums
 
 
-def main(argv: list[str] | None = None) -> int:
-    from smp_ros.data.cache import prepare_cache
-    from smp_ros.data.dataset import SegmentDataset, split_episodes
-    from smp_ros.model.checkpoint import load_model
-    from smp_ros.model.policy import build_policy
-    from smp_ros.train.trainer import Z_SCALE_SEGMENTS, data_config_for, load_config
-
-    parser = argparse.ArgumentParser(prog="python -m smp_ros.train.gate_probe", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--state", type=Path, default=None,
@@ -85,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--step", type=int, default=None, help="training step for the schedules (default: last)")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from smp_ros.data.cache import prepare_cache
+    from smp_ros.data.dataset import SegmentDataset, split_episodes
+    from smp_ros.model.checkpoint import load_model
+    from smp_ros.model.policy import build_policy
+    from smp_ros.train.trainer import Z_SCALE_SEGMENTS, data_config_for, load_config
+
     torch.set_num_threads(1)
     if args.model is not None:
         policy, cfg = load_model(args.model)
@@ -122,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"model": str(args.model) if args.model else f"init {args.preset}",
                                          "recon_gate": m.gate.recon_gate, "step": step, "terms": result}, indent=1))
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """``smp-ros gate-probe``: the same as ``smp-ros gate-probe``."""
+    parser = argparse.ArgumentParser(prog="smp-ros gate-probe", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

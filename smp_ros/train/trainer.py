@@ -664,7 +664,7 @@ def load_config(preset_name: str, overlay: Path | None = None, steps: int | None
     import yaml
 
     from smp_ros.config import ConfigError, preset
-    plain = preset(preset_name).to_dict()
+    extra = {}
     if overlay is not None:
         try:
             extra = yaml.safe_load(Path(overlay).read_text()) or {}
@@ -672,16 +672,8 @@ def load_config(preset_name: str, overlay: Path | None = None, steps: int | None
             raise ConfigError(f"{overlay}: cannot read YAML ({exc})") from None
         if not isinstance(extra, dict):
             raise ConfigError(f"{overlay}: expected a mapping at the top level")
-        plain = _merge(plain, extra)
     if steps is not None:
-        plain["train"]["steps"] = steps
-    return SMPConfig.from_dict(plain, where=str(overlay) if overlay else f"preset {preset_name}")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
+        extra = {**extra, "train.steps": steps}
+    return preset(preset_name).with_overrides(extra, where=str(overlay) if overlay else f"preset {preset_name}")
 
 

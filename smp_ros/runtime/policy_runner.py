@@ -1,15 +1,17 @@
-"""The policy node's ROS-free core: synchronized observation history, inference in its own thread,
-chunk execution at the command rate, and the reasons to hold.
+"""The policy node's front of the closed loop (``runtime/closed_loop.py``): sensor streams synchronized
+into the observation history, inference in its own thread, commands at the command rate, and the
+reasons to hold. ROS-free; ``nodes/policy_node.py`` adapts topics and parameters to it.
 
 Three clocks of work, decoupled so a slow inference never stalls the command stream:
 
 - sensor callbacks hand stamped samples to :class:`ObservationSync` (joint states ~200 Hz,
   cameras 20-30 Hz);
 - :meth:`PolicyRunner.tick`, at the command rate (100-200 Hz), samples the synchronized
-  observation history at the model's control rate and turns the current action chunk into one
-  safe 14-D command (``runtime.ChunkExecutor`` + ``runtime.SafetyFilter``);
-- an inference thread, at the policy rate (10 Hz), runs ``runtime.InferenceEngine`` on the T_o most
-  recent synchronized observations and submits the chunk, stamped with the observation time.
+  observation into the :class:`ObservationHistory` at the model's control rate and turns the current
+  action chunk into one safe 14-D command (the loop's :class:`CommandStage`: executor + safety
+  filter, once per command);
+- an inference thread, at the policy rate (10 Hz), plans a chunk from the T_o most recent
+  synchronized observations (:func:`plan_chunk`, the loop's one engine call) and submits it.
 
 Synchronization: the reference time of an observation is the newest left-arm joint state; the
 right arm's state and every camera frame used are the samples nearest to it, each within
@@ -46,11 +48,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from smp_ros.config import ARMS, TASKS, RuntimeConfig
-from smp_ros.model import batch as keys
+from smp_ros.runtime.closed_loop import NON_FINITE_ACTION, CommandStage, Frame, ObservationHistory, plan_chunk
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
-from smp_ros.runtime.executor import HOLD, ActionChunk, ChunkExecutor
 from smp_ros.runtime.guard import CallbackGuard
-from smp_ros.runtime.safety import SafetyFilter
 from smp_ros.runtime.worker import WorkerDiedError
 
 log = logging.getLogger("smp_ros.policy")
@@ -59,13 +59,6 @@ SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sampl
 WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
 WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
 RATE_WINDOW_S = 2.0  # window of the achieved inference rate
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    stamp: float  # reference time (the left arm's joint state)
-    qpos: np.ndarray  # (14,)
-    images: np.ndarray | None  # (N_cam, H, W, 3) uint8 in the model's camera order
 
 
 class ObservationSync:
@@ -81,8 +74,7 @@ class ObservationSync:
         self._lock = threading.Lock()
         self._joints = {arm: deque(maxlen=SAMPLES_KEPT) for arm in ARMS}
         self._frames = {c: deque(maxlen=8) for c in self.cameras}
-        self._history: deque[Snapshot] = deque(maxlen=obs_steps)
-        self.obs_steps = obs_steps
+        self._history = ObservationHistory(obs_steps, control_rate_hz)
         self.incomplete = 0  # sampling instants skipped because the streams did not match within slop
 
     def add_joints(self, arm: str, stamp: float, q: np.ndarray) -> None:
@@ -115,15 +107,14 @@ class ObservationSync:
                             f"(safety.stale_after_s = {self.stale_after} s)")
             return ""
 
-    def sample(self) -> Snapshot | None:
+    def sample(self) -> Frame | None:
         """Append the synchronized observation at the newest left joint state to the history, if
         it is at least one control period after the previous one. Returns it (None if not taken)."""
         with self._lock:
             if not self._joints["left"]:
                 return None
             ref, q_left = self._joints["left"][-1]
-            last = self._history[-1].stamp if self._history else -math.inf
-            if ref - last < self.dt - 1e-4:
+            if ref - self._history.last_stamp < self.dt - 1e-4:
                 return None
             right = _nearest(self._joints["right"], ref, self.slop)
             frames = [_nearest(self._frames[c], ref, self.slop) for c in self.cameras]
@@ -131,28 +122,18 @@ class ObservationSync:
                 self.incomplete += 1
                 return None
             images = np.stack(frames) if self.cameras else None  # (N_cam, H, W, 3)
-            snap = Snapshot(ref, np.concatenate([q_left, right]), images)
-            # A gap longer than 1.5 control periods breaks the history the model was trained on
-            # (consecutive control steps); start again from this observation.
-            if ref - last > 1.5 * self.dt:
-                self._history.clear()
-            while len(self._history) < self.obs_steps - 1:  # a fresh history repeats its first frame
-                self._history.append(snap)
-            self._history.append(snap)
-            return snap
+            frame = Frame(ref, np.concatenate([q_left, right]), images)
+            self._history.push(frame)  # restarts after a gap (closed_loop.ObservationHistory)
+            return frame
 
-    def latest(self) -> Snapshot | None:
+    def latest(self) -> Frame | None:
         with self._lock:
-            return self._history[-1] if self._history else None
+            return self._history.latest
 
-    def history(self) -> tuple[float, np.ndarray, np.ndarray | None] | None:
-        """(stamp of the newest, qpos (T_o, 14), images (T_o, N_cam, H, W, 3) or None)."""
+    def frames(self) -> list[Frame] | None:
+        """The T_o most recent synchronized observations, oldest first (None until there are T_o)."""
         with self._lock:
-            if len(self._history) < self.obs_steps:
-                return None
-            snaps = list(self._history)
-        images = np.stack([s.images for s in snaps]) if self.cameras else None
-        return snaps[-1].stamp, np.stack([s.qpos for s in snaps]), images
+            return self._history.frames()
 
 
 def _nearest(samples, stamp: float, slop: float):
@@ -205,17 +186,13 @@ class PolicyRunner:
         self.sync = ObservationSync(engine.cameras, labels, slop_s=runtime.sync_slop_s,
                                     stale_after_s=runtime.safety.stale_after_s, obs_steps=engine.cfg.obs_steps,
                                     control_rate_hz=self.control_rate_hz)
-        self.executor = ChunkExecutor(runtime.chunk_blend, blend_window_s=runtime.blend_window_s,
-                                      ensemble_decay=runtime.ensemble_decay,
-                                      stale_after_s=runtime.safety.stale_after_s)
-        self.safety = SafetyFilter(runtime.safety, runtime.command_rate_hz)
+        self.stage = CommandStage(runtime, runtime.command_rate_hz)  # one call per command tick
         self.stats = RunnerStats()
         self.guard = CallbackGuard(log, on_fault=self._on_inference_fault)
         self.task = runtime.task
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
-        self._safety_started = False
         self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -252,11 +229,10 @@ class PolicyRunner:
 
     def _restart_locked(self) -> None:
         self._generation += 1  # an inference in flight now plans for a past that no longer exists
-        self.executor.reset()
+        self.stage.reset()  # no chunk; the safety filter starts again from the next measured pose
         self.sync.reset()
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
-        self._safety_started = False
 
     def inference_rate(self, now: float | None = None) -> float:
         """Inference calls completed per second over the last ``RATE_WINDOW_S`` (monotonic clock)."""
@@ -274,20 +250,18 @@ class PolicyRunner:
             stale = self.sync.stale_reason(now)
             if stale:
                 return Command(None, stale)
-            if not self._safety_started:
+            if not self.stage.started:
                 latest = self.sync.latest()
                 if latest is None:
                     return Command(None, "waiting for a synchronized observation")
-                self.safety.reset(latest.qpos)  # the first command starts from the measured pose
-                self._safety_started = True
+                self.stage.start(latest.qpos)  # the first command starts from the measured pose
             if self._deadline_hold:
                 return Command(None, self._deadline_hold)
-            cmd = self.executor.command(now)
-            if cmd.state == HOLD:
-                return Command(None, f"no action chunk to execute ({cmd.reason})")
-            out = self.safety(cmd.target)
-            if out.held:
-                return Command(None, f"non-finite action rejected by the safety filter ({out.summary()})")
+            out = self.stage.command(now)
+            if out.hold == NON_FINITE_ACTION:
+                return Command(None, f"non-finite action rejected by the safety filter ({out.safety})")
+            if out.command is None:
+                return Command(None, f"no action chunk to execute ({out.hold})")
             return Command(out.command)
 
     # ------------------------------------------------------------------ inference thread
@@ -343,21 +317,18 @@ class PolicyRunner:
         self._stop.set()  # nothing left to plan with: the command stream holds for good
 
     def _infer_once(self) -> None:
-        history = self.sync.history()
-        if history is None or self.sync.stale_reason(self.clock()):
+        frames = self.sync.frames()
+        if frames is None or self.sync.stale_reason(self.clock()):
             return
-        stamp, qpos, images = history
+        stamp = frames[-1].stamp
         with self._lock:
             task, generation = self.task, self._generation
             if stamp <= self._planned_stamp:
                 return  # no newer observation since the last chunk: nothing new to plan from
             self._planned_stamp = stamp
-        obs = {keys.QPOS: qpos[None].astype(np.float32),  # (1, T_o, D)
-               keys.TASK: np.array([TASKS.index(task)], dtype=np.int64)}  # (1,)
-        if images is not None:
-            obs[keys.IMAGES] = images[None]  # (1, T_o, N_cam, H, W, 3)
         started = time.monotonic()
-        result = self.engine.infer(obs, seed=self.seed + self.stats.chunks)
+        result, chunk = plan_chunk(self.engine, frames, TASKS.index(task), self.seed + self.stats.chunks,
+                                   self.control_rate_hz)
         latency = time.monotonic() - started
         now = self.clock()
         with self._lock:
@@ -372,8 +343,7 @@ class PolicyRunner:
                 self._deadline_hold = (f"inference missed its deadline: {latency:.3f} s > "
                                        f"inference_deadline_s = {self.deadline:.3f} s; chunk discarded")
                 return
-            accepted, why = self.executor.submit(
-                ActionChunk(result.action, stamp, 1.0 / self.control_rate_hz), now)
+            accepted, why = self.stage.submit(chunk, now)
             if not accepted:
                 self._deadline_hold = f"action chunk rejected by the executor ({why})"
                 return
