@@ -29,6 +29,19 @@ def test_the_cli_writes_the_report(model_dir, tmp_path, monkeypatch):
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["policy"] == str(model_dir) and report["tasks"]["pen_cap"]["episodes"][0]["steps"] == 6
+    assert report["overrides"] == {}
+
+
+def test_the_cli_applies_runtime_overrides(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr("smp_ros.sim.evaluate.SimConfig", lambda: SimConfig(episode_steps=6, image_size=(32, 32)))
+    assert main(["eval", "--policy", str(model_dir), "--task", "pen_cap", "--episodes", "1", "--backend", "direct",
+                 "--set", "model.selection.mode=topk", "--set", "model.selection.k=1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["overrides"] == {"model.selection.mode": "topk", "model.selection.k": 1}
+    assert report["tasks"]["pen_cap"]["mean_active"] == 1.0  # top-1: one expert per call, whatever the gates
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["eval", "--policy", str(model_dir), "--set", "tau_m"])
 
 
 def test_a_directory_that_is_not_a_model_is_named(tmp_path):

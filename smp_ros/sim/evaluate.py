@@ -310,10 +310,25 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
 
 
 def print_table(report: dict) -> None:
-    print(f"{'task':<14}{'success':>9}{'progress':>10}{'episode s':>11}")
+    print(f"{'task':<14}{'success':>9}{'progress':>10}{'mean |S|':>10}{'episode s':>11}")
     for task, r in report["tasks"].items():
-        print(f"{task:<14}{r['success_rate']:>9.2f}{r['mean_progress']:>10.2f}{r['mean_episode_wall_s']:>11.2f}")
+        active = f"{r['mean_active']:.2f}" if "mean_active" in r else "-"
+        print(f"{task:<14}{r['success_rate']:>9.2f}{r['mean_progress']:>10.2f}{active:>10}"
+              f"{r['mean_episode_wall_s']:>11.2f}")
     print(f"{'all':<14}{report['success_rate']:>9.2f}{report['mean_progress']:>10.2f}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (values read as YAML: 0.99, 8, topk) into a load-time overrides mapping."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.selection.tau_m=0.99")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,6 +342,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
     parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="load-time runtime override of a learned policy, repeatable: "
+                             "model.selection.tau_m / k / mode / mass, model.scheduler.inference_steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--episodes: expected >= 1, got {args.episodes}")
     tasks = TASKS if args.task == "all" else (args.task,)
     report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
-                      render=not args.no_render, inference_backend=args.inference_backend)
+                      render=not args.no_render, inference_backend=args.inference_backend,
+                      overrides=parse_overrides(args.set) or None)
     print_table(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
