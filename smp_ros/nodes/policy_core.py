@@ -13,7 +13,9 @@ Three clocks of work, decoupled so a slow inference never stalls the command str
 
 Synchronization: the reference time of an observation is the newest left-arm joint state; the
 right arm's state and every camera frame used are the samples nearest to it, each within
-``runtime.sync_slop_s``, else the observation is incomplete and not sampled.
+``runtime.sync_slop_s``, else the observation is incomplete and not sampled. A model that reads
+object poses adds one more stream, the tracked objects' pose vector (``/smp/object_poses``),
+matched and aged the same way.
 
 Holding. The runner HOLDS, i.e. produces no command at all (the driver keeps the arm at its last
 target, and a recorded bag shows the gap), whenever
@@ -59,6 +61,7 @@ SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sampl
 WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
 WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
 RATE_WINDOW_S = 2.0  # window of the achieved inference rate
+OBJECTS_STREAM = "objects"  # the object-pose stream's key in ObservationSync (labels: its topic)
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,21 @@ class Snapshot:
     stamp: float  # reference time (the left arm's joint state)
     qpos: np.ndarray  # (14,)
     images: np.ndarray | None  # (N_cam, H, W, 3) uint8 in the model's camera order
+    objects: np.ndarray | None = None  # (O,) object-pose vector (model/objects.py layout), object-pose models
 
 
 class ObservationSync:
     """Latest stamped samples per stream -> synchronized snapshots at the control rate (thread-safe)."""
 
     def __init__(self, cameras: tuple[str, ...], labels: dict[str, str], *, slop_s: float, stale_after_s: float,
-                 obs_steps: int, control_rate_hz: float) -> None:
+                 obs_steps: int, control_rate_hz: float, objects: bool = False) -> None:
         self.cameras = tuple(cameras)
+        # --- object poses (object-pose models): one more stream, synchronized like a camera ---
+        # Samples are pose vectors already laid out for one task (``object_task``); a task change
+        # drops them (set_object_task), and a vector built for another task is never added.
+        self.objects = objects
+        self.object_task = ""
+        self._objects: deque = deque(maxlen=8)
         self.labels = labels  # stream -> what to call it in a reason (its topic)
         self.slop = slop_s
         self.stale_after = stale_after_s
@@ -97,6 +107,18 @@ class ObservationSync:
         with self._lock:
             self._history.clear()
 
+    def add_objects(self, stamp: float, vector: np.ndarray, task: str) -> None:
+        """An object-pose vector laid out for ``task``; dropped if the task has changed since."""
+        with self._lock:
+            if task == self.object_task:
+                self._objects.append((stamp, np.asarray(vector, dtype=np.float32)))
+
+    def set_object_task(self, task: str) -> None:
+        """Object poses are laid out per task: drop those of the previous one."""
+        with self._lock:
+            self.object_task = task
+            self._objects.clear()
+
     def newest_joints(self, arm: str) -> tuple[float, np.ndarray] | None:
         """(stamp, q (7,)) of the newest joint state received from ``arm``, or None."""
         with self._lock:
@@ -106,6 +128,8 @@ class ObservationSync:
         """Why the newest observation cannot be acted on at ``now`` ('' if it can)."""
         with self._lock:
             streams = [(arm, self._joints[arm]) for arm in ARMS] + [(c, self._frames[c]) for c in self.cameras]
+            if self.objects:
+                streams.append((OBJECTS_STREAM, self._objects))
             for name, samples in streams:
                 if not samples:
                     return f"no sample yet on {self.labels[name]}"
@@ -127,11 +151,12 @@ class ObservationSync:
                 return None
             right = _nearest(self._joints["right"], ref, self.slop)
             frames = [_nearest(self._frames[c], ref, self.slop) for c in self.cameras]
-            if right is None or any(f is None for f in frames):
+            objects = _nearest(self._objects, ref, self.slop) if self.objects else None
+            if right is None or any(f is None for f in frames) or (self.objects and objects is None):
                 self.incomplete += 1
                 return None
             images = np.stack(frames) if self.cameras else None  # (N_cam, H, W, 3)
-            snap = Snapshot(ref, np.concatenate([q_left, right]), images)
+            snap = Snapshot(ref, np.concatenate([q_left, right]), images, objects)
             # A gap longer than 1.5 control periods breaks the history the model was trained on
             # (consecutive control steps); start again from this observation.
             if ref - last > 1.5 * self.dt:
@@ -147,12 +172,18 @@ class ObservationSync:
 
     def history(self) -> tuple[float, np.ndarray, np.ndarray | None] | None:
         """(stamp of the newest, qpos (T_o, 14), images (T_o, N_cam, H, W, 3) or None)."""
+        full = self.history_with_objects()
+        return None if full is None else full[:3]
+
+    def history_with_objects(self) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        """``history()`` plus the object-pose vectors (T_o, O) of the same snapshots (None without)."""
         with self._lock:
             if len(self._history) < self.obs_steps:
                 return None
             snaps = list(self._history)
         images = np.stack([s.images for s in snaps]) if self.cameras else None
-        return snaps[-1].stamp, np.stack([s.qpos for s in snaps]), images
+        objects = np.stack([s.objects for s in snaps]) if self.objects else None
+        return snaps[-1].stamp, np.stack([s.qpos for s in snaps]), images, objects
 
 
 def _nearest(samples, stamp: float, slop: float):
@@ -204,7 +235,8 @@ class PolicyRunner:
         self.control_rate_hz = engine.smp_cfg.data.control_rate_hz
         self.sync = ObservationSync(engine.cameras, labels, slop_s=runtime.sync_slop_s,
                                     stale_after_s=runtime.safety.stale_after_s, obs_steps=engine.cfg.obs_steps,
-                                    control_rate_hz=self.control_rate_hz)
+                                    control_rate_hz=self.control_rate_hz,
+                                    objects=bool(engine.cfg.encoder.object_slots))
         self.executor = ChunkExecutor(runtime.chunk_blend, blend_window_s=runtime.blend_window_s,
                                       ensemble_decay=runtime.ensemble_decay,
                                       stale_after_s=runtime.safety.stale_after_s)
@@ -212,6 +244,7 @@ class PolicyRunner:
         self.stats = RunnerStats()
         self.guard = CallbackGuard(log, on_fault=self._on_inference_fault)
         self.task = runtime.task
+        self.sync.set_object_task(self.task)
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
@@ -241,6 +274,7 @@ class PolicyRunner:
             raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
         with self._lock:
             self.task = task
+            self.sync.set_object_task(task)
             self._restart_locked()
 
     def restart(self) -> None:
@@ -343,10 +377,10 @@ class PolicyRunner:
         self._stop.set()  # nothing left to plan with: the command stream holds for good
 
     def _infer_once(self) -> None:
-        history = self.sync.history()
+        history = self.sync.history_with_objects()
         if history is None or self.sync.stale_reason(self.clock()):
             return
-        stamp, qpos, images = history
+        stamp, qpos, images, objects = history
         with self._lock:
             task, generation = self.task, self._generation
             if stamp <= self._planned_stamp:
@@ -356,6 +390,8 @@ class PolicyRunner:
                keys.TASK: np.array([TASKS.index(task)], dtype=np.int64)}  # (1,)
         if images is not None:
             obs[keys.IMAGES] = images[None]  # (1, T_o, N_cam, H, W, 3)
+        if objects is not None:
+            obs[keys.OBJECTS] = objects[None]  # (1, T_o, O)
         started = time.monotonic()
         result = self.engine.infer(obs, seed=self.seed + self.stats.chunks)
         latency = time.monotonic() - started

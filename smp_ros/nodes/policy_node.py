@@ -1,7 +1,10 @@
 """SMP policy node (lifecycle): observations in, joint commands and skill state out.
 
 Subscribes (sensor QoS) ``/left/joint_states``, ``/right/joint_states`` and, for a vision model,
-``/cameras/<name>/image_raw`` for every camera the model was trained with. Publishes
+``/cameras/<name>/image_raw`` for every camera the model was trained with and, for a model that
+reads object poses (``model.encoder.object_slots`` > 0), ``object_poses_topic`` (smp_ros/ObjectPoses,
+the simulator's or a tracker's; the task's objects are picked by name, ``data.task_objects`` of the
+model's config). Publishes
 ``/left/joint_cmd`` and ``/right/joint_cmd`` (reliable, depth 1) at ``command_rate_hz``,
 ``/smp/skill_state`` (smp_ros/SkillState) once per action chunk and ``/smp/policy_status``
 (smp_ros/PolicyStatus, latched, 2 Hz and on change). Service ``/smp/set_task`` (smp_ros/SetTask).
@@ -20,6 +23,8 @@ and logs, and reports in policy_status, why. Also:
   disconnected) or has not reported yet. When both run again it restarts from the measured pose:
   fresh observation history, no chunk, safety filter re-seeded; a chunk planned before is never
   executed;
+- refused input: an ObjectPoses without one of the task's objects, or with a NaN / inf / zero-length
+  pose, is refused like the other streams below (a missing or stale pose stream is a stale stream);
 - refused input: a JointState with other names, NaN or inf, an image of another size than
   ``runtime.camera_size`` (or the model's image size) or an unusable encoding/step is refused at
   the subscription, with a rate-limited error naming the topic, and the node holds until that
@@ -36,18 +41,21 @@ import threading
 import time
 from collections import Counter, deque
 
+import numpy as np
+
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import Image, JointState
 
 from smp_ros.config import ARMS, TASKS, ConfigError
 from smp_ros.hardware.arm import element_names
-from smp_ros.msg import ArmStatus, PolicyStatus, SkillState
+from smp_ros.model.objects import object_vector
+from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
-from smp_ros.nodes.policy_core import Command, PolicyRunner
-from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
-                                    joint_positions, joint_state_msg, now_seconds, run, to_stamp)
+from smp_ros.nodes.policy_core import OBJECTS_STREAM, Command, PolicyRunner
+from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, RefusedInput, declare,
+                                    from_stamp, joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.resources import resolve
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.guard import cause_of as hold_cause
@@ -64,6 +72,8 @@ POLICY_SPECS = [
     ParamSpec("seed", 0, "seed of the sampling noise (chunk n uses seed + n)"),
     ParamSpec("autostart", True, "configure and activate at start-up"),
     ParamSpec("camera_topic", "/cameras/{camera}/image_raw", "image topic of each camera the model uses"),
+    ParamSpec("object_poses_topic", "/smp/object_poses", "smp_ros/ObjectPoses of the tracked objects, read "
+              "when the model's observation includes object poses"),
     ParamSpec("arm_status_topic", "/{arm}/arm_status", "each arm's smp_ros/ArmStatus: the policy holds unless "
               "both report running; '' disables this interlock (drivers that publish no ArmStatus)"),
 ]
@@ -135,6 +145,9 @@ class PolicyNode(GuardedNode, LifecycleNode):
         deadline = self.p["inference_deadline_s"] or 1.0 / self.runtime.policy_rate_hz
         labels = {arm: f"/{arm}/joint_states" for arm in ARMS}
         labels.update({c: self.p["camera_topic"].format(camera=c) for c in self.engine.cameras})
+        self.object_slots = self.engine.cfg.encoder.object_slots
+        if self.object_slots:
+            labels[OBJECTS_STREAM] = self.p["object_poses_topic"]
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
@@ -150,6 +163,9 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._subs += [self.create_subscription(Image, labels[c], lambda m, c=c: self._on_image(c, m),
                                                 SENSOR_QOS, callback_group=self._sensor_group)
                        for c in self.engine.cameras]
+        if self.object_slots:
+            self._subs.append(self.create_subscription(ObjectPoses, labels[OBJECTS_STREAM], self._on_objects,
+                                                       SENSOR_QOS, callback_group=self._sensor_group))
         size = tuple(self.runtime.camera_size)
         self.camera_size = size if size != (0, 0) else tuple(self.engine.cfg.encoder.image_size)
         self.arm_status_topics = ({arm: self.p["arm_status_topic"].format(arm=arm) for arm in ARMS}
@@ -163,7 +179,9 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self.get_logger().info(
             f"model {self.p['model']} ({self.engine.backend_name}, {self.engine.device}): K={cfg.num_experts}, "
             f"k={cfg.selection.k}, tau_m={cfg.selection.tau_m}, {cfg.scheduler.inference_steps} steps, "
-            f"cameras {list(self.engine.cameras)}; deadline {deadline:.3f} s")
+            f"cameras {list(self.engine.cameras)}"
+            + (f", object poses on {labels[OBJECTS_STREAM]}" if self.object_slots else "")
+            + f"; deadline {deadline:.3f} s")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, message: str) -> TransitionCallbackReturn:
@@ -232,6 +250,18 @@ class PolicyNode(GuardedNode, LifecycleNode):
     def _on_image(self, camera: str, msg: Image) -> None:
         image = msg_to_rgb(msg, self.runner.sync.labels[camera], self.camera_size)
         self.runner.sync.add_image(camera, from_stamp(msg.header.stamp), image)
+
+    def _on_objects(self, msg: ObjectPoses) -> None:
+        topic = self.runner.sync.labels[OBJECTS_STREAM]
+        task = self.runner.task
+        poses = [(p.position.x, p.position.y, p.position.z,
+                  p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w) for p in msg.poses]
+        try:
+            vector = object_vector(task, list(msg.names), np.array(poses, dtype=np.float64).reshape(-1, 7),
+                                   self.engine.smp_cfg.data.task_objects, self.object_slots, where=topic)
+        except ValueError as exc:  # missing object, NaN / inf, names and poses of different lengths
+            raise RefusedInput(str(exc) if topic in str(exc) else f"{topic}: {exc}") from None
+        self.runner.sync.add_objects(from_stamp(msg.header.stamp), vector, task)
 
     def _on_arm_status(self, arm: str, msg: ArmStatus) -> None:
         # Drivers from before the state field: running = connected, enabled, not e-stopped.
