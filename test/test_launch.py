@@ -20,7 +20,7 @@ def _declared_arguments(path: Path) -> set[str]:
 
 
 def test_bimanual_launch_declares_its_arguments():
-    assert _declared_arguments(LAUNCH / "bimanual.launch.py") == {"use_sim", "model", "backend", "task", "config"}
+    assert _declared_arguments(LAUNCH / "bimanual.launch.py") == {"use_sim", "model", "backend", "task", "config", "driver"}
 
 
 def test_record_launch_declares_its_arguments():

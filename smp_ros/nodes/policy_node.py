@@ -48,7 +48,6 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import Image, JointState
 
 from smp_ros.config import ARMS, TASKS, ConfigError
-from smp_ros.hardware.arm import element_names
 from smp_ros.model.objects import object_vector
 from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
@@ -72,6 +71,9 @@ POLICY_SPECS = [
     ParamSpec("seed", 0, "seed of the sampling noise (chunk n uses seed + n)"),
     ParamSpec("autostart", True, "configure and activate at start-up"),
     ParamSpec("camera_topic", "/cameras/{camera}/image_raw", "image topic of each camera the model uses"),
+    ParamSpec("joint_names", [f"{{arm}}_joint{i}" for i in range(1, 7)] + ["{arm}_gripper"],
+              "JointState names of joints 1..6 and the gripper, read from joint_states and written to joint_cmd; "
+              "'{arm}' becomes left / right (piper_ros: [joint1, ..., joint6, gripper])"),
     ParamSpec("object_poses_topic", "/smp/object_poses", "smp_ros/ObjectPoses of the tracked objects, read "
               "when the model's observation includes object poses"),
     ParamSpec("arm_status_topic", "/{arm}/arm_status", "each arm's smp_ros/ArmStatus: the policy holds unless "
@@ -96,6 +98,16 @@ class PolicyNode(GuardedNode, LifecycleNode):
         for key in ("tau_m", "k", "sampling_steps", "inference_deadline_s"):
             if self.p[key] < 0:
                 raise ConfigError(f"parameter {key}: expected >= 0 (0 = default), got {self.p[key]!r}")
+        # --- joint names (e.g. piper_ros's bare joint1..joint6, gripper) ---
+        templates = list(self.p["joint_names"])
+        try:
+            self.names = {arm: tuple(t.format(arm=arm) for t in templates) for arm in ARMS}
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"parameter joint_names: bad template in {templates} ({exc!r}); "
+                              f"the only field is {{arm}}") from None
+        if len(templates) != 7 or any(len(set(n)) != 7 or not all(n) for n in self.names.values()):
+            raise ConfigError(f"parameter joint_names: expected 7 distinct names (joints 1..6, then the gripper), "
+                              f"got {templates}")
         if self.p["tau_m"] > 1:
             raise ConfigError(f"parameter tau_m: expected in (0, 1] (0 = the model's), got {self.p['tau_m']!r}")
         self.engine: InferenceEngine | None = None
@@ -143,11 +155,13 @@ class PolicyNode(GuardedNode, LifecycleNode):
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
         deadline = self.p["inference_deadline_s"] or 1.0 / self.runtime.policy_rate_hz
-        labels = {arm: f"/{arm}/joint_states" for arm in ARMS}
-        labels.update({c: self.p["camera_topic"].format(camera=c) for c in self.engine.cameras})
+        # Topic names as remapped (e.g. onto piper_ros's joint_states_single): holds name what is subscribed.
+        labels = {arm: self.resolve_topic_name(f"/{arm}/joint_states") for arm in ARMS}
+        labels.update({c: self.resolve_topic_name(self.p["camera_topic"].format(camera=c))
+                       for c in self.engine.cameras})
         self.object_slots = self.engine.cfg.encoder.object_slots
         if self.object_slots:
-            labels[OBJECTS_STREAM] = self.p["object_poses_topic"]
+            labels[OBJECTS_STREAM] = self.resolve_topic_name(self.p["object_poses_topic"])
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
@@ -157,7 +171,6 @@ class PolicyNode(GuardedNode, LifecycleNode):
                          for arm in ARMS}
         self.skill_pub = self.create_lifecycle_publisher(SkillState, "/smp/skill_state", 10)
         self.status_pub = self.create_lifecycle_publisher(PolicyStatus, "/smp/policy_status", LATCHED_QOS)
-        self.names = {arm: element_names(arm) for arm in ARMS}
         self._subs = [self.create_subscription(JointState, labels[arm], lambda m, a=arm: self._on_joints(a, m),
                                                SENSOR_QOS, callback_group=self._sensor_group) for arm in ARMS]
         self._subs += [self.create_subscription(Image, labels[c], lambda m, c=c: self._on_image(c, m),
@@ -244,7 +257,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
     # ------------------------------------------------------------------ callbacks
 
     def _on_joints(self, arm: str, msg: JointState) -> None:
-        q = joint_positions(msg, self.names[arm], f"/{arm}/joint_states")  # RefusedInput: guard holds
+        q = joint_positions(msg, self.names[arm], self.runner.sync.labels[arm])  # RefusedInput: guard holds
         self.runner.sync.add_joints(arm, from_stamp(msg.header.stamp), q)
 
     def _on_image(self, camera: str, msg: Image) -> None:
