@@ -120,7 +120,8 @@ _RUNTIME_HELP = {
     "sync_slop_s": "largest stamp difference (s) between the streams of one observation",
     "task": "task to execute at activation; also settable with the set_task service",
     "inference_process": "run the model in a worker process (CPU shared with a simulator in this process)",
-    "camera_size": "[height, width] of the camera frames; warmup compiles for it ([0, 0] = the model's size)",
+    "camera_size": "[height, width] of the camera frames; the policy node refuses others and fits each to the "
+                   "model's data.image_size / data.image_fit ([0, 0] = the model's encoder size)",
     "safety.joint_lower": "lower joint limits j1..j6 (rad)",
     "safety.joint_upper": "upper joint limits j1..j6 (rad)",
     "safety.gripper_range": "gripper opening range [min, max] (m)",

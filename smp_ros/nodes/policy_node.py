@@ -9,6 +9,10 @@ model's config). Publishes
 ``/smp/skill_state`` (smp_ros/SkillState) once per action chunk and ``/smp/policy_status``
 (smp_ros/PolicyStatus, latched, 2 Hz and on change). Service ``/smp/set_task`` (smp_ros/SetTask).
 
+Camera frames: each is fitted to the model's ``data.image_size`` with its ``data.image_fit``
+(resize, center_crop or letterbox; ``smp_ros.model.image_fit``), exactly as ingest fitted the
+training frames, so a camera of another resolution or aspect ratio gives the frames training saw.
+
 Lifecycle: configure loads the model directory and warms the inference backend up; activate
 starts the inference thread and the command timer; deactivate stops both (no command leaves a
 deactivated node); cleanup drops the model. With ``autostart`` (default) the node configures and
@@ -37,9 +41,11 @@ summary every ``HOLD_SUMMARY_S`` while holding; never one per command tick.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 
 import numpy as np
 
@@ -47,7 +53,9 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import Image, JointState
 
-from smp_ros.config import ARMS, TASKS, ConfigError
+from smp_ros.config import ARMS, TASKS, ConfigError, SMPConfig
+from smp_ros.model.checkpoint import CONFIG
+from smp_ros.model.image_fit import fit_image
 from smp_ros.model.objects import object_vector
 from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
@@ -111,6 +119,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         if self.p["tau_m"] > 1:
             raise ConfigError(f"parameter tau_m: expected in (0, 1] (0 = the model's), got {self.p['tau_m']!r}")
         self.engine: InferenceEngine | None = None
+        self.image_fit: tuple[tuple[int, int], str] | None = None  # (data.image_size, data.image_fit) of the model
         self.configure_error = ""  # why the last configure failed (bringup reports it)
         self.commands_published = 0
         self._reason = "inactive"
@@ -149,8 +158,18 @@ class PolicyNode(GuardedNode, LifecycleNode):
             # A relative path (the config's models/smp_sim) is looked up in the working directory,
             # then in the installed share/smp_ros: `ros2 run` starts nodes in the user's directory.
             model = resolve(self.p["model"], "model")
+            # --- live frames framed as the training frames were (data.image_size / data.image_fit) ---
+            # Every camera frame is fitted to the model's data.image_size with its data.image_fit before
+            # inference, as ingest fitted every recorded frame; the engine therefore receives (and
+            # warms up for) frames of data.image_size.
+            trained = SMPConfig.from_yaml(Path(model) / CONFIG)
+            engine_runtime = self.runtime
+            self.image_fit = None
+            if trained.model.encoder.mode == "vision":
+                self.image_fit = (tuple(trained.data.image_size), trained.data.image_fit)
+                engine_runtime = dataclasses.replace(self.runtime, camera_size=self.image_fit[0])
             engine_class = EngineProcess if self.runtime.inference_process else InferenceEngine
-            self.engine = engine_class(str(model), self.runtime, overrides=overrides)
+            self.engine = engine_class(str(model), engine_runtime, overrides=overrides)
             self.engine.warmup()
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
@@ -262,6 +281,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
 
     def _on_image(self, camera: str, msg: Image) -> None:
         image = msg_to_rgb(msg, self.runner.sync.labels[camera], self.camera_size)
+        if self.image_fit is not None:
+            image = fit_image(image, *self.image_fit)
         self.runner.sync.add_image(camera, from_stamp(msg.header.stamp), image)
 
     def _on_objects(self, msg: ObjectPoses) -> None:
