@@ -202,3 +202,44 @@ def test_a_whole_teleoperated_episode_solves_the_task_and_trains_a_camera_model(
     assert ep["steps"] == 20 and ep["inferences"] >= 1
     print(f"teleop episode: {result['sim_time']:.1f} s simulated in {recorded:.0f} s wall; "
           f"counts {result['counts']}")
+
+
+def test_leader_topics_continue_after_the_simulator_switches_task():
+    """A task change rebuilds the world, whose emulated CAN clock starts again: the leaders' samples
+    must still be published (and the new task's demonstrator drives them)."""
+    from sensor_msgs.msg import JointState
+
+    from smp_ros.nodes.ros_util import SENSOR_QOS
+    from smp_ros.nodes.sim_node import SimNode
+
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=4)
+    sim = probe = None
+    try:
+        sim = SimNode(parameter_overrides=[Parameter("teleop_source", value="scripted"), Parameter("task", value=TASK),
+                                           Parameter("sim.cameras", value=[CAMERA]),
+                                           Parameter("sim.image_size", value=[32, 32])])
+        probe = rclpy.create_node("leader_probe")
+        got: list = []
+        probe.create_subscription(JointState, LEADER["right"], got.append, SENSOR_QOS)
+        executor.add_node(sim)
+        executor.add_node(probe)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        wait_for(lambda: len(got) >= 20 and sim.emulators["right"].time > 3.0, timeout=120.0,
+                 what="3 s of leader samples before the switch")
+        old_clock = sim.arms["right"].leader_targets()[0]
+        episode, _ = sim.reset_episode("cups_in_bowl", 5)
+        assert sim.task == "cups_in_bowl" and sim.teleop.world.task.name == "cups_in_bowl"
+        count = len(got)
+        wait_for(lambda: len(got) >= count + 20, timeout=120.0, what="leader samples after the switch")
+        # They resumed at once, not only once the new world's clock passed the old one's.
+        assert sim.emulators["right"].time < old_clock, (sim.emulators["right"].time, old_clock)
+        stamps = [m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for m in got]
+        assert stamps == sorted(stamps)  # ROS stamps stay in order although the CAN clock restarted
+    finally:
+        executor.shutdown()
+        for node in (probe, sim):
+            if node is not None:
+                node.destroy_node()
+        rclpy.try_shutdown()
