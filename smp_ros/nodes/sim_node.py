@@ -73,6 +73,7 @@ class SimNode(GuardedNode, Node):
         self.world: BimanualWorld | None = None
         self.emulators = {}
         self.bridges: list[ArmBridge] = []
+        self.teleop = None  # ScriptedTeleop while teleop_source is 'scripted' (owned by the simulator thread)
         super().__init__("sim", **kwargs)
         p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
         self.cfg = sim_config(p, where="parameters")
@@ -84,7 +85,6 @@ class SimNode(GuardedNode, Node):
             raise ConfigError(f"parameter task: expected one of {TASKS}, got {p['task']!r}")
         if p["teleop_source"] not in TELEOP_SOURCES:
             raise ConfigError(f"parameter teleop_source: expected '' or 'scripted', got {p['teleop_source']!r}")
-        self.teleop = None  # ScriptedTeleop while teleop_source is 'scripted' (owned by the simulator thread)
         self.p = p
         self.task = p["task"]
         self.seed = int(p["seed"])
