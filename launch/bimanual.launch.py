@@ -1,10 +1,15 @@
 """Bimanual SMP system: PiPER drivers and cameras (or the simulator) plus the policy node.
 
     ros2 launch smp_ros bimanual.launch.py model:=models/smp_sim [use_sim:=true] [backend:=compiled]
-        [task:=pen_cap] [config:=/path/to/bimanual.yaml]
+        [task:=pen_cap] [config:=/path/to/bimanual.yaml] [driver:=smp_ros|piper_ros]
 
 Every node reads its parameters from ``config`` (config/bimanual.yaml by default, the same file
 ``smp-ros bringup --config`` reads); a non-empty ``model``, ``backend`` or ``task`` overrides it.
+
+``driver:=piper_ros`` runs the arms with the vendor's ROS driver instead of ours: one piper_ros
+``piper_ctrl_single_node`` per arm in /left and /right (``can_port`` from the config's
+``/<arm>/driver`` ``can_channel``), and the policy node remapped onto its topics
+(``smp_ros.nodes.params.PIPER_ROS_REMAPS`` / ``PIPER_ROS_POLICY_PARAMS``; README, "Beside piper_ros").
 """
 
 from pathlib import Path
@@ -38,6 +43,12 @@ def _nodes(context):
     overrides = {name: value for name, value in overrides.items() if value}
     if "task" in overrides and overrides["task"] not in TASKS:
         raise ValueError(f"launch argument task: expected one of {TASKS}, got {overrides['task']!r}")
+    driver = LaunchConfiguration("driver").perform(context)
+    if driver not in ("smp_ros", "piper_ros"):
+        raise ValueError(f"launch argument driver: expected smp_ros or piper_ros, got {driver!r}")
+    if driver == "piper_ros" and use_sim:
+        raise ValueError("launch argument driver: piper_ros drives real arms; use_sim:=true needs driver:=smp_ros")
+    policy_params, remaps = [config], []
 
     nodes = []
     if use_sim:
@@ -48,15 +59,30 @@ def _nodes(context):
         sim_parameters = [config] + ([{"task": overrides["task"]}] if "task" in overrides else [])
         nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
                           parameters=sim_parameters, output="screen"))
+    elif driver == "piper_ros":
+        from smp_ros.nodes.params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile
+
+        params = ParamsFile.load(config)
+        for arm in ARMS:
+            ours = params.for_node(f"/{arm}/driver")
+            nodes.append(Node(package="piper", executable="piper_single_ctrl", name="piper_ctrl_single_node",
+                              namespace=f"/{arm}", output="screen",
+                              parameters=[{"can_port": ours.get("can_channel", f"can_{arm}"),
+                                           "auto_enable": bool(ours.get("enable_on_start", True)),
+                                           "gripper_exist": True}]))
+        policy_params.append(dict(PIPER_ROS_POLICY_PARAMS))
+        remaps = list(PIPER_ROS_REMAPS)
     else:
         for arm in ARMS:
             nodes.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
                               parameters=[config], output="screen"))
+    if not use_sim:
         for camera in CAMERAS:
             nodes.append(Node(package="smp_ros", executable="camera_node", name="camera",
                               namespace=f"/cameras/{camera}", parameters=[config], output="screen"))
     nodes.append(Node(package="smp_ros", executable="policy_node", name="policy", namespace="/smp",
-                      parameters=[config] + ([overrides] if overrides else []), output="screen"))
+                      parameters=policy_params + ([overrides] if overrides else []), remappings=remaps,
+                      output="screen"))
     return nodes
 
 
@@ -68,5 +94,7 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("backend", default_value="", description="eager | compiled | tensorrt"),
         DeclareLaunchArgument("task", default_value="", description=f"one of {TASKS}"),
         DeclareLaunchArgument("config", default_value=DEFAULT_CONFIG, description="ROS 2 parameters file"),
+        DeclareLaunchArgument("driver", default_value="smp_ros",
+                              description="smp_ros (our PiPER drivers) or piper_ros (the vendor's ROS driver)"),
         OpaqueFunction(function=_nodes),
     ])

@@ -20,11 +20,11 @@ def _declared_arguments(path: Path) -> set[str]:
 
 
 def test_bimanual_launch_declares_its_arguments():
-    assert _declared_arguments(LAUNCH / "bimanual.launch.py") == {"use_sim", "model", "backend", "task", "config"}
+    assert _declared_arguments(LAUNCH / "bimanual.launch.py") == {"use_sim", "model", "backend", "task", "config", "driver"}
 
 
 def test_record_launch_declares_its_arguments():
-    assert _declared_arguments(LAUNCH / "record.launch.py") == {"task", "out", "config"}
+    assert _declared_arguments(LAUNCH / "record.launch.py") == {"task", "out", "config", "use_sim", "seed"}
 
 
 def test_the_default_config_names_every_launched_node():
@@ -79,3 +79,4 @@ def test_bad_launch_arguments_are_named():
     pytest.importorskip("launch_ros", reason="launch_ros comes with a ROS install")
     with pytest.raises(ValueError, match="task"):
         _generate(LAUNCH / "bimanual.launch.py", task="juggling")
+

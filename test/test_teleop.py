@@ -119,7 +119,8 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     def real_time():  # plant, leader and follower firmware advanced in (about) real time
         dt, start = 0.005, time.monotonic()
         while not stop.is_set():
-            while rig.time < time.monotonic() - start:
+            # Checks stop too: on a machine too loaded to step in real time it never catches up.
+            while not stop.is_set() and rig.time < time.monotonic() - start:
                 rig.plant.step(dt)
                 leader.advance(dt)
                 rig.emulator.advance(dt)

@@ -21,6 +21,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from smp_ros.config import ARMS, DataConfig
 from smp_ros.data.errors import BagError
+from smp_ros.model.image_fit import IMAGE_FITS, fit_image  # noqa: F401 (ingest's framing, re-exported)
 from smp_ros.model.objects import OBJECT_POSES_TYPE, register_object_poses
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -310,43 +311,6 @@ def _custom_data(bag: Path) -> dict[str, str]:
         return dict(meta["rosbag2_bagfile_information"].get("custom_data") or {})
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise BagError(bag, f"metadata.yaml unreadable ({exc})") from None
-
-
-IMAGE_FITS = ("resize", "center_crop", "letterbox")
-
-
-def fit_image(rgb: np.ndarray, size: tuple[int, int], fit: str = "resize") -> np.ndarray:
-    """An (H, W, 3) frame brought to ``size`` = (height, width).
-
-    resize: stretch to the size (the aspect ratio changes when it differs); center_crop: cut the
-    largest centred region of the target aspect ratio, then scale; letterbox: scale the whole frame
-    to fit inside and pad the rest with black."""
-    out_h, out_w = size
-    h, w = rgb.shape[:2]
-    if (h, w) == (out_h, out_w):
-        return np.ascontiguousarray(rgb)
-    if fit == "center_crop":
-        # Keep the largest centred window whose aspect ratio is out_w / out_h.
-        if w * out_h > h * out_w:
-            cw = max(1, round(h * out_w / out_h))
-            x0 = (w - cw) // 2
-            rgb = rgb[:, x0 : x0 + cw]
-        else:
-            ch = max(1, round(w * out_h / out_w))
-            y0 = (h - ch) // 2
-            rgb = rgb[y0 : y0 + ch]
-    elif fit == "letterbox":
-        scale = min(out_h / h, out_w / w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        inner = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=cv2.INTER_AREA)
-        canvas = np.zeros((out_h, out_w, 3), np.uint8)
-        y0, x0 = (out_h - nh) // 2, (out_w - nw) // 2
-        canvas[y0 : y0 + nh, x0 : x0 + nw] = inner
-        return canvas
-    elif fit != "resize":
-        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
-    # INTER_AREA averages when shrinking, which avoids aliasing on downsampled camera frames.
-    return cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
 
 
 def fit_note(camera: str, source_hw: tuple[int, int], size: tuple[int, int], fit: str) -> str | None:

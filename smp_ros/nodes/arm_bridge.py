@@ -221,7 +221,9 @@ class ArmBridge:
         """Publish the leader's newest sample if it is new; its ROS stamp is placed relative to the
         follower feedback's (both CAN stamps are on the arm's clock)."""
         leader = self.arm.leader_targets()
-        if leader is None or leader[0] <= self._leader_stamp:
+        # A new sample is one with another stamp than the last published: on hardware the CAN clock only
+        # moves forward, but a simulator that rebuilds its world (a task change) restarts its clock.
+        if leader is None or leader[0] == self._leader_stamp:
             return
         arm_stamp, q, gripper = leader
         self._leader_stamp = arm_stamp

@@ -12,7 +12,7 @@ To stand in for piper_ros, remap the topics and names, e.g.::
 
     ros2 run smp_ros driver_node --ros-args -r __ns:=/left \\
         -r joint_states:=joint_states_single -r joint_cmd:=joint_ctrl_single \\
-        -p joint_names:="[joint1,joint2,joint3,joint4,joint5,joint6,joint7]"
+        -p joint_names:="[joint1,joint2,joint3,joint4,joint5,joint6,gripper]"
 """
 
 from __future__ import annotations

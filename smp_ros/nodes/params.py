@@ -31,6 +31,16 @@ WILDCARD = "/**"
 
 ParamValue = bool | int | float | str | list
 
+# The policy node on top of the vendor's ROS driver, piper_ros (its ROS 2 node piper_ctrl_single_node,
+# one per arm, run in namespaces /left and /right): its follower joint states are ``joint_states_single``
+# (names joint1..joint6, gripper; rad and m), it executes JointState commands from ``joint_ctrl_single``
+# (joints looked up by those names, any missing one read as 0 rad; the gripper taken from position[6],
+# in m). Its ``arm_status`` is a piper_msgs/PiperStatusMsg, not an smp_ros/ArmStatus, and says nothing
+# about enable or e-stop in the form the interlock needs, so the interlock is off (README, "Beside piper_ros").
+PIPER_ROS_REMAPS = ([(f"/{arm}/joint_states", f"/{arm}/joint_states_single") for arm in ("left", "right")]
+                    + [(f"/{arm}/joint_cmd", f"/{arm}/joint_ctrl_single") for arm in ("left", "right")])
+PIPER_ROS_POLICY_PARAMS = {"joint_names": [f"joint{i}" for i in range(1, 7)] + ["gripper"], "arm_status_topic": ""}
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -88,7 +98,8 @@ _RUNTIME_HELP = {
     "sync_slop_s": "largest stamp difference (s) between the streams of one observation",
     "task": "task to execute at activation; also settable with the set_task service",
     "inference_process": "run the model in a worker process (CPU shared with a simulator in this process)",
-    "camera_size": "[height, width] of the camera frames; warmup compiles for it ([0, 0] = the model's size)",
+    "camera_size": "[height, width] of the camera frames; the policy node refuses others and fits each to the "
+                   "model's data.image_size / data.image_fit ([0, 0] = the model's encoder size)",
     "safety.joint_lower": "lower joint limits j1..j6 (rad)",
     "safety.joint_upper": "upper joint limits j1..j6 (rad)",
     "safety.gripper_range": "gripper opening range [min, max] (m)",

@@ -1,10 +1,17 @@
 """SMP policy node (lifecycle): observations in, joint commands and skill state out.
 
 Subscribes (sensor QoS) ``/left/joint_states``, ``/right/joint_states`` and, for a vision model,
-``/cameras/<name>/image_raw`` for every camera the model was trained with. Publishes
+``/cameras/<name>/image_raw`` for every camera the model was trained with and, for a model that
+reads object poses (``model.encoder.object_slots`` > 0), ``object_poses_topic`` (smp_ros/ObjectPoses,
+the simulator's or a tracker's; the task's objects are picked by name, ``data.task_objects`` of the
+model's config). Publishes
 ``/left/joint_cmd`` and ``/right/joint_cmd`` (reliable, depth 1) at ``command_rate_hz``,
 ``/smp/skill_state`` (smp_ros/SkillState) once per action chunk and ``/smp/policy_status``
 (smp_ros/PolicyStatus, latched, 2 Hz and on change). Service ``/smp/set_task`` (smp_ros/SetTask).
+
+Camera frames: each is fitted to the model's ``data.image_size`` with its ``data.image_fit``
+(resize, center_crop or letterbox; ``smp_ros.model.image_fit``), exactly as ingest fitted the
+training frames, so a camera of another resolution or aspect ratio gives the frames training saw.
 
 Lifecycle: configure loads the model directory and warms the inference backend up; activate
 starts the inference thread and the command timer; deactivate stops both (no command leaves a
@@ -20,6 +27,8 @@ and logs, and reports in policy_status, why. Also:
   disconnected) or has not reported yet. When both run again it restarts from the measured pose:
   fresh observation history, no chunk, safety filter re-seeded; a chunk planned before is never
   executed;
+- refused input: an ObjectPoses without one of the task's objects, or with a NaN / inf / zero-length
+  pose, is refused like the other streams below (a missing or stale pose stream is a stale stream);
 - refused input: a JointState with other names, NaN or inf, an image of another size than
   ``runtime.camera_size`` (or the model's image size) or an unusable encoding/step is refused at
   the subscription, with a rate-limited error naming the topic, and the node holds until that
@@ -32,23 +41,29 @@ summary every ``HOLD_SUMMARY_S`` while holding; never one per command tick.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import Image, JointState
 
-from smp_ros.config import ARMS, TASKS, ConfigError
 from smp_ros import topics
-from smp_ros.hardware.arm import element_names
-from smp_ros.msg import ArmStatus, PolicyStatus, SkillState
+from smp_ros.config import ARMS, TASKS, ConfigError, SMPConfig
+from smp_ros.model.checkpoint import CONFIG
+from smp_ros.model.image_fit import fit_image
+from smp_ros.model.objects import object_vector
+from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
-from smp_ros.runtime.policy_runner import Command, PolicyRunner
-from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, from_stamp,
-                                    joint_positions, joint_state_msg, now_seconds, run, to_stamp)
+from smp_ros.runtime.policy_runner import OBJECTS_STREAM, Command, PolicyRunner
+from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, RefusedInput, declare,
+                                    from_stamp, joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.resources import resolve
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.guard import cause_of as hold_cause
@@ -65,6 +80,11 @@ POLICY_SPECS = [
     ParamSpec("seed", 0, "seed of the sampling noise (chunk n uses seed + n)"),
     ParamSpec("autostart", True, "configure and activate at start-up"),
     ParamSpec("camera_topic", topics.CAMERA_TOPIC_TEMPLATE, "image topic of each camera the model uses"),
+    ParamSpec("joint_names", [f"{{arm}}_joint{i}" for i in range(1, 7)] + ["{arm}_gripper"],
+              "JointState names of joints 1..6 and the gripper, read from joint_states and written to joint_cmd; "
+              "'{arm}' becomes left / right (piper_ros: [joint1, ..., joint6, gripper])"),
+    ParamSpec("object_poses_topic", topics.OBJECT_POSES, "smp_ros/ObjectPoses of the tracked objects, read "
+              "when the model's observation includes object poses"),
     ParamSpec("arm_status_topic", topics.ARM_STATUS_TEMPLATE, "each arm's smp_ros/ArmStatus: the policy holds unless "
               "both report running; '' disables this interlock (drivers that publish no ArmStatus)"),
 ]
@@ -87,9 +107,20 @@ class PolicyNode(GuardedNode, LifecycleNode):
         for key in ("tau_m", "k", "sampling_steps", "inference_deadline_s"):
             if self.p[key] < 0:
                 raise ConfigError(f"parameter {key}: expected >= 0 (0 = default), got {self.p[key]!r}")
+        # --- joint names (e.g. piper_ros's bare joint1..joint6, gripper) ---
+        templates = list(self.p["joint_names"])
+        try:
+            self.names = {arm: tuple(t.format(arm=arm) for t in templates) for arm in ARMS}
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"parameter joint_names: bad template in {templates} ({exc!r}); "
+                              f"the only field is {{arm}}") from None
+        if len(templates) != 7 or any(len(set(n)) != 7 or not all(n) for n in self.names.values()):
+            raise ConfigError(f"parameter joint_names: expected 7 distinct names (joints 1..6, then the gripper), "
+                              f"got {templates}")
         if self.p["tau_m"] > 1:
             raise ConfigError(f"parameter tau_m: expected in (0, 1] (0 = the model's), got {self.p['tau_m']!r}")
         self.engine: InferenceEngine | None = None
+        self.image_fit: tuple[tuple[int, int], str] | None = None  # (data.image_size, data.image_fit) of the model
         self.configure_error = ""  # why the last configure failed (bringup reports it)
         self.commands_published = 0
         self._reason = "inactive"
@@ -128,14 +159,29 @@ class PolicyNode(GuardedNode, LifecycleNode):
             # A relative path (the config's models/smp_sim) is looked up in the working directory,
             # then in the installed share/smp_ros: `ros2 run` starts nodes in the user's directory.
             model = resolve(self.p["model"], "model")
+            # --- live frames framed as the training frames were (data.image_size / data.image_fit) ---
+            # Every camera frame is fitted to the model's data.image_size with its data.image_fit before
+            # inference, as ingest fitted every recorded frame; the engine therefore receives (and
+            # warms up for) frames of data.image_size.
+            trained = SMPConfig.from_yaml(Path(model) / CONFIG)
+            engine_runtime = self.runtime
+            self.image_fit = None
+            if trained.model.encoder.mode == "vision":
+                self.image_fit = (tuple(trained.data.image_size), trained.data.image_fit)
+                engine_runtime = dataclasses.replace(self.runtime, camera_size=self.image_fit[0])
             engine_class = EngineProcess if self.runtime.inference_process else InferenceEngine
-            self.engine = engine_class(str(model), self.runtime, overrides=overrides)
+            self.engine = engine_class(str(model), engine_runtime, overrides=overrides)
             self.engine.warmup()
         except Exception as exc:
             return self._configure_failed(f"parameter model: cannot load {self.p['model']!r}: {exc}")
         deadline = self.p["inference_deadline_s"] or 1.0 / self.runtime.policy_rate_hz
-        labels = {arm: topics.joint_states(arm) for arm in ARMS}
-        labels.update({c: self.p["camera_topic"].format(camera=c) for c in self.engine.cameras})
+        # Topic names as remapped (e.g. onto piper_ros's joint_states_single): holds name what is subscribed.
+        labels = {arm: self.resolve_topic_name(topics.joint_states(arm)) for arm in ARMS}
+        labels.update({c: self.resolve_topic_name(self.p["camera_topic"].format(camera=c))
+                       for c in self.engine.cameras})
+        self.object_slots = self.engine.cfg.encoder.object_slots
+        if self.object_slots:
+            labels[OBJECTS_STREAM] = self.resolve_topic_name(self.p["object_poses_topic"])
         self.configure_error = ""
         self.runner = PolicyRunner(self.engine, self.runtime, labels=labels, clock=lambda: now_seconds(self),
                                    inference_deadline_s=deadline, on_chunk=self._on_chunk, seed=self.p["seed"])
@@ -145,12 +191,14 @@ class PolicyNode(GuardedNode, LifecycleNode):
                          for arm in ARMS}
         self.skill_pub = self.create_lifecycle_publisher(SkillState, topics.SKILL_STATE, 10)
         self.status_pub = self.create_lifecycle_publisher(PolicyStatus, topics.POLICY_STATUS, LATCHED_QOS)
-        self.names = {arm: element_names(arm) for arm in ARMS}
         self._subs = [self.create_subscription(JointState, labels[arm], lambda m, a=arm: self._on_joints(a, m),
                                                SENSOR_QOS, callback_group=self._sensor_group) for arm in ARMS]
         self._subs += [self.create_subscription(Image, labels[c], lambda m, c=c: self._on_image(c, m),
                                                 SENSOR_QOS, callback_group=self._sensor_group)
                        for c in self.engine.cameras]
+        if self.object_slots:
+            self._subs.append(self.create_subscription(ObjectPoses, labels[OBJECTS_STREAM], self._on_objects,
+                                                       SENSOR_QOS, callback_group=self._sensor_group))
         self.camera_size = self.runtime.frame_size(self.engine.cfg.encoder.image_size)
         self.arm_status_topics = ({arm: self.p["arm_status_topic"].format(arm=arm) for arm in ARMS}
                                   if self.p["arm_status_topic"] else {})
@@ -163,7 +211,9 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self.get_logger().info(
             f"model {self.p['model']} ({self.engine.backend_name}, {self.engine.device}): K={cfg.num_experts}, "
             f"k={cfg.selection.k}, tau_m={cfg.selection.tau_m}, {cfg.scheduler.inference_steps} steps, "
-            f"cameras {list(self.engine.cameras)}; deadline {deadline:.3f} s")
+            f"cameras {list(self.engine.cameras)}"
+            + (f", object poses on {labels[OBJECTS_STREAM]}" if self.object_slots else "")
+            + f"; deadline {deadline:.3f} s")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, message: str) -> TransitionCallbackReturn:
@@ -226,12 +276,26 @@ class PolicyNode(GuardedNode, LifecycleNode):
     # ------------------------------------------------------------------ callbacks
 
     def _on_joints(self, arm: str, msg: JointState) -> None:
-        q = joint_positions(msg, self.names[arm], topics.joint_states(arm))  # RefusedInput: guard holds
+        q = joint_positions(msg, self.names[arm], self.runner.sync.labels[arm])  # RefusedInput: guard holds
         self.runner.sync.add_joints(arm, from_stamp(msg.header.stamp), q)
 
     def _on_image(self, camera: str, msg: Image) -> None:
         image = msg_to_rgb(msg, self.runner.sync.labels[camera], self.camera_size)
+        if self.image_fit is not None:
+            image = fit_image(image, *self.image_fit)
         self.runner.sync.add_image(camera, from_stamp(msg.header.stamp), image)
+
+    def _on_objects(self, msg: ObjectPoses) -> None:
+        topic = self.runner.sync.labels[OBJECTS_STREAM]
+        task = self.runner.task
+        poses = [(p.position.x, p.position.y, p.position.z,
+                  p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w) for p in msg.poses]
+        try:
+            vector = object_vector(task, list(msg.names), np.array(poses, dtype=np.float64).reshape(-1, 7),
+                                   self.engine.smp_cfg.data.task_objects, self.object_slots, where=topic)
+        except ValueError as exc:  # missing object, NaN / inf, names and poses of different lengths
+            raise RefusedInput(str(exc) if topic in str(exc) else f"{topic}: {exc}") from None
+        self.runner.sync.add_objects(from_stamp(msg.header.stamp), vector, task)
 
     def _on_arm_status(self, arm: str, msg: ArmStatus) -> None:
         # Drivers from before the state field: running = connected, enabled, not e-stopped.

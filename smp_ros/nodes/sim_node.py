@@ -7,6 +7,14 @@ python-can virtual bus to ``smp_ros.sim.can_emulator``), and ``/cameras/<name>/i
 ``camera_info``. For evaluation it adds ``/smp/task`` (latched), ``/smp/episode``
 (smp_ros/EpisodeStatus, 10 Hz) and the ``/sim/reset_episode`` service (smp_ros/ResetEpisode).
 
+Simulated teleoperation (``teleop_source: scripted``): each follower arm gets a LEADER arm on its
+emulated CAN bus, moved by the scripted demonstrator of the task (``smp_ros.sim.teleop``), as on a
+real PiPER leader/follower rig in master-slave mode. The followers obey the leaders' frames, so
+``joint_cmd`` is not subscribed; each arm publishes ``leader_joint_states`` (what piper_sdk reads of
+the leader's frames) beside ``joint_states``, exactly as the driver does in its ``teleop`` mode.
+``smp-ros record --teleop`` then records what a real teleop rig records. Every episode reset
+re-plans the demonstration for the new scene.
+
 Physics, emulated firmware and rendering run in one simulator thread paced to the wall clock
 (times ``real_time_factor``): an OpenGL context belongs to one thread, and stepping the world from
 executor callbacks would let a slow render stall the arms' feedback. If the machine cannot keep
@@ -38,6 +46,7 @@ from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
 from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
 from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
 from smp_ros.sim.can_emulator import PARSE_WAIT_S, attach, wait_until_parsed
+from smp_ros.sim.teleop import ScriptedTeleop
 from smp_ros.sim.world import BimanualWorld
 from smp_ros.srv import ResetEpisode
 
@@ -50,7 +59,10 @@ SIM_SPECS = [
     ParamSpec("episode_status_rate_hz", 10.0, "rate of /smp/episode (Hz)"),
     ParamSpec("speed_percent", 100, "emulated firmware MOVE J speed, percent of 3 rad/s (1..100)"),
     ParamSpec("enable_on_start", True, "enable both emulated arms when the node starts"),
+    ParamSpec("teleop_source", "", "'' (joint_cmd drives the arms) or 'scripted' (the scripted demonstrators "
+              "move leader arms the followers obey; leader_joint_states is published, joint_cmd ignored)"),
 ]
+TELEOP_SOURCES = ("", "scripted")
 MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops trying to catch up
 
 
@@ -62,6 +74,7 @@ class SimNode(GuardedNode, Node):
         self.world: BimanualWorld | None = None
         self.emulators = {}
         self.bridges: list[ArmBridge] = []
+        self.teleop = None  # ScriptedTeleop while teleop_source is 'scripted' (owned by the simulator thread)
         super().__init__("sim", **kwargs)
         p = declare(self, SIM_SPECS + sim_param_specs() + safety_param_specs())
         self.cfg = sim_config(p, where="parameters")
@@ -71,6 +84,8 @@ class SimNode(GuardedNode, Node):
                 raise ConfigError(f"parameter {name}: expected > 0, got {p[name]!r}")
         if p["task"] not in TASKS:
             raise ConfigError(f"parameter task: expected one of {TASKS}, got {p['task']!r}")
+        if p["teleop_source"] not in TELEOP_SOURCES:
+            raise ConfigError(f"parameter teleop_source: expected '' or 'scripted', got {p['teleop_source']!r}")
         self.p = p
         self.task = p["task"]
         self.seed = int(p["seed"])
@@ -91,7 +106,8 @@ class SimNode(GuardedNode, Node):
         self._settle(enable=p["enable_on_start"])
 
         self.bridges = [ArmBridge(self, arm, prefix=f"{side}/", command_rate_hz=p["command_rate_hz"],
-                                  joint_names=element_names(side)) for side, arm in self.arms.items()]
+                                  joint_names=element_names(side), teleop=bool(p["teleop_source"]))
+                        for side, arm in self.arms.items()]
         self.image_pubs = {c: self.create_publisher(Image, topics.image_raw(c), SENSOR_QOS)
                            for c in self.cfg.cameras}
         self.info_pubs = {c: self.create_publisher(CameraInfo, topics.camera_info(c), SENSOR_QOS)
@@ -106,7 +122,8 @@ class SimNode(GuardedNode, Node):
         self._thread = threading.Thread(target=self._loop, name="simulator", daemon=True)
         self._thread.start()
         self.get_logger().info(f"simulating {self.task} (seed {self.seed}) at {p['real_time_factor']:g}x real time, "
-                               f"cameras {list(self.cfg.cameras)}")
+                               f"cameras {list(self.cfg.cameras)}"
+                               + (", teleop: scripted leader arms" if p["teleop_source"] else ""))
 
     # ------------------------------------------------------------------ public (bringup, services)
 
@@ -195,6 +212,8 @@ class SimNode(GuardedNode, Node):
                     self.task = task
                 self.seed = seed if seed >= 0 else self.seed + 1
                 self.world.reset(self.seed)
+                if self.teleop is not None:
+                    self.teleop.reset()
                 self._settle(enable=True)
                 self._begin_episode()
                 future.set_result((self.episode, self.seed))
@@ -244,8 +263,15 @@ class SimNode(GuardedNode, Node):
     def _build_world(self, task: str, seed: int) -> None:
         self.world = BimanualWorld(self.cfg, task, seed)
         self.emulators = attach(self.world, self.channels)
+        if self.p["teleop_source"] == "scripted":
+            # After the emulators' hooks: the leaders run on the followers' clock.
+            self.teleop = ScriptedTeleop(self.world, self.emulators)
+            self.world.post_step_hooks.append(self.teleop)
 
     def _close_world(self) -> None:
+        if self.teleop is not None:
+            self.teleop.close()
+            self.teleop = None
         for emu in self.emulators.values():
             emu.close()
         if self.world is not None:

@@ -15,7 +15,9 @@ Three clocks of work, decoupled so a slow inference never stalls the command str
 
 Synchronization: the reference time of an observation is the newest left-arm joint state; the
 right arm's state and every camera frame used are the samples nearest to it, each within
-``runtime.sync_slop_s``, else the observation is incomplete and not sampled.
+``runtime.sync_slop_s``, else the observation is incomplete and not sampled. A model that reads
+object poses adds one more stream, the tracked objects' pose vector (``/smp/object_poses``),
+matched and aged the same way.
 
 Holding. The runner HOLDS, i.e. produces no command at all (the driver keeps the arm at its last
 target, and a recorded bag shows the gap), whenever
@@ -59,14 +61,21 @@ SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sampl
 WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
 WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
 RATE_WINDOW_S = 2.0  # window of the achieved inference rate
+OBJECTS_STREAM = "objects"  # the object-pose stream's key in ObservationSync (labels: its topic)
 
 
 class ObservationSync:
     """Latest stamped samples per stream -> synchronized snapshots at the control rate (thread-safe)."""
 
     def __init__(self, cameras: tuple[str, ...], labels: dict[str, str], *, slop_s: float, stale_after_s: float,
-                 obs_steps: int, control_rate_hz: float) -> None:
+                 obs_steps: int, control_rate_hz: float, objects: bool = False) -> None:
         self.cameras = tuple(cameras)
+        # --- object poses (object-pose models): one more stream, synchronized like a camera ---
+        # Samples are pose vectors already laid out for one task (``object_task``); a task change
+        # drops them (set_object_task), and a vector built for another task is never added.
+        self.objects = objects
+        self.object_task = ""
+        self._objects: deque = deque(maxlen=8)
         self.labels = labels  # stream -> what to call it in a reason (its topic)
         self.slop = slop_s
         self.stale_after = stale_after_s
@@ -89,6 +98,18 @@ class ObservationSync:
         with self._lock:
             self._history.clear()
 
+    def add_objects(self, stamp: float, vector: np.ndarray, task: str) -> None:
+        """An object-pose vector laid out for ``task``; dropped if the task has changed since."""
+        with self._lock:
+            if task == self.object_task:
+                self._objects.append((stamp, np.asarray(vector, dtype=np.float32)))
+
+    def set_object_task(self, task: str) -> None:
+        """Object poses are laid out per task: drop those of the previous one."""
+        with self._lock:
+            self.object_task = task
+            self._objects.clear()
+
     def newest_joints(self, arm: str) -> tuple[float, np.ndarray] | None:
         """(stamp, q (7,)) of the newest joint state received from ``arm``, or None."""
         with self._lock:
@@ -98,6 +119,8 @@ class ObservationSync:
         """Why the newest observation cannot be acted on at ``now`` ('' if it can)."""
         with self._lock:
             streams = [(arm, self._joints[arm]) for arm in ARMS] + [(c, self._frames[c]) for c in self.cameras]
+            if self.objects:
+                streams.append((OBJECTS_STREAM, self._objects))
             for name, samples in streams:
                 if not samples:
                     return f"no sample yet on {self.labels[name]}"
@@ -118,11 +141,12 @@ class ObservationSync:
                 return None
             right = _nearest(self._joints["right"], ref, self.slop)
             frames = [_nearest(self._frames[c], ref, self.slop) for c in self.cameras]
-            if right is None or any(f is None for f in frames):
+            objects = _nearest(self._objects, ref, self.slop) if self.objects else None
+            if right is None or any(f is None for f in frames) or (self.objects and objects is None):
                 self.incomplete += 1
                 return None
             images = np.stack(frames) if self.cameras else None  # (N_cam, H, W, 3)
-            frame = Frame(ref, np.concatenate([q_left, right]), images)
+            frame = Frame(ref, np.concatenate([q_left, right]), images, objects)
             self._history.push(frame)  # restarts after a gap (closed_loop.ObservationHistory)
             return frame
 
@@ -185,11 +209,13 @@ class PolicyRunner:
         self.control_rate_hz = engine.smp_cfg.data.control_rate_hz
         self.sync = ObservationSync(engine.cameras, labels, slop_s=runtime.sync_slop_s,
                                     stale_after_s=runtime.safety.stale_after_s, obs_steps=engine.cfg.obs_steps,
-                                    control_rate_hz=self.control_rate_hz)
+                                    control_rate_hz=self.control_rate_hz,
+                                    objects=bool(engine.cfg.encoder.object_slots))
         self.stage = CommandStage(runtime, runtime.command_rate_hz)  # one call per command tick
         self.stats = RunnerStats()
         self.guard = CallbackGuard(log, on_fault=self._on_inference_fault)
         self.task = runtime.task
+        self.sync.set_object_task(self.task)
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
@@ -218,6 +244,7 @@ class PolicyRunner:
             raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
         with self._lock:
             self.task = task
+            self.sync.set_object_task(task)
             self._restart_locked()
 
     def restart(self) -> None:

@@ -524,7 +524,7 @@ class LeaderArm:
     """
 
     def __init__(self, channel: str, pose, *, rate_hz: float = 200.0, speed_percent: int = 100,
-                 gripper_effort: float = 1.0) -> None:
+                 gripper_effort: float = 1.0, start_time: float = 0.0) -> None:
         if not (rate_hz > 0 and math.isfinite(rate_hz)):
             raise ValueError(f"LeaderArm: rate_hz must be > 0, got {rate_hz}")
         if not callable(pose):
@@ -535,8 +535,10 @@ class LeaderArm:
         self.speed_percent = int(speed_percent)
         self.gripper_effort = gripper_effort
         self._bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-        self.time = 0.0
-        self._tick = 0
+        # ``start_time``: join a bus whose clock has run already (the follower emulator's survives
+        # world resets); the first frame goes out at the first tick at or after it.
+        self.time = float(start_time)
+        self._tick = math.ceil(self.time / self.period - 1e-9)
         self.frames_sent = 0
         self.last = None  # (stamp, q, gripper) of the newest frames sent
 
@@ -545,6 +547,11 @@ class LeaderArm:
         while self._tick * self.period <= self.time + 1e-12:
             self._emit(self._tick * self.period)
             self._tick += 1
+
+    @property
+    def next_frame_time(self) -> float:
+        """Simulated time at which the next frames go out."""
+        return self._tick * self.period
 
     def _emit(self, stamp: float) -> None:
         q, gripper = self.pose(stamp)
