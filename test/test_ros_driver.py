@@ -97,7 +97,9 @@ def system():
     arm_sim = EmulatedArm(f"driver_test_{os.getpid()}")
     arm = PiperArm(arm_sim.emu.channel, "left", bustype="virtual", clock=lambda: arm_sim.emu.time)
     driver = DriverNode(arm=arm, namespace="/left",
-                        parameter_overrides=[Parameter("command_rate_hz", value=200.0)])
+                        parameter_overrides=[Parameter("command_rate_hz", value=200.0),
+                                             # generous: a busy machine delays feedback and enabling
+                                             Parameter("enable_timeout_s", value=10.0)])
     probe_node = rclpy.create_node("driver_probe")
     probe = Probe(probe_node)
     executor = MultiThreadedExecutor(num_threads=4)
@@ -119,24 +121,28 @@ def system():
 
 @pytest.fixture(autouse=True)
 def running_arm(system):
-    """Each test starts with the arm running, still, and commanded by the probe, whatever the
-    test before it left (an e-stop, a disabled arm, another owner): the tests run in any order."""
+    """Each test starts from one defined state, whatever the test before it left (an e-stop, a
+    disabled arm, an arm awaiting start, another owner): the driver's own services reset, enable and
+    start the arm (each must succeed), then the probe owns the stream and the arm holds still. The
+    status read at the end is one published after the start, never one left from the test before."""
     probe, arm_sim, _ = system
-    if probe.status.emergency_stopped:
-        assert probe.call("reset").success
-        wait_for(lambda: not probe.status.emergency_stopped, what="the e-stop cleared")
-    if not probe.status.enabled:
-        assert probe.call("enable").success
-        wait_for(lambda: probe.status.enabled, what="the arm enabled")
-    if probe.status.awaiting_start:
-        assert probe.call("start").success
-        wait_for(lambda: not probe.status.awaiting_start, what="the arm started")
-    # Hold where it is until the driver executes the probe's commands again (another owner's
-    # stream times out first).
+    for service in ("reset", "enable", "start"):
+        response = probe.call(service)
+        assert response.success, f"/left/{service}: {response.message}"
+    started = probe.node.get_clock().now().nanoseconds * 1e-9
+
+    def fresh_and_running():
+        status = probe.status
+        return (status.header.stamp.sec + 1e-9 * status.header.stamp.nanosec > started and status.state == "running"
+                and status.reason == "")
+
+    # Hold where it is until a status after the start shows the probe's commands executed (another
+    # owner's stream times out first).
     here = np.append(arm_sim.plant.joint_positions(), arm_sim.plant.gripper_opening())
+    assert stream_until(probe, here, fresh_and_running, timeout=30.0), probe.status
     executed = probe.status.commands_executed
-    assert stream_until(probe, here, lambda: probe.status.state == "running" and probe.status.reason == ""
-                        and probe.status.commands_executed > executed, timeout=30.0), probe.status
+    assert stream_until(probe, here, lambda: fresh_and_running() and probe.status.commands_executed > executed,
+                        timeout=30.0), probe.status
 
 
 def stream_until(probe, target, done, timeout=10.0):

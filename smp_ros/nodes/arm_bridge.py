@@ -272,6 +272,14 @@ class ArmBridge:
         while True:
             try:
                 obs = self.arm.get_observation()
+            except StaleFeedbackError as exc:
+                # A busy machine can delay the feedback for a moment: wait for a fresh one (up to
+                # enable_timeout_s) rather than refuse; a start never proceeds on stale feedback.
+                if time.monotonic() > deadline:
+                    response.success, response.message = False, f"not started: {exc}"
+                    return response
+                time.sleep(0.01)
+                continue
             except ArmError as exc:
                 response.success, response.message = False, f"not started: {exc}"
                 return response
