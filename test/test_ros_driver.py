@@ -16,7 +16,6 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -25,7 +24,7 @@ from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.hardware.piper import PiperArm  # noqa: E402
 from smp_ros.msg import ArmStatus  # noqa: E402
 from smp_ros.nodes.driver_node import DriverNode  # noqa: E402
-from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, PoolExecutor, SENSOR_QOS  # noqa: E402
 from smp_ros.sim.can_emulator import FirstOrderArmPlant, PiperCanEmulator  # noqa: E402
 
 NAMES = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
@@ -102,7 +101,7 @@ def system():
                                              Parameter("enable_timeout_s", value=10.0)])
     probe_node = rclpy.create_node("driver_probe")
     probe = Probe(probe_node)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     executor.add_node(driver)
     executor.add_node(probe_node)
     spinner = threading.Thread(target=executor.spin, daemon=True)

@@ -323,12 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
-    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
+    from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
     from smp_ros.nodes.sim_node import SimNode
 
     params = ParamsFile.load(args.config)
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                      "camera_size": size, "policy_rate_hz": 5.0, "inference_deadline_s": 3.0,
                      "safety.stale_after_s": 1.0}
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
-    executor = MultiThreadedExecutor()
+    executor = PoolExecutor()
     nodes, spinner = [], None
     try:
         sim = SimNode(parameter_overrides=[Parameter("safety.stale_after_s", value=1.0)])
