@@ -216,6 +216,7 @@ class PolicyRunner:
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
         self._safety_started = False
+        self._restarted_at = -math.inf  # the safety filter re-seeds from a measurement after this
         self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -257,6 +258,7 @@ class PolicyRunner:
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
         self._safety_started = False
+        self._restarted_at = self.clock()
 
     def inference_rate(self, now: float | None = None) -> float:
         """Inference calls completed per second over the last ``RATE_WINDOW_S`` (monotonic clock)."""
@@ -276,9 +278,11 @@ class PolicyRunner:
                 return Command(None, stale)
             if not self._safety_started:
                 latest = self.sync.latest()
-                if latest is None:
+                # The first command starts from the measured pose: one measured after the restart,
+                # not a sample that was already waiting (the arms may have been moved meanwhile).
+                if latest is None or latest.stamp < self._restarted_at:
                     return Command(None, "waiting for a synchronized observation")
-                self.safety.reset(latest.qpos)  # the first command starts from the measured pose
+                self.safety.reset(latest.qpos)
                 self._safety_started = True
             if self._deadline_hold:
                 return Command(None, self._deadline_hold)
