@@ -338,10 +338,9 @@ def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
         count = len(graph.cmds)
         # Meanwhile the left arm was moved by hand, 0.3 rad on joint 1: the restart must start from
         # where it is now, not from the last command (which the safety filter would otherwise
-        # continue from, at most max_joint_step per tick).
+        # continue from, at most max_joint_step per tick), nor from a sample that was already
+        # waiting when the arm ran again (no wait here for the policy to receive the new pose).
         robot.joints["left"] = HOME[:7] + np.array([0.3, 0, 0, 0, 0, 0, 0])
-        wait_for(lambda: abs(policy.runner.sync.newest_joints("left")[1][0] - 0.3) < 1e-9,
-                 what="the policy to receive the moved pose")
         resumed_at = robot.arm_state("right", "running")
         _commands_resume(graph, count, "commands after the arm runs again")
         after = graph.cmds[count:]
@@ -350,6 +349,15 @@ def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
         assert abs(after[0].position[0] - 0.3) <= step + 1e-9, \
             f"first command after the restart at {after[0].position[0]:.3f} rad, measured 0.3 rad"
         assert held_at < resumed_at
+
+        # A stop and a start reported back to back (faster than the node's ticks) still restart
+        # the plan from the measured pose: the arm, moved again, is followed from 0.6 rad.
+        robot.joints["left"] = HOME[:7] + np.array([0.6, 0, 0, 0, 0, 0, 0])
+        robot.arm_state("right", "estopped", "test")
+        resumed_at = robot.arm_state("right", "running")
+        wait_for(lambda: any(_stamp(c) > resumed_at and abs(c.position[0] - 0.6) <= step + 1e-9
+                             for c in graph.cmds[count:]), timeout=60.0,
+                 what="commands restarted from the measured 0.6 rad after a brief stop")
     finally:
         robot.close()
         graph.close()
