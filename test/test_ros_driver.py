@@ -297,3 +297,33 @@ def test_one_publisher_owns_the_command_stream(system, capfd):
         assert not np.allclose(arm_sim.plant.joint_positions(), start, atol=1e-3), "the new owner is not followed"
     finally:
         intruder.destroy_node()
+
+
+def test_a_restarted_driver_takes_the_arm_over_where_it_is(system):
+    """The driver's ROS side goes away mid-run (its process ends: topics and services leave the graph)
+    and a fresh one takes the same arm: the arm keeps its last target meanwhile, and the new driver
+    reports it and follows the first commander again from where it stands."""
+    from smp_ros.nodes.arm_bridge import ArmBridge
+
+    probe, arm_sim, driver = system
+    here = arm_sim.plant.joint_positions()
+    driver.bridge.close()
+    closed_at = probe.node.get_clock().now().nanoseconds * 1e-9
+    resume_at = arm_sim.emu.time + 0.5
+    wait_for(lambda: arm_sim.emu.time > resume_at, what="0.5 s of the arm's time without a driver")
+    assert np.allclose(arm_sim.plant.joint_positions(), here, atol=1e-3), "the arm moved without its driver"
+    late = [s for s in probe.states if _stamp(s) > closed_at + 0.1]
+    assert not late, f"{len(late)} joint states after the driver went away"
+
+    driver.bridge = ArmBridge(driver, driver.arm, prefix="", command_rate_hz=200.0, joint_names=tuple(NAMES),
+                              enable_timeout_s=10.0)
+    wait_for(lambda: probe.states and _stamp(probe.states[-1]) > closed_at + 0.1, what="joint states again")
+    wait_for(lambda: probe.status.owner == "" and probe.status.commands_executed == 0, what="the new driver's status")
+    goal = here + np.array([0.03, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert stream_until(probe, np.append(goal, arm_sim.plant.gripper_opening()),
+                        lambda: np.allclose(arm_sim.plant.joint_positions(), goal, atol=2e-3))
+    assert probe.status.owner != ""
+
+
+def _stamp(msg):
+    return msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec

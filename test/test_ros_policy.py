@@ -363,6 +363,47 @@ def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
         graph.close()
 
 
+def test_deactivate_and_activate_mid_run_holds_then_resumes_from_the_measured_pose(ros, tiny_model):
+    """The policy node restarted through its lifecycle mid-run (what a supervisor does): no command
+    while inactive, a status that says so, and on activation a fresh plan from where the arm is."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    robot = FakeRobot()
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model))
+    graph = Graph(policy, robot.node)
+    client = graph.probe.create_client(ChangeState, "/smp/policy/change_state")
+    robot.start()
+
+    def transition(transition_id):
+        assert client.wait_for_service(timeout_sec=30.0)
+        future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        wait_for(future.done, timeout=60.0, what=f"lifecycle transition {transition_id}")
+        assert future.result().success
+        return robot.node.get_clock().now().nanoseconds * 1e-9
+
+    try:
+        _commands_resume(graph, 0, "commands")
+        deactivated_at = transition(Transition.TRANSITION_DEACTIVATE)
+        wait_for(lambda: _holding_on(graph, "inactive"), what="a status saying the node is inactive")
+        count = len(graph.cmds)
+        # The arm is moved while the node is inactive; the node still hears it (0.3 rad, joint 1).
+        robot.joints["left"] = HOME[:7] + np.array([0.3, 0, 0, 0, 0, 0, 0])
+        wait_for(lambda: abs(policy.runner.sync.newest_joints("left")[1][0] - 0.3) < 1e-9,
+                 what="the moved pose to arrive while inactive")
+        assert all(_stamp(c) <= deactivated_at for c in graph.cmds), "a command while inactive"
+        activated_at = transition(Transition.TRANSITION_ACTIVATE)
+        _commands_resume(graph, count, "commands after activation")
+        after = graph.cmds[count:]
+        assert all(_stamp(c) > activated_at for c in after)
+        step = SafetyConfig().max_joint_step
+        assert abs(after[0].position[0] - 0.3) <= step + 1e-9, \
+            f"first command after activation at {after[0].position[0]:.3f} rad, measured 0.3 rad"
+    finally:
+        robot.close()
+        graph.close()
+
+
 def test_a_killed_inference_worker_is_restarted_while_the_node_holds(ros, tiny_model, capfd):
     import signal
 

@@ -193,6 +193,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._stop_timers()
         self.runner.stop()
         self._reason, self._cause = "inactive", hold_cause("inactive")
+        self.get_logger().warning("HOLD: inactive (deactivated); no commands until activated")
+        self._publish_status()  # the last status before its publisher goes quiet says why
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
