@@ -7,8 +7,6 @@ maps names to modules, so ``smp-ros --help`` stays fast (modules are imported on
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import importlib
 import sys
 
@@ -32,23 +30,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def skip_final_collection() -> None:
-    """Make the interpreter's exit fast: freeze the heap just before it is torn down.
-
-    Why: with torch, rclpy and MuJoCo loaded the heap holds millions of objects, and the garbage
-    collections of interpreter finalization took 1-2 s on a busy 2-core machine after every node,
-    worker and file had already been closed explicitly: the larger part of the time from Ctrl-C
-    to exit. Frozen objects are skipped by those collections; the memory goes back to the system
-    with the process either way. Registered first, so it runs last of the exit handlers (atexit
-    runs them in reverse), after every library's own exit handler has finished."""
-    if skip_final_collection not in _registered:
-        _registered.append(skip_final_collection)
-        atexit.register(gc.freeze)
-
-
-_registered: list = []
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smp-ros", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    skip_final_collection()
+    from smp_ros.runtime import process_exit
+
+    process_exit.prepare()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()

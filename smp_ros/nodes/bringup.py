@@ -205,9 +205,9 @@ def _wait(predicate, timeout: float, what: str, spinner=None) -> None:
 
 
 def main() -> int:
-    from smp_ros.cli import skip_final_collection
+    from smp_ros.runtime import process_exit
 
-    skip_final_collection()  # a fast exit once everything is closed (see there)
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     parser = argparse.ArgumentParser(prog="bringup", description=__doc__.splitlines()[0])
     add_arguments(parser)
     # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.

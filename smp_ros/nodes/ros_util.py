@@ -43,7 +43,7 @@ from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSRel
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
 
-from smp_ros.cli import skip_final_collection
+from smp_ros.runtime import process_exit
 from smp_ros.config import ConfigError
 from smp_ros.nodes.params import ParamSpec
 from smp_ros.runtime.guard import CallbackGuard, RefusedInput  # noqa: F401 (re-exported for the nodes)
@@ -375,7 +375,7 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
     bad parameter, an arm or camera that cannot be opened) or when it died while running (the
     executor failed or a node thread set ``fatal_error``), with the reason on stderr.
     """
-    skip_final_collection()  # a fast exit once the node is destroyed (see there)
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     rclpy.init(args=args)
     node = None
     status = 0
