@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from smp_ros.config import TASKS, ConfigError
@@ -51,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
             "--seed", str(args.seed)] + (["--task", args.task] if args.task else [])
     bringup_parser = argparse.ArgumentParser(prog="smp-ros bringup")
     bringup.add_arguments(bringup_parser)
+    results_path.unlink(missing_ok=True)  # an old run's results must not pass for this one's
     status = bringup.run(bringup_parser.parse_args(argv))
     if status:
         return status
+    if not results_path.is_file():  # Ctrl-C / SIGTERM before the episodes finished: a clean stop
+        print("smp-ros demo: stopped before the episodes finished; no results written", file=sys.stderr)
+        return 0
     results = json.loads(results_path.read_text())
     print()
     print(format_table(results))
