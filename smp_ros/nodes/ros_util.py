@@ -297,8 +297,16 @@ class Spinner:
         return self.thread.is_alive()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Ask the spinning thread to end and wait for it (up to ``timeout``). A Ctrl-C that lands
+        in this wait does not cut it short: the executor and the nodes must not be torn down under
+        a thread still waiting on their handles (seen ending a process with a segmentation fault)."""
         self._stop.set()
-        self.thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.thread.join(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                continue
 
 
 def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> None:
@@ -307,6 +315,10 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
     Destroyable" exceptions behind."""
     if spinner is not None:
         spinner.stop()
+        if spinner.running():  # still inside rclpy after 2 s: tearing down under it could crash
+            print("shutdown: the executor thread did not stop within 2 s; leaving the teardown to the "
+                  "process exit", file=sys.stderr)
+            return
     # Callbacks already handed to the thread pool must finish before the executor's guard
     # condition is destroyed, or they fail on it and rclpy prints "exception was never retrieved".
     deadline = time.monotonic() + 1.0
@@ -327,6 +339,8 @@ def spin_node(node: Node) -> None:
             spinner.thread.join(0.2)
     finally:
         shutdown_nodes(spinner, executor, [])
+        # run() destroys the node only once nothing spins it any more (see Spinner.stop)
+        node.__dict__["_still_spinning"] = spinner.running()
     if spinner.failure:
         raise RuntimeError(spinner.failure)
 
@@ -389,7 +403,7 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         status = 1
     finally:
-        if node is not None:
+        if node is not None and not node.__dict__.get("_still_spinning", False):
             node.destroy_node()
         rclpy.try_shutdown()
     return status
