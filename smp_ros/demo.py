@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from smp_ros.config import TASKS, ConfigError
@@ -47,11 +48,15 @@ def run(args: argparse.Namespace) -> int:
                           "train one with `smp-ros train` (see README)")
     results_path = args.out / "results.json"
     config = write_demo_params(args.config, args.out / "bimanual_demo.yaml", args.policy_rate, args.inference_deadline)
+    results_path.unlink(missing_ok=True)  # an old run's results must not pass for this one's
     status = bringup.bringup(bringup.Options(
         config=str(config), sim=True, model=str(args.model), backend=args.backend, task=args.task,
         episodes=args.episodes, json=str(results_path), seed=args.seed, gate_trace=str(args.out)))
     if status:
         return status
+    if not results_path.is_file():  # Ctrl-C / SIGTERM before the episodes finished: a clean stop
+        print("smp-ros demo: stopped before the episodes finished; no results written", file=sys.stderr)
+        return 0
     results = json.loads(results_path.read_text())
     print()
     print(format_table(results))

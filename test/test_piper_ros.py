@@ -22,7 +22,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 
@@ -85,7 +85,7 @@ def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, 
     probe = rclpy.create_node("piper_ros_probe")
     status: list[PolicyStatus] = []
     probe.create_subscription(PolicyStatus, "/smp/policy_status", status.append, LATCHED_QOS)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     for node in (policy, probe, *(a.node for a in arms.values())):
         executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)

@@ -14,13 +14,12 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.nodes.camera_node import CameraNode  # noqa: E402
-from smp_ros.nodes.ros_util import SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import PoolExecutor, SENSOR_QOS  # noqa: E402
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def test_camera_publishes_rgb8_images_with_capture_stamps(video):
         images, infos = [], []
         probe.create_subscription(Image, "/cameras/cam_high/image_raw", images.append, SENSOR_QOS)
         probe.create_subscription(CameraInfo, "/cameras/cam_high/camera_info", infos.append, SENSOR_QOS)
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor = PoolExecutor(num_threads=2)
         executor.add_node(node)
         executor.add_node(probe)
         thread = threading.Thread(target=executor.spin, daemon=True)

@@ -16,7 +16,6 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -25,7 +24,7 @@ from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.hardware.piper import PiperArm  # noqa: E402
 from smp_ros.msg import ArmStatus  # noqa: E402
 from smp_ros.nodes.driver_node import DriverNode  # noqa: E402
-from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, PoolExecutor, SENSOR_QOS  # noqa: E402
 from smp_ros.sim.can_emulator import FirstOrderArmPlant, PiperCanEmulator  # noqa: E402
 
 NAMES = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
@@ -97,10 +96,12 @@ def system():
     arm_sim = EmulatedArm(f"driver_test_{os.getpid()}")
     arm = PiperArm(arm_sim.emu.channel, "left", bustype="virtual", clock=lambda: arm_sim.emu.time)
     driver = DriverNode(arm=arm, namespace="/left",
-                        parameter_overrides=[Parameter("command_rate_hz", value=200.0)])
+                        parameter_overrides=[Parameter("command_rate_hz", value=200.0),
+                                             # generous: a busy machine delays feedback and enabling
+                                             Parameter("enable_timeout_s", value=10.0)])
     probe_node = rclpy.create_node("driver_probe")
     probe = Probe(probe_node)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     executor.add_node(driver)
     executor.add_node(probe_node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -119,24 +120,28 @@ def system():
 
 @pytest.fixture(autouse=True)
 def running_arm(system):
-    """Each test starts with the arm running, still, and commanded by the probe, whatever the
-    test before it left (an e-stop, a disabled arm, another owner): the tests run in any order."""
+    """Each test starts from one defined state, whatever the test before it left (an e-stop, a
+    disabled arm, an arm awaiting start, another owner): the driver's own services reset, enable and
+    start the arm (each must succeed), then the probe owns the stream and the arm holds still. The
+    status read at the end is one published after the start, never one left from the test before."""
     probe, arm_sim, _ = system
-    if probe.status.emergency_stopped:
-        assert probe.call("reset").success
-        wait_for(lambda: not probe.status.emergency_stopped, what="the e-stop cleared")
-    if not probe.status.enabled:
-        assert probe.call("enable").success
-        wait_for(lambda: probe.status.enabled, what="the arm enabled")
-    if probe.status.awaiting_start:
-        assert probe.call("start").success
-        wait_for(lambda: not probe.status.awaiting_start, what="the arm started")
-    # Hold where it is until the driver executes the probe's commands again (another owner's
-    # stream times out first).
+    for service in ("reset", "enable", "start"):
+        response = probe.call(service)
+        assert response.success, f"/left/{service}: {response.message}"
+    started = probe.node.get_clock().now().nanoseconds * 1e-9
+
+    def fresh_and_running():
+        status = probe.status
+        return (status.header.stamp.sec + 1e-9 * status.header.stamp.nanosec > started and status.state == "running"
+                and status.reason == "")
+
+    # Hold where it is until a status after the start shows the probe's commands executed (another
+    # owner's stream times out first).
     here = np.append(arm_sim.plant.joint_positions(), arm_sim.plant.gripper_opening())
+    assert stream_until(probe, here, fresh_and_running, timeout=30.0), probe.status
     executed = probe.status.commands_executed
-    assert stream_until(probe, here, lambda: probe.status.state == "running" and probe.status.reason == ""
-                        and probe.status.commands_executed > executed, timeout=30.0), probe.status
+    assert stream_until(probe, here, lambda: fresh_and_running() and probe.status.commands_executed > executed,
+                        timeout=30.0), probe.status
 
 
 def stream_until(probe, target, done, timeout=10.0):
@@ -292,3 +297,33 @@ def test_one_publisher_owns_the_command_stream(system, capfd):
         assert not np.allclose(arm_sim.plant.joint_positions(), start, atol=1e-3), "the new owner is not followed"
     finally:
         intruder.destroy_node()
+
+
+def test_a_restarted_driver_takes_the_arm_over_where_it_is(system):
+    """The driver's ROS side goes away mid-run (its process ends: topics and services leave the graph)
+    and a fresh one takes the same arm: the arm keeps its last target meanwhile, and the new driver
+    reports it and follows the first commander again from where it stands."""
+    from smp_ros.nodes.arm_bridge import ArmBridge
+
+    probe, arm_sim, driver = system
+    here = arm_sim.plant.joint_positions()
+    driver.bridge.close()
+    closed_at = probe.node.get_clock().now().nanoseconds * 1e-9
+    resume_at = arm_sim.emu.time + 0.5
+    wait_for(lambda: arm_sim.emu.time > resume_at, what="0.5 s of the arm's time without a driver")
+    assert np.allclose(arm_sim.plant.joint_positions(), here, atol=1e-3), "the arm moved without its driver"
+    late = [s for s in probe.states if _stamp(s) > closed_at + 0.1]
+    assert not late, f"{len(late)} joint states after the driver went away"
+
+    driver.bridge = ArmBridge(driver, driver.arm, prefix="", command_rate_hz=200.0, joint_names=tuple(NAMES),
+                              enable_timeout_s=10.0)
+    wait_for(lambda: probe.states and _stamp(probe.states[-1]) > closed_at + 0.1, what="joint states again")
+    wait_for(lambda: probe.status.owner == "" and probe.status.commands_executed == 0, what="the new driver's status")
+    goal = here + np.array([0.03, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert stream_until(probe, np.append(goal, arm_sim.plant.gripper_opening()),
+                        lambda: np.allclose(arm_sim.plant.joint_positions(), goal, atol=2e-3))
+    assert probe.status.owner != ""
+
+
+def _stamp(msg):
+    return msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec

@@ -13,12 +13,11 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from smp_ros.nodes.ros_util import GuardedNode, RefusedInput, Spinner, shutdown_nodes  # noqa: E402
+from smp_ros.nodes.ros_util import GuardedNode, PoolExecutor, RefusedInput, Spinner, shutdown_nodes  # noqa: E402
 
 
 class Fragile(GuardedNode, Node):
@@ -56,7 +55,7 @@ def graph():
     rclpy.init()
     node = Fragile()
     sender = rclpy.create_node("guard_sender")
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = PoolExecutor(num_threads=3)
     executor.add_node(node)
     executor.add_node(sender)
     spinner = Spinner(executor, [node, sender]).start()

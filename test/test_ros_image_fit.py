@@ -18,7 +18,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_live_frames_are_fitted_as_ingest_fitted_the_training_frames(ros, tmp_pa
     card = frame()
     msg = Image(height=CAMERA_HW[0], width=CAMERA_HW[1], encoding="rgb8", step=CAMERA_HW[1] * 3)
     msg.data = card.tobytes()
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     executor.add_node(policy)
     executor.add_node(robot)
     spinner = threading.Thread(target=executor.spin, daemon=True)

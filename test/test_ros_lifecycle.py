@@ -144,6 +144,30 @@ def test_bringup_stops_cleanly_on_a_signal(model_dir, tmp_path, sig):
         proc.kill()
 
 
+@pytest.mark.sim
+def test_demo_stopped_mid_episode_exits_cleanly(tmp_path):
+    """`smp-ros demo` interrupted before its episode ends: exit 0, says no results were written, and
+    an older results.json in --out is not passed off as this run's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # left by an earlier run
+    proc = Process(["-m", "smp_ros.cli", "demo", "--task", "pen_cap", "--episodes", "1", "--out", str(out)], cwd=root)
+    try:
+        wait_for(lambda: "active: task" in proc.output or proc.proc.poll() is not None, timeout=300.0,
+                 what="the demo to activate the policy")
+        assert proc.proc.poll() is None, proc.output[-3000:]
+        workers = proc.children()
+        assert proc.stop(signal.SIGINT) == 0, proc.output[-3000:]
+        for pid in workers:
+            wait_for(lambda: _gone(pid), timeout=10.0, what=f"child {pid} to end")
+        assert "stopped before the episodes finished" in proc.output
+        assert not any(bad in proc.output for bad in BAD_SHUTDOWN), proc.output[-3000:]
+        assert not (out / "results.json").exists()
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.sim
 def test_fault_matrix_passes_in_the_simulated_system(tmp_path):

@@ -19,7 +19,7 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
 from geometry_msgs.msg import Pose  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 
@@ -89,7 +89,7 @@ class Graph:
         self.probe.create_subscription(SkillState, "/smp/skill_state", self.skills.append, 10)
         self.probe.create_subscription(PolicyStatus, "/smp/policy_status", self.status.append, LATCHED_QOS)
         self.nodes = [*nodes, self.probe]
-        self.executor = MultiThreadedExecutor(num_threads=6)
+        self.executor = PoolExecutor(num_threads=6)
         for node in self.nodes:
             self.executor.add_node(node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)

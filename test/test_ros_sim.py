@@ -16,7 +16,6 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
@@ -24,7 +23,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.msg import ArmStatus, EpisodeStatus, ObjectPoses  # noqa: E402
-from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, PoolExecutor, SENSOR_QOS  # noqa: E402
 from smp_ros.nodes.sim_node import SimNode  # noqa: E402
 from smp_ros.srv import ResetEpisode  # noqa: E402
 
@@ -59,7 +58,7 @@ def sim():
     probe.create_subscription(String, "/smp/task", got["task"].append, LATCHED_QOS)
     probe.create_subscription(EpisodeStatus, "/smp/episode", got["episode"].append, LATCHED_QOS)
     probe.create_subscription(ObjectPoses, "/smp/object_poses", got["objects"].append, SENSOR_QOS)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     executor.add_node(sim)
     executor.add_node(probe)
     spinner = threading.Thread(target=executor.spin, daemon=True)

@@ -92,7 +92,7 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     import threading
 
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from smp_ros.nodes.ros_util import PoolExecutor
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import JointState
 
@@ -138,7 +138,7 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     cmd = probe.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
     bag = tmp_path / "teleop_bag"
     recorder = RecorderNode(bag, demonstration_topics(("cam_high",), teleop=True), storage="mcap")
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     executor.add_node(driver)
     executor.add_node(probe)
     executor.add_node(recorder)

@@ -23,7 +23,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rosbags.highlevel import AnyReader  # noqa: E402
 
@@ -44,7 +44,7 @@ def record_teleop(bag: Path, *, sim_seconds: float | None, seed: int = 11) -> di
 
     rclpy.init()
     sim = recorder = None
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     try:
         # The recorder first, as a user starts `ros2 bag record` before moving the leaders: the scripted
@@ -213,7 +213,7 @@ def test_leader_topics_continue_after_the_simulator_switches_task():
     from smp_ros.nodes.sim_node import SimNode
 
     rclpy.init()
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PoolExecutor(num_threads=4)
     sim = probe = None
     try:
         sim = SimNode(parameter_overrides=[Parameter("teleop_source", value="scripted"), Parameter("task", value=TASK),

@@ -115,16 +115,30 @@ class ArmBridge:
         # Depth 10, not 1: with depth 1 a second publisher's message overwrites the owner's in the
         # queue before it is read, and ownership could not be judged. Only the newest accepted
         # target is kept (``_pending``), so nothing is queued toward the arm.
+        self.leader_pub = self.cmd_sub = None
         if teleop:  # the leader commands the arm; nothing else may
             self.leader_pub = node.create_publisher(JointState, f"{prefix}leader_joint_states", SENSOR_QOS)
         else:
-            node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command, COMMAND_SUB_QOS,
-                                     callback_group=MutuallyExclusiveCallbackGroup())
-        for name, handler in (("enable", self._on_enable), ("disable", self._on_disable),
-                              ("emergency_stop", self._on_estop), ("reset", self._on_reset),
-                              ("start", self._on_start)):
-            node.create_service(Trigger, f"{prefix}{name}", handler, callback_group=service_group)
+            self.cmd_sub = node.create_subscription(JointState, f"{prefix}joint_cmd", self._on_command,
+                                                    COMMAND_SUB_QOS, callback_group=MutuallyExclusiveCallbackGroup())
+        self.services = [node.create_service(Trigger, f"{prefix}{name}", handler, callback_group=service_group)
+                         for name, handler in (("enable", self._on_enable), ("disable", self._on_disable),
+                                               ("emergency_stop", self._on_estop), ("reset", self._on_reset),
+                                               ("start", self._on_start))]
         self.timer = node.create_timer(1.0 / command_rate_hz, self.tick, callback_group=tick_group)
+
+    def close(self) -> None:
+        """Take this arm off the graph (its topics, services and tick), as when its driver process
+        ends; the arm itself keeps its last target. A new ArmBridge on the same arm starts over."""
+        node = self.node
+        node.destroy_timer(self.timer)
+        if self.cmd_sub is not None:
+            node.destroy_subscription(self.cmd_sub)
+        for service in self.services:
+            node.destroy_service(service)
+        for pub in (self.state_pub, self.status_pub, self.leader_pub):
+            if pub is not None:
+                node.destroy_publisher(pub)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -274,6 +288,14 @@ class ArmBridge:
         while True:
             try:
                 obs = self.arm.get_observation()
+            except StaleFeedbackError as exc:
+                # A busy machine can delay the feedback for a moment: wait for a fresh one (up to
+                # enable_timeout_s) rather than refuse; a start never proceeds on stale feedback.
+                if time.monotonic() > deadline:
+                    response.success, response.message = False, f"not started: {exc}"
+                    return response
+                time.sleep(0.01)
+                continue
             except ArmError as exc:
                 response.success, response.message = False, f"not started: {exc}"
                 return response

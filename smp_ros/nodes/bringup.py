@@ -1,6 +1,6 @@
 """``smp-ros bringup``: the whole bimanual system in one process, without a ROS install.
 
-Starts the same node classes the launch file starts, on one MultiThreadedExecutor, with the
+Starts the same node classes the launch file starts, on one executor (ros_util.PoolExecutor), with the
 parameters of ``--config`` (a ROS 2 parameters file, handed to rcl exactly as ``--params-file``):
 
 - real arms: ``/left/driver``, ``/right/driver``, one ``/cameras/<name>/camera`` per camera the
@@ -79,11 +79,11 @@ def bringup(args: Options) -> int:
         raise ConfigError("--episodes: evaluation episodes need --sim")
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.policy_node import PolicyNode
-    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
+    from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
 
     policy_overrides = [Parameter(name, value=value) for name, value in
                         (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
@@ -95,7 +95,7 @@ def bringup(args: Options) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     nodes = []
-    executor = MultiThreadedExecutor()
+    executor = PoolExecutor()
     spinner = None
     try:
         if args.sim:
@@ -241,6 +241,9 @@ def wait_until(predicate, timeout: float, what: str, spinner=None) -> None:
 
 
 def main() -> int:
+    from smp_ros.runtime import process_exit
+
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     parser = argparse.ArgumentParser(prog="bringup", description=__doc__.splitlines()[0])
     add_arguments(parser)
     # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.

@@ -11,7 +11,7 @@ commanded again. It prints one row per fault and writes them to ``--json``:
 
 "first-command jump" is the largest joint distance of the first command after the resume from
 the last command before the fault (the command stream never jumps), or, for the cases after
-which the policy restarts (e-stop, CAN loss), from the measured pose (the restart starts there); it must not exceed ``safety.max_joint_step``.
+which the policy restarts (e-stop, CAN loss, policy node deactivated), from the measured pose (the restart starts there); it must not exceed ``safety.max_joint_step``.
 Exit status 0 when every row passed. The waits are generous (a busy machine makes it slower, not failed);
 the times are wall-clock and only describe this run.
 """
@@ -84,6 +84,9 @@ class Probe:
         self.cmd_pub = node.create_publisher(JointState, topics.joint_cmd("left"), COMMAND_QOS)
         self.clients = {(arm, name): node.create_client(Trigger, f"/{arm}/{name}")
                         for arm in ARMS for name in ("emergency_stop", "reset", "start")}
+        from lifecycle_msgs.srv import ChangeState
+
+        self.lifecycle = node.create_client(ChangeState, "/smp/policy/change_state")
 
     def _on_status(self, msg):
         with self.lock:
@@ -110,6 +113,16 @@ class Probe:
         if not future.done():
             return False, f"/{arm}/{name} did not answer"
         return future.result().success, future.result().message
+
+    def transition(self, transition_id: int) -> bool:
+        """A lifecycle transition of the policy node through its change_state service."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        if not self.lifecycle.wait_for_service(timeout_sec=WAIT_S):
+            return False
+        future = self.lifecycle.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        return _wait(future.done) is not None and future.result().success
 
     def latest_status(self):
         with self.lock:
@@ -152,10 +165,14 @@ def _wait(predicate, timeout: float = WAIT_S, poll: float = 0.01) -> float | Non
 
 
 class Matrix:
-    def __init__(self, sim, policy, probe: Probe, spinner, step_limit: float):
+    def __init__(self, sim, policy, probe: Probe, spinner, step_limit: float, only: tuple[str, ...] = ()):
         self.sim, self.policy, self.probe, self.spinner = sim, policy, probe, spinner
         self.step_limit = step_limit
+        self.only = only  # run only the faults whose name contains one of these ('' = all)
         self.rows: list[Row] = []
+
+    def wanted(self, fault: str) -> bool:
+        return not self.only or any(text in fault for text in self.only)
 
     def now(self) -> float:
         return self.probe.node.get_clock().now().nanoseconds * 1e-9
@@ -163,6 +180,8 @@ class Matrix:
     def run(self, fault: str, expected: str, text: str, inject, clear, *, during=None, from_measured=False):
         """Inject (repeatedly, while waiting, if ``during``), wait for a hold naming ``text``,
         clear, wait for commands again and check the first command's jump."""
+        if not self.wanted(fault):
+            return Row(fault, expected, note="not run (--only)")  # not in the table
         row = Row(fault, expected)
         if _wait(self.probe.commanding) is None:
             row.note = "the policy was not commanding before the fault"
@@ -203,8 +222,35 @@ def _image(height: int, width: int, encoding: str = "rgb8", step: int | None = N
     return msg
 
 
-def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
+def _second_publisher(m: Matrix, home: list[float]) -> None:
+    """Two publishers on one command topic: the policy owns it, the intruder is refused."""
     from sensor_msgs.msg import JointState
+
+    from smp_ros.hardware.arm import element_names
+
+    probe = m.probe
+    refused0 = probe.arm_status["left"].commands_not_owner if probe.arm_status["left"] else 0
+    far = np.array(home) + np.array([1.0, 0.5, -0.5, 0.5, 0.5, 0.5, 0.0])
+    intruder = lambda: probe.cmd_pub.publish(JointState(name=list(element_names("left")),  # noqa: E731
+                                                        position=[float(v) for v in far]))
+    row = Row("second publisher on /left/joint_cmd (far target)", "refused, policy keeps the stream")
+    start = time.monotonic()
+    while time.monotonic() - start < WAIT_S:
+        intruder()
+        status = probe.arm_status["left"]
+        if status is not None and status.commands_not_owner > refused0:
+            row.detected_s = time.monotonic() - start
+            row.reason = f"commands_not_owner {status.commands_not_owner - refused0}, owner {status.owner}"
+            break
+        time.sleep(0.01)
+    q = np.array(probe.states["left"][-1].position[:6])
+    row.jump_rad = float(np.max(np.abs(q - far[:6])))  # distance still to the intruder's target
+    row.ok = row.detected_s is not None and row.jump_rad > 0.3 and m.spinner.running()
+    row.note = "jump = remaining distance to the intruder's target (must stay large)"
+    m.rows.append(row)
+
+
+def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
 
     from smp_ros.hardware.arm import element_names
     from smp_ros.nodes.ros_util import joint_state_msg
@@ -259,30 +305,39 @@ def run_matrix(m: Matrix, camera: str, size: tuple[int, int]) -> None:
 
     row = m.run("e-stop, reset, start", "hold; no motion after reset until start; resume from measured pose",
                 "left arm estopped", estop, reset_then_start, from_measured=True)
-    moved = moved_after_reset.get("rad", float("nan"))
-    row.note = f"moved {moved:.4f} rad between reset and start"
-    row.ok = row.ok and moved < 2e-3
+    if row in m.rows:
+        moved = moved_after_reset.get("rad", float("nan"))
+        row.note = f"moved {moved:.4f} rad between reset and start"
+        row.ok = row.ok and moved < 2e-3
 
     # Two publishers on one command topic: the policy owns it, the intruder is refused.
-    refused0 = probe.arm_status["left"].commands_not_owner if probe.arm_status["left"] else 0
-    far = np.array(home) + np.array([1.0, 0.5, -0.5, 0.5, 0.5, 0.5, 0.0])
-    intruder = lambda: probe.cmd_pub.publish(JointState(name=list(element_names("left")),  # noqa: E731
-                                                        position=[float(v) for v in far]))
-    row = Row("second publisher on /left/joint_cmd (far target)", "refused, policy keeps the stream")
-    start = time.monotonic()
-    while time.monotonic() - start < WAIT_S:
-        intruder()
-        status = probe.arm_status["left"]
-        if status is not None and status.commands_not_owner > refused0:
-            row.detected_s = time.monotonic() - start
-            row.reason = f"commands_not_owner {status.commands_not_owner - refused0}, owner {status.owner}"
-            break
-        time.sleep(0.01)
-    q = np.array(probe.states["left"][-1].position[:6])
-    row.jump_rad = float(np.max(np.abs(q - far[:6])))  # distance still to the intruder's target
-    row.ok = row.detected_s is not None and row.jump_rad > 0.3 and m.spinner.running()
-    row.note = "jump = remaining distance to the intruder's target (must stay large)"
-    m.rows.append(row)
+    if m.wanted("second publisher"):
+        _second_publisher(m, home)
+
+    # A node restarts mid-episode. The policy node through its lifecycle (what a supervisor does):
+    # nothing is commanded while it is inactive, and it plans afresh from the measured pose.
+    from lifecycle_msgs.msg import Transition
+
+    m.run("policy node deactivated, then activated", "hold (inactive); resume from the measured pose", "inactive",
+          lambda: probe.transition(Transition.TRANSITION_DEACTIVATE),
+          lambda: probe.transition(Transition.TRANSITION_ACTIVATE), from_measured=True)
+
+    # The left arm's driver restarts: its topics and services leave the graph (the arm keeps its
+    # last target), then a fresh driver takes the same arm. The policy holds on the stale joint
+    # states and continues its command stream without a jump.
+    from smp_ros.nodes.arm_bridge import ArmBridge
+
+    left = next(i for i, bridge in enumerate(sim.bridges) if bridge.arm.side == "left")
+
+    def driver_down():
+        sim.bridges[left].close()
+
+    def driver_up():
+        sim.bridges[left] = ArmBridge(sim, sim.arms["left"], prefix="left/", command_rate_hz=sim.p["command_rate_hz"],
+                                   joint_names=element_names("left"))
+
+    m.run("left driver restarts (topics gone, then a fresh driver)", "hold: stale joint states; smooth resume",
+          "stale /left/joint_states", driver_down, driver_up)
 
     # Inference faults, through the engine's and runner's own hooks.
     engine = policy.engine
@@ -319,17 +374,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/smp_sim", help="model directory")
     parser.add_argument("--backend", default="eager", choices=("eager", "compiled"))
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--only", nargs="+", default=(), metavar="TEXT",
+                        help="run only the faults whose name contains one of these (e.g. restart driver)")
 
 
 def run(args: argparse.Namespace) -> int:
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.bringup import wait_for_policy
     from smp_ros.nodes.params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
-    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
+    from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
     from smp_ros.nodes.sim_node import SimNode
 
     params = ParamsFile.load(args.config)
@@ -341,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
                      "camera_size": size, "policy_rate_hz": 5.0, "inference_deadline_s": 3.0,
                      "safety.stale_after_s": 1.0}
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
-    executor = MultiThreadedExecutor()
+    executor = PoolExecutor()
     nodes, spinner = [], None
     try:
         sim = SimNode(parameter_overrides=[Parameter("safety.stale_after_s", value=1.0)])
@@ -356,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         wait_for_policy(policy, spinner)
         camera = policy.engine.cameras[0] if policy.engine.cameras else sim.cfg.cameras[0]
         probe = Probe(probe_node, camera)
-        matrix = Matrix(sim, policy, probe, spinner, policy.runtime.safety.max_joint_step)
+        matrix = Matrix(sim, policy, probe, spinner, policy.runtime.safety.max_joint_step, tuple(args.only))
         if _wait(probe.commanding, timeout=600.0) is None:
             raise RuntimeError("the policy never started commanding the arms")
         run_matrix(matrix, camera, tuple(size))

@@ -227,7 +227,7 @@ def driver_param_specs(side: str) -> list[ParamSpec]:
         ParamSpec("command_rate_hz", 200.0, "joint_states publication and command forwarding rate (Hz)"),
         ParamSpec("speed_percent", 50, "firmware MOVE J speed, percent of the 3 rad/s ceiling (1..100)"),
         ParamSpec("gripper_effort", 1.0, "gripper torque limit sent with every gripper target (N*m, 0..5)"),
-        ParamSpec("enable_timeout_s", 2.0, "how long the enable service waits for the drivers to confirm (s)"),
+        ParamSpec("enable_timeout_s", 2.0, "how long the enable service waits for the drivers to confirm, and the start service for fresh feedback (s)"),
         ParamSpec("joint_names", list(element_names(side)), "JointState names of joints 1..6 and the gripper, "
                   "used on joint_states and expected on joint_cmd"),
         ParamSpec("owner_timeout_s", 0.5, "joint_cmd ownership: another publisher may take over the command "

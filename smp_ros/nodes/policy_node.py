@@ -51,6 +51,7 @@ import numpy as np
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 
 from smp_ros import topics
@@ -89,6 +90,10 @@ POLICY_SPECS = [
               "both report running; '' disables this interlock (drivers that publish no ArmStatus)"),
 ]
 STATUS_PERIOD_S = 0.5
+# Latched like the drivers' status, but keeping every transition that arrives faster than this
+# node takes them (a stop, a reset and a start must not collapse into one "running").
+ARM_STATUS_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
+                            durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 RATE_WINDOW_S = 2.0
 HOLD_SUMMARY_S = 10.0
 RUNNING = "running"
@@ -205,7 +210,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         with self._arm_lock:
             self._arm_states.clear()
         self._subs += [self.create_subscription(ArmStatus, topic, lambda m, a=arm: self._on_arm_status(a, m),
-                                                LATCHED_QOS, callback_group=self._sensor_group)
+                                                ARM_STATUS_QOS, callback_group=self._sensor_group)
                        for arm, topic in self.arm_status_topics.items()]
         cfg = self.engine.cfg
         self.get_logger().info(
@@ -238,6 +243,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._stop_timers()
         self.runner.stop()
         self._reason, self._cause = "inactive", hold_cause("inactive")
+        self.get_logger().warning("HOLD: inactive (deactivated); no commands until activated")
+        self._publish_status()  # the last status before its publisher goes quiet says why
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -303,6 +310,10 @@ class PolicyNode(GuardedNode, LifecycleNode):
                               else "not running")
         with self._arm_lock:
             self._arm_states[arm] = (state, msg.reason)
+            if state != RUNNING:
+                # Latched here, not only seen by a tick: a stop and start that both fall between
+                # two (late) ticks must still restart the plan from the measured pose.
+                self._restart_pending = True
 
     def _arm_hold(self) -> str:
         """Why the arms do not allow commanding ('' when both run, or without the interlock)."""

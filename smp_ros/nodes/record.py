@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    from smp_ros.runtime import process_exit
+
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     parser = argparse.ArgumentParser(prog="record", description=__doc__.splitlines()[0])
     add_arguments(parser)
     # `ros2 run` / `ros2 launch` append --ros-args ...; rcl reads those, argparse must not see them.

@@ -34,13 +34,16 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import (ConditionReachedException, ExternalShutdownException, MultiThreadedExecutor,
+                             ShutdownException, TimeoutException)
+from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
 
+from smp_ros.runtime import process_exit
 from smp_ros.config import ConfigError
 from smp_ros.nodes.params import ParamSpec
 from smp_ros.runtime.guard import CallbackGuard, RefusedInput  # noqa: F401 (re-exported for the nodes)
@@ -183,6 +186,67 @@ class GuardedNode:
         return super().create_service(srv_type, srv_name, self.guard.wrap(name, callback, service=True), **kwargs)
 
 
+class PoolExecutor(MultiThreadedExecutor):
+    """A MultiThreadedExecutor that hands each ready callback to its thread pool once.
+
+    Why: rclpy's executor (rclpy 9.1) yields, on every wake-up, each task in its task list that
+    is not executing yet, and its MultiThreadedExecutor submits it to the pool again, even when
+    the task was submitted before and only waits in the pool's queue for a thread (which waits
+    for the GIL). Every duplicate costs the spinning thread a pass and a pool thread a GIL
+    hand-over to find the task already run, and every finished callback wakes the executor,
+    which queues all waiting tasks once more: with a few hundred messages a second (two
+    joint-state streams, a 100 Hz command timer) the duplicates crowd the real callbacks out.
+    A process spinning the policy node and a fake robot this way delivered joint states over a
+    second late and ran ~3 command ticks a second on an idle 2-core machine. Upstream rclpy
+    fixed the same later (ros2/rclpy#1547).
+
+    Here a task leaves the executor's task list while it waits in the pool's queue or runs, and
+    comes back only if it suspended unfinished (a coroutine awaiting a future), to be resumed
+    as before."""
+
+    def __init__(self, num_threads: int | None = None, **kwargs) -> None:
+        super().__init__(num_threads, **kwargs)
+        self._queued: set = set()  # tasks handed to the pool whose thread has not started them
+        self._queued_lock = threading.Lock()
+
+    def wait_for_ready_callbacks(self, *args, **kwargs):
+        while True:
+            ready = super().wait_for_ready_callbacks(*args, **kwargs)
+            with self._queued_lock:
+                if ready[0] not in self._queued:  # (a task listed again before it was taken out)
+                    return ready
+
+    def _spin_once_impl(self, timeout_sec=None, wait_condition=lambda: False) -> None:
+        try:
+            task, entity, node = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
+        except (ExternalShutdownException, ShutdownException, TimeoutException, ConditionReachedException):
+            return
+        with self._tasks_lock:
+            self._tasks = [entry for entry in self._tasks if entry[0] is not task]
+        with self._queued_lock:
+            self._queued.add(task)
+        self._executor.submit(self._run_task, task, entity, node)
+        self._futures.append(task)
+        for future in list(self._futures):
+            if future.done():
+                self._futures.remove(future)
+                future.result()  # a callback's exception ends spin(), as in rclpy
+
+    def _run_task(self, task, entity, node) -> None:
+        with self._queued_lock:
+            self._queued.discard(task)
+        try:
+            task()
+        finally:
+            if not task.done():  # suspended on an awaited future: list it again to be resumed
+                with self._tasks_lock:
+                    self._tasks.append((task, entity, node))
+                try:
+                    self.wake()
+                except InvalidHandle:  # the executor was shut down meanwhile
+                    pass
+
+
 class Spinner:
     """Spins an executor in a background thread until the context shuts down (Ctrl-C, SIGTERM) or
     :meth:`stop`, and remembers why it ended. ``failure`` is non-empty when the executor raised or
@@ -233,8 +297,16 @@ class Spinner:
         return self.thread.is_alive()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Ask the spinning thread to end and wait for it (up to ``timeout``). A Ctrl-C that lands
+        in this wait does not cut it short: the executor and the nodes must not be torn down under
+        a thread still waiting on their handles (seen ending a process with a segmentation fault)."""
         self._stop.set()
-        self.thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.thread.join(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                continue
 
 
 def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> None:
@@ -243,6 +315,10 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
     Destroyable" exceptions behind."""
     if spinner is not None:
         spinner.stop()
+        if spinner.running():  # still inside rclpy after 2 s: tearing down under it could crash
+            print("shutdown: the executor thread did not stop within 2 s; leaving the teardown to the "
+                  "process exit", file=sys.stderr)
+            return
     # Callbacks already handed to the thread pool must finish before the executor's guard
     # condition is destroyed, or they fail on it and rclpy prints "exception was never retrieved".
     deadline = time.monotonic() + 1.0
@@ -254,8 +330,8 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
 
 
 def spin_node(node: Node) -> None:
-    """Spin on a MultiThreadedExecutor until Ctrl-C or an external shutdown (raises on a crash)."""
-    executor = MultiThreadedExecutor()
+    """Spin on a PoolExecutor until Ctrl-C or an external shutdown (raises on a crash)."""
+    executor = PoolExecutor()
     executor.add_node(node)
     spinner = Spinner(executor, [node]).start()
     try:
@@ -263,6 +339,8 @@ def spin_node(node: Node) -> None:
             spinner.thread.join(0.2)
     finally:
         shutdown_nodes(spinner, executor, [])
+        # run() destroys the node only once nothing spins it any more (see Spinner.stop)
+        node.__dict__["_still_spinning"] = spinner.running()
     if spinner.failure:
         raise RuntimeError(spinner.failure)
 
@@ -311,6 +389,7 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
     bad parameter, an arm or camera that cannot be opened) or when it died while running (the
     executor failed or a node thread set ``fatal_error``), with the reason on stderr.
     """
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     rclpy.init(args=args)
     node = None
     status = 0
@@ -324,7 +403,7 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         status = 1
     finally:
-        if node is not None:
+        if node is not None and not node.__dict__.get("_still_spinning", False):
             node.destroy_node()
         rclpy.try_shutdown()
     return status

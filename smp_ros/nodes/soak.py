@@ -66,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup-s: expected 0 <= warm-up < the run ({duration:g} s), got {warmup}")
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.policy_node import PolicyNode
-    from smp_ros.nodes.ros_util import Spinner, shutdown_nodes
+    from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
     from smp_ros.nodes.sim_node import SimNode
 
     overrides = {"model": args.model, "backend": args.backend, "camera_size": sim_camera_size(params),
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["task"] = args.task
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
-    executor = MultiThreadedExecutor()
+    executor = PoolExecutor()
     nodes, spinner, report, soak_run = [], None, None, None
     try:
         sim = SimNode(parameter_overrides=[Parameter("task", value=args.task)] if args.task else [])

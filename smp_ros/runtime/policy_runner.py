@@ -219,6 +219,7 @@ class PolicyRunner:
         self._lock = threading.Lock()  # executor, safety filter, hold state
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
+        self._restarted_at = -math.inf  # the safety filter re-seeds from a measurement after this
         self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -260,6 +261,7 @@ class PolicyRunner:
         self.sync.reset()
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
+        self._restarted_at = self.clock()
 
     def inference_rate(self, now: float | None = None) -> float:
         """Inference calls completed per second over the last ``RATE_WINDOW_S`` (monotonic clock)."""
@@ -279,7 +281,9 @@ class PolicyRunner:
                 return Command(None, stale)
             if not self.stage.started:
                 latest = self.sync.latest()
-                if latest is None:
+                # The first command starts from the measured pose: one measured after the restart,
+                # not a sample that was already waiting (the arms may have been moved meanwhile).
+                if latest is None or latest.stamp < self._restarted_at:
                     return Command(None, "waiting for a synchronized observation")
                 self.stage.start(latest.qpos)  # the first command starts from the measured pose
             if self._deadline_hold:

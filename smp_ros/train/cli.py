@@ -12,6 +12,7 @@ changed bags start a new run (or, with --on-data-change finetune, fine-tune the 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from smp_ros.train.trainer import state_dir
+
+    # SIGTERM (a supervisor, `kill`) stops training as Ctrl-C does: at once, with a message instead
+    # of a traceback; the state saved every checkpoint_every steps (written atomically) is kept.
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        print(f"smp-ros train: interrupted; the same command resumes from the last state saved in "
+              f"{state_dir(args.out)}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from smp_ros.data.errors import DataError

@@ -14,6 +14,9 @@ from smp_ros.train import cli as train_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smp_ros.runtime import process_exit
+
+    process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ros-args" in argv:
         argv = argv[:argv.index("--ros-args")]
