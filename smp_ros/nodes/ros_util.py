@@ -362,9 +362,11 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
         node.destroy_node()
 
 
-def spin_node(node: Node) -> None:
-    """Spin on a PoolExecutor until Ctrl-C or an external shutdown (raises on a crash)."""
-    executor = PoolExecutor()
+def spin_node(node: Node, executor=None) -> None:
+    """Spin on ``executor`` (default: a new PoolExecutor) until Ctrl-C or an external shutdown
+    (raises on a crash). Returns, or lets a KeyboardInterrupt through, only once the executor
+    thread has left rclpy (or after the 2 s of :meth:`Spinner.stop`)."""
+    executor = PoolExecutor() if executor is None else executor
     executor.add_node(node)
     spinner = Spinner(executor, [node])
     try:
