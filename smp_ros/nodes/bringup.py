@@ -115,7 +115,8 @@ def bringup(args: Options) -> int:
         nodes.append(policy)
         for node in nodes:
             executor.add_node(node)
-        spinner = Spinner(executor, nodes).start()
+        spinner = Spinner(executor, nodes)
+        spinner.start()  # inside the try: see Spinner.start
         wait_for_policy(policy, spinner)
         if args.episodes:
             results = evaluate(nodes[0], policy, params, args, spinner)
@@ -124,8 +125,7 @@ def bringup(args: Options) -> int:
                 Path(args.json).write_text(json.dumps(results, indent=2))
             print(json.dumps(results["overall"], indent=2))
         else:
-            while spinner.running():  # until Ctrl-C / SIGTERM shuts the context down, or a node dies
-                spinner.thread.join(0.2)
+            spinner.wait()  # until Ctrl-C / SIGTERM shuts the context down, or a node dies
     except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
         pass
     finally:

@@ -408,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         nodes.append(probe_node)
         for node in nodes:
             executor.add_node(node)
-        spinner = Spinner(executor, nodes).start()
+        spinner = Spinner(executor, nodes)
+        spinner.start()  # inside the try: see Spinner.start
         wait_for_policy(policy, spinner)
         camera = policy.engine.cameras[0] if policy.engine.cameras else sim.cfg.cameras[0]
         probe = Probe(probe_node, camera)

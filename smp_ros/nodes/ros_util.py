@@ -250,7 +250,18 @@ class PoolExecutor(MultiThreadedExecutor):
 class Spinner:
     """Spins an executor in a background thread until the context shuts down (Ctrl-C, SIGTERM) or
     :meth:`stop`, and remembers why it ended. ``failure`` is non-empty when the executor raised or
-    a node reported ``fatal_error``: the process must then exit non-zero."""
+    a node reported ``fatal_error``: the process must then exit non-zero.
+
+    Whether the thread still spins is tracked with an Event the thread sets after its last rclpy
+    call, never with ``Thread.join`` / ``is_alive``. Why: in CPython before 3.13 a KeyboardInterrupt
+    that lands in ``Thread.join(timeout)`` while the thread runs releases the thread's internal lock
+    and marks it stopped (python/cpython#90882): ``is_alive()`` then answers False for a thread that
+    is still inside ``wait_set.wait``. A Ctrl-C in the main thread's wait loop thus let the nodes,
+    the executor and the context be torn down under a thread waiting on their handles: a
+    segmentation fault, or, once the interpreter finalized, the thread was ended by
+    ``pthread_exit`` while unwinding through rclpy's C++ frames, which aborts the process
+    ("terminate called without an active exception"). An interrupted ``Event.wait`` leaves no
+    such state behind. Callers wait with :meth:`wait`, not ``thread.join``."""
 
     def __init__(self, executor, nodes: Sequence[Node]) -> None:
         self.executor = executor
@@ -258,16 +269,25 @@ class Spinner:
         self.error = ""
         self._final: str | None = None  # the failure as it stood when spinning ended
         self._stop = threading.Event()
+        self._done = threading.Event()  # set by the thread once it makes no more rclpy calls
+        self._started = False
+        self._entered = False  # the thread reached its loop (and may be inside rclpy)
         self.thread = threading.Thread(target=self._spin, name="executor", daemon=True)
 
     def start(self) -> "Spinner":
+        """Start spinning. Call it inside the ``try`` whose ``finally`` calls :meth:`stop`: a Ctrl-C
+        can land in ``Thread.start()`` after the thread was created."""
+        self._started = True
         self.thread.start()
         return self
 
     def _spin(self) -> None:
         context = self.executor.context
+        # stop() reads _entered after setting _stop: if it saw False, this thread sees _stop set
+        # below before its first spin_once, so stop() need not wait for it.
+        self._entered = True
         try:
-            while context.ok() and not self._stop.is_set() and not self._current_failure():
+            while not self._stop.is_set() and context.ok() and not self._current_failure():
                 self.executor.spin_once(timeout_sec=0.1)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
@@ -276,8 +296,10 @@ class Spinner:
             # its wait set): that is a stop, not a crash.
             if context.ok():
                 self.error = f"executor stopped: {''.join(traceback.format_exception(exc)).rstrip()}"
-        # Latched: what nodes report while being torn down after a signal is not a crash.
-        self._final = self._current_failure()
+        finally:
+            # Latched: what nodes report while being torn down after a signal is not a crash.
+            self._final = self._current_failure()
+            self._done.set()
 
     def _current_failure(self) -> str:
         if self.error:
@@ -294,17 +316,28 @@ class Spinner:
         return self._final if self._final is not None else self._current_failure()
 
     def running(self) -> bool:
-        return self.thread.is_alive()
+        """Started and not finished: the thread may still be inside rclpy."""
+        return self._started and not self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` for spinning to end (a signal, :meth:`stop`, a failure); True once
+        it has. Safe to interrupt with Ctrl-C, unlike ``thread.join`` (see the class docstring)."""
+        return self._done.wait(timeout)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Ask the spinning thread to end and wait for it (up to ``timeout``). A Ctrl-C that lands
         in this wait does not cut it short: the executor and the nodes must not be torn down under
-        a thread still waiting on their handles (seen ending a process with a segmentation fault)."""
+        a thread still waiting on their handles."""
         self._stop.set()
+        if not self._entered:  # never reached its loop: it will see _stop before touching rclpy
+            return
         deadline = time.monotonic() + timeout
-        while self.thread.is_alive() and time.monotonic() < deadline:
+        while not self._done.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.0:
+                return
             try:
-                self.thread.join(max(0.0, deadline - time.monotonic()))
+                self._done.wait(remaining)
             except KeyboardInterrupt:
                 continue
 
@@ -329,14 +362,19 @@ def shutdown_nodes(spinner: Spinner | None, executor, nodes: Sequence[Node]) -> 
         node.destroy_node()
 
 
-def spin_node(node: Node) -> None:
-    """Spin on a PoolExecutor until Ctrl-C or an external shutdown (raises on a crash)."""
-    executor = PoolExecutor()
+def spin_node(node: Node, executor=None) -> None:
+    """Spin on ``executor`` (default: a new PoolExecutor) until Ctrl-C or an external shutdown
+    (raises on a crash). Returns, or lets a KeyboardInterrupt through, only once the executor
+    thread has left rclpy (or after the 2 s of :meth:`Spinner.stop`)."""
+    executor = PoolExecutor() if executor is None else executor
     executor.add_node(node)
-    spinner = Spinner(executor, [node]).start()
+    spinner = Spinner(executor, [node])
     try:
-        while spinner.running():
-            spinner.thread.join(0.2)
+        # From here rclpy's signal handler ends spinning; a KeyboardInterrupt must not cut the
+        # teardown below short (only in run(), which installed the handler; a no-op otherwise).
+        process_exit.defer_interrupts()
+        spinner.start()
+        spinner.wait()  # until Ctrl-C / SIGTERM shuts the context down, or a node dies
     finally:
         shutdown_nodes(spinner, executor, [])
         # run() destroys the node only once nothing spins it any more (see Spinner.stop)
@@ -390,6 +428,10 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
     executor failed or a node thread set ``fatal_error``), with the reason on stderr.
     """
     process_exit.prepare()  # a fast exit, a stack trace on a crash (see there)
+    # Ctrl-C: KeyboardInterrupt while the node is built; once it spins, rclpy's handler (installed
+    # by init, over this one) shuts the context down, the spinner ends and the teardown runs
+    # without a KeyboardInterrupt landing in it (spin_node calls defer_interrupts).
+    process_exit.catch_interrupts()
     rclpy.init(args=args)
     node = None
     status = 0
@@ -403,7 +445,9 @@ def run(make_node: Callable[..., Node], args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         status = 1
     finally:
+        process_exit.defer_interrupts()  # a repeated Ctrl-C must not cut this teardown short
         if node is not None and not node.__dict__.get("_still_spinning", False):
             node.destroy_node()
         rclpy.try_shutdown()
+        process_exit.ignore_interrupts()  # (rclpy's handler is gone now) only the exit is left
     return status

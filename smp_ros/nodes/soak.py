@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         nodes.append(monitor.node)
         for node in nodes:
             executor.add_node(node)
-        spinner = Spinner(executor, nodes).start()
+        spinner = Spinner(executor, nodes)
+        spinner.start()  # inside the try: see Spinner.start
         wait_for_policy(policy, spinner)
         soak_run = SoakRun(args, duration, warmup, policy.runtime.command_rate_hz, monitor, spinner)
         report = soak_run.run(sim, policy)
