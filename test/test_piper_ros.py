@@ -75,10 +75,6 @@ def ros():
     rclpy.try_shutdown()
 
 
-# Out of the default run (make test-all runs it): it passed in every run until, on the development
-# machine, it began to time out waiting for the policy's first commands (and the simulated demo's command
-# rate halved) with unchanged code; the cause is not found yet.
-@pytest.mark.slow
 def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, capfd):
     arms = {arm: PiperRosArm(arm) for arm in ("left", "right")}
     remap_args = ["--ros-args"] + [a for src, dst in PIPER_ROS_REMAPS for a in ("-r", f"{src}:={dst}")]

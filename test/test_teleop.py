@@ -76,6 +76,68 @@ def test_the_sdk_reads_the_leaders_targets_and_the_follower_obeys_them(teleop):
     assert obs.gripper == pytest.approx(g_leader, abs=0.005)
 
 
+def test_a_leader_target_is_never_read_half_updated():
+    """A leader target arrives in three frames; between them the SDK's record holds two samples' joints.
+    leader_targets must give the last whole sample until all three frames of the next one are parsed."""
+    import struct
+
+    import can
+
+    channel = f"halves-{uuid.uuid4().hex[:8]}"
+    arm = PiperArm(channel, "left", bustype="virtual", clock=time.time)
+    arm.connect()
+    leader = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+    sent_at = [0.0]
+
+    def send(can_id: int, data: bytes) -> None:
+        sent_at[0] += 0.001
+        leader.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=sent_at[0]))
+
+    def joints_frames(milli_deg):  # the protocol: two big-endian int32 per frame, 0.001 deg
+        return [(0x155 + k, struct.pack(">ii", milli_deg[2 * k], milli_deg[2 * k + 1])) for k in range(3)]
+
+    def settle() -> None:  # the SDK parses on its own thread: wait until it has taken every frame sent
+        deadline = time.monotonic() + 30.0
+        while arm.sdk.GetArmGripperCtrl().time_stamp < sent_at[0] - 1e-9 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+
+    def gripper() -> None:  # sent after joints: its stamp tells when the SDK has parsed what came before
+        send(0x159, struct.pack(">iHBB", 20_000, 1000, 0x01, 0x00))
+        settle()
+
+    try:
+        sample_a = [10_000, 20_000, 30_000, 40_000, 50_000, 60_000]
+        sample_b = [-15_000, -25_000, -35_000, -45_000, -55_000, -65_000]
+        for can_id, data in joints_frames(sample_a):
+            send(can_id, data)
+        gripper()
+        stamp, q, g = arm.leader_targets()
+        np.testing.assert_allclose(np.degrees(q) * 1000, sample_a, atol=1e-6)
+        assert g == pytest.approx(0.02)
+        frames_b = joints_frames(sample_b)
+        for can_id, data in frames_b[:2]:  # joints 1-4 of the next sample, not yet 5-6
+            send(can_id, data)
+            gripper()
+            assert arm.sdk.GetArmJointCtrl().joint_ctrl.joint_1 == sample_b[0]  # the SDK's record is mixed
+            got_stamp, q, _ = arm.leader_targets()
+            np.testing.assert_allclose(np.degrees(q) * 1000, sample_a, atol=1e-6)  # ours is not
+            assert got_stamp == stamp
+        send(*frames_b[2])
+        gripper()
+        got_stamp, q, _ = arm.leader_targets()
+        np.testing.assert_allclose(np.degrees(q) * 1000, sample_b, atol=1e-6)
+        assert got_stamp > stamp
+        # Frames in another order still make one whole sample once all three have come.
+        for can_id, data in reversed(joints_frames(sample_a)):
+            send(can_id, data)
+        gripper()
+        np.testing.assert_allclose(np.degrees(arm.leader_targets()[1]) * 1000, sample_a, atol=1e-6)
+    finally:
+        arm.disconnect()
+        leader.shutdown()
+
+
 def test_bad_leader_pose_is_named():
     leader = LeaderArm(f"bad-{uuid.uuid4().hex[:8]}", lambda t: (np.full(6, np.nan), 0.0))
     try:
@@ -87,10 +149,6 @@ def test_bad_leader_pose_is_named():
 
 # ------------------------------------------------------------------ the driver node in teleop mode
 
-# Out of the default run until a known defect is fixed: PiperArm.leader_targets (hardware/piper.py) can
-# publish a leader sample that mixes two of the leader's frames (joints 1-2 of one, 3-6 of the previous),
-# which this test rightly catches now and then; make test-all runs it.
-@pytest.mark.slow
 @pytest.mark.ros
 def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothing(tmp_path):
     import threading
