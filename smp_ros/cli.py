@@ -2,12 +2,17 @@
 
 A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; this file only
 maps names to modules, so ``smp-ros --help`` stays fast (modules are imported on use).
+
+Every command reports wrong input (a parameter, file, bag or model that is not what was expected) as one
+line naming it, exit status 2, and Ctrl-C as one line, exit status 130; set SMP_ROS_TRACEBACK=1 to see
+the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -58,12 +63,33 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         print(f"smp-ros: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if os.environ.get("SMP_ROS_TRACEBACK"):
+        return _run(name, rest)
+    try:
+        return _run(name, rest)
+    except KeyboardInterrupt:
+        print(f"smp-ros {name}: interrupted", file=sys.stderr)
+        return 130
+    except input_errors() as exc:
+        print(f"smp-ros {name}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(name: str, rest: list[str]) -> int:
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"smp-ros {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "the input is wrong" (each message names what and what was expected)."""
+    from smp_ros.config import ConfigError
+    from smp_ros.data.errors import DataError
+    from smp_ros.model.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smp_ros.config import TASKS, SMPConfig, SimConfig
+from smp_ros.config import TASKS, ConfigError, SMPConfig, SimConfig
 
 # method -> (method whose trained weights it uses, config changes for training, load-time overrides)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -73,7 +73,7 @@ def resolve(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
                 return "smp", {}, {"model.selection.mode": "topk", "model.selection.k": k}
     except ValueError:
         pass
-    raise ValueError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1) "
+    raise ConfigError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1) "
                      "or top<k>")
 
 
@@ -205,7 +205,7 @@ def run_experiment(spec: ExperimentSpec) -> dict:
     for task in spec.tasks:
         clash = sorted(used.get(task, set()) & wanted)
         if clash:
-            raise ValueError(f"--eval-seed {spec.eval_seed}: evaluation seeds {clash[:5]} of {task} are seeds of "
+            raise ConfigError(f"--eval-seed {spec.eval_seed}: evaluation seeds {clash[:5]} of {task} are seeds of "
                              "training demonstrations; choose seeds disjoint from training")
     spec.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -326,7 +326,7 @@ def gate_curves(runs: dict[str, Path], out: Path) -> dict:
     for name, state in runs.items():
         path = Path(state) / "val.jsonl"
         if not path.is_file():
-            raise ValueError(f"--gate-curves {name}: no {path} (a training state directory, MODEL.train)")
+            raise ConfigError(f"--gate-curves {name}: no {path} (a training state directory, MODEL.train)")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
         data[name] = {"step": [r["step"] for r in rows],
                       **{k: [r["gates"].get(k) for r in rows] for k in GATE_CURVES},

@@ -59,3 +59,31 @@ def test_bringup_options_are_its_command_line():
     parser = argparse.ArgumentParser()
     bringup.add_arguments(parser)
     assert vars(parser.parse_args([])) == {f.name: f.default for f in dataclasses.fields(bringup.Options)}
+
+
+def test_wrong_input_is_one_line_naming_it_with_status_2(tmp_path):
+    """What a user typed wrong is reported as one line naming the argument, not a traceback."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SMP_ROS_TRACEBACK"}
+    for argv, named in ((["eval", "--policy", "no-such-model", "--task", "pen_cap", "--episodes", "1"], "--policy"),
+                        (["fault-matrix", "--model", "no-such-model"], "--model"),
+                        (["sim-demos", "--episodes", "0", "--out", str(tmp_path / "demos")], "--episodes")):
+        proc = subprocess.run([sys.executable, "-m", "smp_ros.cli", *argv], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and named in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"smp-ros {argv[0]}: "), proc.stderr
+
+
+def test_ctrl_c_is_one_line_with_status_130(capsys):
+    """Ctrl-C during a long command (here the harness) ends it with one line and the shell's status."""
+    import os
+    import signal
+    import threading
+
+    ctrl_c = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        rc = cli.main(["eval", "--policy", "scripted", "--task", "pen_cap", "--episodes", "1000", "--backend", "direct"])
+    finally:
+        ctrl_c.cancel()
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "smp-ros eval: interrupted"

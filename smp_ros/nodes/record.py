@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from smp_ros.config import ARMS, CAMERAS, TASKS
+from smp_ros.config import ARMS, CAMERAS, TASKS, ConfigError
 from smp_ros import topics
 from smp_ros.data.bag_writer import DEFAULT_FLUSH_PERIOD_S
 
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not args.flush_period > 0:
-        raise SystemExit(f"smp-ros record: --flush-period must be > 0 s, got {args.flush_period}")
+        raise ConfigError(f"--flush-period must be > 0 s, got {args.flush_period}")
     if out.exists():
-        raise SystemExit(f"smp-ros record: --out {out} exists already; rosbag2 bags are never overwritten")
+        raise ConfigError(f"--out {out} exists already; rosbag2 bags are never overwritten")
     rclpy.init()
     node = None
     executor = SingleThreadedExecutor()  # one thread: the bag writer is not thread-safe

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from smp_ros.config import ARMS, SimConfig, TASKS
+from smp_ros.config import ARMS, TASKS, ConfigError, SimConfig
 from smp_ros.sim.evaluate import BACKENDS, EpisodeResult, run_episode
 from smp_ros.data.bag_format import STORAGES, verify_bag
 from smp_ros.sim.recorder import BagRecorder
@@ -116,7 +116,7 @@ def record(tasks, episodes: int, out: str | Path, *, seed: int = 0, cfg: SimConf
     from smp_ros.sim.world import BimanualWorld
 
     if episodes < 1:
-        raise ValueError(f"--episodes: expected >= 1, got {episodes}")
+        raise ConfigError(f"--episodes: expected >= 1, got {episodes}")
     cfg = cfg or SimConfig()
     out = Path(out)
     planned = [(task, seed + i) for task in tasks for i in range(episodes)]
@@ -174,17 +174,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = SimConfig()
     if args.episode_steps is not None:
         if args.episode_steps < 1:
-            raise SystemExit(f"--episode-steps: expected >= 1, got {args.episode_steps}")
+            raise ConfigError(f"--episode-steps: expected >= 1, got {args.episode_steps}")
         cfg = replace(cfg, episode_steps=args.episode_steps)
     if args.settle_s < 0:
-        raise SystemExit(f"--settle-s: expected >= 0, got {args.settle_s}")
+        raise ConfigError(f"--settle-s: expected >= 0, got {args.settle_s}")
     tasks = TASKS if args.task == "all" else (args.task,)
     try:
         summary = record(tasks, args.episodes, args.out, seed=args.seed, cfg=cfg, backend=args.backend,
                          storage=args.storage, only_success=args.only_success, settle_s=args.settle_s,
                          render=not args.no_render)
-    except (ValueError, FileExistsError) as exc:
-        raise SystemExit(f"smp-ros sim-demos: {exc}") from None
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
     print(f"{'task':<14}{'kept':>6}{'dropped':>9}")
     for task, r in summary["tasks"].items():
         print(f"{task:<14}{len(r['kept']):>6}{len(r['dropped']):>9}")

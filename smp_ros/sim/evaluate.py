@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARMS, TASKS, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import ARMS, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.runtime.observation import Observation
 
@@ -180,7 +180,7 @@ def make_policy(spec: str, world, inference_backend: str = "eager", inference_th
         from smp_ros.sim.scripted import ScriptedExpert
         return ScriptedExpert(world)
     if not (Path(spec) / "manifest.json").is_file():
-        raise ValueError(f"--policy {spec!r}: expected 'scripted' or a model directory (with manifest.json)")
+        raise ConfigError(f"--policy {spec!r}: expected 'scripted' or a model directory (with manifest.json)")
     from smp_ros.runtime.closed_loop import make_learned_policy
     # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
     # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
@@ -326,7 +326,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.selection.tau_m=0.99")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.selection.tau_m=0.99")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -349,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
-        raise SystemExit(f"--episodes: expected >= 1, got {args.episodes}")
+        raise ConfigError(f"--episodes: expected >= 1, got {args.episodes}")
     tasks = TASKS if args.task == "all" else (args.task,)
     report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
                       render=not args.no_render, inference_backend=args.inference_backend,

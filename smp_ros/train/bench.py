@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import ACTION_DIM, PRESETS, preset
+from smp_ros.config import ACTION_DIM, PRESETS, ConfigError, preset
 from smp_ros.model import batch as keys
 from smp_ros.model.info import parameter_table
 from smp_ros.model.policy import SMPPolicy, build_policy
@@ -202,7 +202,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace, device: torch.device) -> int:
-    from smp_ros.config import ConfigError
     from smp_ros.data.errors import DataError
     if len(args.preset) != 1 or args.rounds < 1:
         print("smp-ros train-bench --data: give one --preset and --rounds >= 1")
@@ -267,11 +266,11 @@ def variant_settings(spec: str, tcfg) -> dict[str, bool]:
     elif base == "new":
         settings = {name: bool(getattr(tcfg, name)) for name in EXECUTION_FIELDS}
     else:
-        raise ValueError(f"--variants {spec!r}: expected old or new, then +name / -name switches")
+        raise ConfigError(f"--variants {spec!r}: expected old or new, then +name / -name switches")
     for change in changes:
         name = _ALIASES.get(change[1:], change[1:])
         if name not in EXECUTION_FIELDS:
-            raise ValueError(f"--variants {spec!r}: unknown setting {change[1:]!r}; expected one of "
+            raise ConfigError(f"--variants {spec!r}: unknown setting {change[1:]!r}; expected one of "
                              f"{['bf16', *EXECUTION_FIELDS[1:]]}")
         settings[name] = change[0] == "+"
     return settings
