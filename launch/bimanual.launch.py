@@ -9,7 +9,7 @@ Every node reads its parameters from ``config`` (config/bimanual.yaml by default
 ``driver:=piper_ros`` runs the arms with the vendor's ROS driver instead of ours: one piper_ros
 ``piper_ctrl_single_node`` per arm in /left and /right (``can_port`` from the config's
 ``/<arm>/driver`` ``can_channel``), and the policy node remapped onto its topics
-(``smp_ros.nodes.params.PIPER_ROS_REMAPS`` / ``PIPER_ROS_POLICY_PARAMS``; README, "Beside piper_ros").
+(``smp_ros.ros_params.PIPER_ROS_REMAPS`` / ``PIPER_ROS_POLICY_PARAMS``; README, "Beside piper_ros").
 """
 
 from pathlib import Path
@@ -52,7 +52,7 @@ def _nodes(context):
 
     nodes = []
     if use_sim:
-        from smp_ros.nodes.params import ParamsFile, sim_camera_size
+        from smp_ros.ros_params import ParamsFile, sim_camera_size
 
         # The policy's engine warms up (compiles) for the frames the simulator renders.
         overrides["camera_size"] = sim_camera_size(ParamsFile.load(config))
@@ -60,7 +60,7 @@ def _nodes(context):
         nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
                           parameters=sim_parameters, output="screen"))
     elif driver == "piper_ros":
-        from smp_ros.nodes.params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile
+        from smp_ros.ros_params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile
 
         params = ParamsFile.load(config)
         for arm in ARMS:

@@ -75,7 +75,7 @@ def write_demo_params(source: Path, target: Path, policy_rate_hz: float, deadlin
     import yaml
 
     from smp_ros.config import load_yaml_mapping
-    from smp_ros.nodes.params import POLICY_NODE
+    from smp_ros.ros_params import POLICY_NODE
 
     if policy_rate_hz <= 0 or deadline_s <= 0:
         raise ConfigError(f"--policy-rate and --inference-deadline: expected > 0, got {policy_rate_hz}, {deadline_s}")

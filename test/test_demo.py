@@ -7,7 +7,7 @@ import pytest
 
 from smp_ros import demo
 from smp_ros.config import ConfigError, load_yaml_mapping
-from smp_ros.nodes.params import POLICY_NODE, ParamsFile
+from smp_ros.ros_params import POLICY_NODE, ParamsFile
 
 
 def test_demo_params_change_only_the_policy_timing(tmp_path):

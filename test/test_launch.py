@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from smp_ros.nodes.params import ParamsFile
+from smp_ros.ros_params import ParamsFile
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"

@@ -28,7 +28,7 @@ from sensor_msgs.msg import JointState  # noqa: E402
 
 from smp_ros.config import SafetyConfig  # noqa: E402
 from smp_ros.msg import PolicyStatus  # noqa: E402
-from smp_ros.nodes.params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS  # noqa: E402
+from smp_ros.ros_params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS  # noqa: E402
 from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
 from smp_ros.nodes.ros_util import LATCHED_QOS  # noqa: E402
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from smp_ros.config import CAMERAS, TASKS, ConfigError
-from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
+from smp_ros.ros_params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
 from smp_ros.resources import resolve
 
 SWITCH_INTERVAL_S = 0.0005

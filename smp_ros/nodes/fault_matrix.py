@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.bringup import wait_for_policy
-    from smp_ros.nodes.params import ParamsFile, sim_camera_size
+    from smp_ros.ros_params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
     from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
     from smp_ros.nodes.sim_node import SimNode

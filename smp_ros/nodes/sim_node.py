@@ -43,7 +43,7 @@ from smp_ros.hardware.piper import PiperArm
 from smp_ros.msg import EpisodeStatus, ObjectPoses
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
-from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
+from smp_ros.ros_params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
 from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
 from smp_ros.sim.can_emulator import PARSE_WAIT_S, attach, wait_until_parsed
 from smp_ros.sim.teleop import ScriptedTeleop

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smp_ros.nodes.params import ParamsFile, sim_camera_size
+    from smp_ros.ros_params import ParamsFile, sim_camera_size
 
     params = ParamsFile.load(args.config)
     if not args.minutes > 0:
