@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from smp_ros.config import TASKS, ConfigError
+from smp_ros.config import BACKENDS, REFERENCE_BACKEND, TASKS, ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "smp_sim"
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="ROS 2 parameters file")
     parser.add_argument("--episodes", type=int, default=1, help="episodes per task")
     parser.add_argument("--task", choices=TASKS, help="run only this task")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), default="eager",
+    parser.add_argument("--backend", choices=BACKENDS, default=REFERENCE_BACKEND,
                         help="inference backend (eager starts at once; compiled spends minutes compiling on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results and gate traces go")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first episode (unseen in training)")

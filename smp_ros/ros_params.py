@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from smp_ros import topics
-from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, flatten, load_yaml_mapping
+from smp_ros.config import BACKENDS, DEVICES, ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, flatten, load_yaml_mapping
 
 # Fully qualified names of the nodes the launch files and bringup start.
 POLICY_NODE = "/smp/policy"
@@ -94,8 +94,8 @@ class ParamsFile:
 # --------------------------------------------------------------------------------------------
 
 _RUNTIME_HELP = {
-    "backend": "inference backend: eager | compiled | tensorrt",
-    "device": "inference device: auto | cpu | cuda",
+    "backend": f"inference backend: {' | '.join(BACKENDS)}",
+    "device": f"inference device: {' | '.join(DEVICES)}",
     "policy_rate_hz": "inference calls per second (a new action chunk each call)",
     "command_rate_hz": "joint commands published per second to each arm",
     "chunk_blend": "how consecutive chunks are joined: ensemble | splice | none",

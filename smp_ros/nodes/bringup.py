@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smp_ros.config import CAMERAS, TASKS, ConfigError
+from smp_ros.config import BACKENDS, CAMERAS, TASKS, ConfigError
 from smp_ros.ros_params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
 from smp_ros.resources import resolve
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--sim", action="store_true", help="simulated arms and cameras instead of hardware")
     parser.add_argument("--model", help="model directory (overrides the file's /smp/policy model)")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), help="inference backend")
+    parser.add_argument("--backend", choices=BACKENDS, help="inference backend")
     parser.add_argument("--task", choices=TASKS, help="task to run (overrides the file)")
     parser.add_argument("--episodes", type=int, default=0, help="with --sim: episodes per task, then exit")
     parser.add_argument("--json", help="with --episodes: write the results here")

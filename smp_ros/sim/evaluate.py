@@ -24,7 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARMS, TASKS, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import ARMS, REFERENCE_BACKEND, TASKS, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.runtime.observation import Observation
 
@@ -174,7 +175,7 @@ class _FeedbackHook:
         return self.arms.feedback_horizon()
 
 
-def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1,
+def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, inference_threads: int = 1,
                 overrides: dict | None = None):
     if spec == "scripted":
         from smp_ros.sim.scripted import ScriptedExpert
@@ -272,7 +273,7 @@ class _InferenceLog:
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
-             backend: str = "piper", render: bool = True, inference_backend: str = "eager",
+             backend: str = "piper", render: bool = True, inference_backend: str = REFERENCE_BACKEND,
              overrides: dict | None = None) -> dict:
     """Run ``episodes`` per task from seeds ``seed`` .. ``seed + episodes - 1``. ``overrides`` are load-time
     runtime overrides of a learned policy (``{"model.selection.tau_m": 0.9}``, checkpoint.RUNTIME_OVERRIDES).
@@ -340,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="piper", choices=BACKENDS)
     parser.add_argument("--no-render", action="store_true",
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
-    parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
+    parser.add_argument("--inference-backend", default=REFERENCE_BACKEND, choices=INFERENCE_BACKENDS,
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "
