@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from smp_ros.config import BACKENDS, REFERENCE_BACKEND, TASKS, ConfigError
+from smp_ros.results import MEAN_PROGRESS, summary_value
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "smp_sim"
@@ -102,11 +103,13 @@ def format_table(results: dict) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
     for name, t in results["tasks"].items():
-        rows.append(f"{name:<14}{len(t['episodes']):>9}{t['success_rate']:>9.2f}{t['progress']:>10.2f}"
+        progress = summary_value(t, MEAN_PROGRESS, f"tasks.{name}")
+        rows.append(f"{name:<14}{len(t['episodes']):>9}{t['success_rate']:>9.2f}{progress:>10.2f}"
                     f"{active(t.get('mean_active')):>10}{t['command_rate_hz']:>8.0f}{ms(t['latency_p50_s']):>11}"
                     f"{ms(t['latency_p99_s']):>9}")
     o = results["overall"]
-    rows.append(f"{'all':<14}{o['episodes']:>9}{o['success_rate']:>9.2f}{o['progress']:>10.2f}"
+    progress = summary_value(o, MEAN_PROGRESS, "overall")
+    rows.append(f"{'all':<14}{o['episodes']:>9}{o['success_rate']:>9.2f}{progress:>10.2f}"
                 f"{active(o.get('mean_active')):>10}{o['command_rate_hz']:>8.0f}")
     rows.append(f"model {o['model']}, backend {o['backend']}")
     return "\n".join(rows)

@@ -485,6 +485,9 @@ def test_bringup_evaluates_episodes_and_writes_json(tiny_model, tmp_path):
     assert [e["episode"] for e in task["episodes"]] == [2, 3]
     assert all(0.0 <= e["progress"] <= 1.0 and e["sim_time_s"] >= 2.0 for e in task["episodes"])
     assert task["inference_calls"] > 0 and task["latency_p50_s"] > 0
+    # The summary keys every evaluation writes (smp_ros.results), the mean of the episodes' own.
+    assert task["mean_progress"] == pytest.approx(sum(e["progress"] for e in task["episodes"]) / 2)
+    assert task["success_rate"] == sum(e["success"] for e in task["episodes"]) / 2
     assert report["overall"]["episodes"] == 2 and report["overall"]["backend"] == "eager"
     trace = Path(task["episodes"][0]["gate_trace"])  # the first episode of each task is plotted
     assert trace == tmp_path / "traces" / "gate_trace_handover.png" and trace.stat().st_size > 10_000

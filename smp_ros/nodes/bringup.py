@@ -186,7 +186,7 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
     everything = [e for t in per_task.values() for e in t["episodes"]]
     overall = {"tasks": tasks, "episodes": len(everything),
                "success_rate": float(np.mean([e["success"] for e in everything])),
-               "progress": float(np.mean([e["progress"] for e in everything])),
+               "mean_progress": float(np.mean([e["progress"] for e in everything])),
                "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in everything])),
                "mean_active": _mean_of([e.get("mean_active") for e in everything]),
                "model": policy.p["model"], "backend": policy.engine.backend_name}
@@ -220,7 +220,7 @@ def _mean_of(values: list) -> float | None:
 def _summary(episodes: list[dict]) -> dict:
     latencies = np.array([x for e in episodes for x in e["latencies_s"]])
     out = {"success_rate": float(np.mean([e["success"] for e in episodes])),
-           "progress": float(np.mean([e["progress"] for e in episodes])),
+           "mean_progress": float(np.mean([e["progress"] for e in episodes])),
            "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in episodes])),
            "inference_calls": int(latencies.size)}
     out["mean_active"] = _mean_of([e.get("mean_active") for e in episodes])

@@ -27,6 +27,7 @@ import numpy as np
 from smp_ros.config import ARMS, REFERENCE_BACKEND, TASKS, RuntimeConfig, SafetyConfig, SimConfig
 from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
+from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE
 from smp_ros.runtime.observation import Observation
 
 BACKENDS = ("piper", "direct")
@@ -295,8 +296,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
         episodes_out = [{**{k: v for k, v in asdict(r).items() if k != "phases"}, **inf}
                         for r, inf in zip(results, infer)]
         report["tasks"][task] = {
-            "success_rate": float(np.mean([r.success for r in results])),
-            "mean_progress": float(np.mean([r.progress for r in results])),
+            SUCCESS_RATE: float(np.mean([r.success for r in results])),
+            MEAN_PROGRESS: float(np.mean([r.progress for r in results])),
             "mean_episode_wall_s": float(np.mean([r.wall_time for r in results])),
             "episodes": episodes_out,
         }
@@ -305,8 +306,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
             if values:
                 report["tasks"][task][key] = float(np.mean(values))
     rows = report["tasks"].values()
-    report["success_rate"] = float(np.mean([r["success_rate"] for r in rows]))
-    report["mean_progress"] = float(np.mean([r["mean_progress"] for r in rows]))
+    report[SUCCESS_RATE] = float(np.mean([r[SUCCESS_RATE] for r in rows]))
+    report[MEAN_PROGRESS] = float(np.mean([r[MEAN_PROGRESS] for r in rows]))
     return report
 
 
