@@ -103,29 +103,25 @@ class PiperArms:
     """Both arms through piper_sdk over virtual CAN to the emulators attached to the world."""
 
     def __init__(self, world, safety: SafetyConfig | None = None):
-        from smp_ros.hardware.piper import BimanualPiper, PiperArm
-        from smp_ros.sim.can_emulator import attach
+        from smp_ros.hardware.piper import BimanualPiper
+        from smp_ros.sim.piper_rig import PiperRig
 
         self.world = world
         tag = uuid.uuid4().hex[:8]
-        channels = {"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"}
-        self.emus = attach(world, channels)
-        clock = lambda: self.emus["left"].time  # noqa: E731  (simulated time is the arms' clock)
         # Scripted motions step up to ~0.1 rad per 50 ms tick; the default per-tick cap is for 100 Hz.
-        safety = safety or SafetyConfig(max_joint_step=0.15)
-        self.pair = BimanualPiper(*(PiperArm(channels[s], s, bustype="virtual", clock=clock, safety=safety,
-                                             speed_percent=100) for s in ("left", "right")))
+        self.rig = PiperRig({"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"},
+                            safety or SafetyConfig(max_joint_step=0.15), speed_percent=100)
+        self.rig.attach(world)
+        self.pair = BimanualPiper(self.rig.arms["left"], self.rig.arms["right"])
         self.pair.connect()
         self.step(0.02)
         self.pair.enable()
         self.step(0.02)
-        self._last_feedback = self.emus["left"].last_feedback_time
+        self._last_feedback = self.rig.emulators["left"].last_feedback_time
 
     def step(self, dt: float) -> None:
         self.world.step(dt)
-        for side, arm in self.pair.arms.items():
-            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+        self.rig.wait_for_feedback()
 
     def qpos(self) -> np.ndarray:
         return self.pair.get_qpos()
@@ -141,7 +137,7 @@ class PiperArms:
 
     def feedback_due(self) -> bool:
         """True after a physics step in which the emulators emitted a new feedback tick."""
-        stamp = self.emus["left"].last_feedback_time
+        stamp = self.rig.emulators["left"].last_feedback_time
         if stamp is None or stamp <= self._last_feedback:
             return False
         self._last_feedback = stamp
@@ -150,15 +146,11 @@ class PiperArms:
     def observations(self) -> dict[str, ArmObservation]:
         """Each arm's state as the driver reads it back through piper_sdk, once the SDK has parsed the
         emulators' newest feedback."""
-        for side, arm in self.pair.arms.items():
-            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+        self.rig.wait_for_feedback()
         return self.pair.get_observation()
 
     def close(self) -> None:
-        self.pair.disconnect()
-        for emu in self.emus.values():
-            emu.close()
+        self.rig.close()
         self.world.post_step_hooks.clear()
 
 
