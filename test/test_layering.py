@@ -13,9 +13,11 @@ FORBIDDEN = {
     # topics (the default topic names) is a leaf every part may use, config included.
     "topics": {"config", "ros_params", "model", "data", "train", "runtime", "hardware", "sim", "nodes",
                "gate_trace_plot", "resources"} | ENTRY_POINTS,
-    # results (the keys of evaluation JSON) is a leaf too.
-    "results": {"topics", "config", "ros_params", "model", "data", "train", "runtime", "hardware", "sim", "nodes",
-                "gate_trace_plot", "resources"} | ENTRY_POINTS,
+    # results (the keys of evaluation JSON) and report (benchmark tables and JSON) are leaves too.
+    "results": {"topics", "config", "ros_params", "report", "model", "data", "train", "runtime", "hardware", "sim",
+                "nodes", "gate_trace_plot", "resources"} | ENTRY_POINTS,
+    "report": {"topics", "config", "ros_params", "results", "model", "data", "train", "runtime", "hardware", "sim",
+               "nodes", "gate_trace_plot", "resources"} | ENTRY_POINTS,
     "config": {"model", "data", "train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
     # ros_params maps a ROS parameters file onto config without ROS; the nodes, launch files and CLI use it.
     "ros_params": {"model", "data", "train", "runtime", "sim", "nodes"} | ENTRY_POINTS,
