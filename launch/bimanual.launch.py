@@ -9,40 +9,26 @@ Every node reads its parameters from ``config`` (config/bimanual.yaml by default
 ``driver:=piper_ros`` runs the arms with the vendor's ROS driver instead of ours: one piper_ros
 ``piper_ctrl_single_node`` per arm in /left and /right (``can_port`` from the config's
 ``/<arm>/driver`` ``can_channel``), and the policy node remapped onto its topics
-(``smp_ros.nodes.params.PIPER_ROS_REMAPS`` / ``PIPER_ROS_POLICY_PARAMS``; README, "Beside piper_ros").
+(``smp_ros.ros_params.PIPER_ROS_REMAPS`` / ``PIPER_ROS_POLICY_PARAMS``; README, "Beside piper_ros").
+The arguments and nodes it shares with record.launch.py are in ``smp_ros.nodes.launch_common``.
 """
-
-from pathlib import Path
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-# <share>/smp_ros/launch/.. on an install, the repository root in a source checkout.
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "bimanual.yaml")
-ARMS = ("left", "right")
-CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
-TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
-
-
-def _truthy(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"launch argument use_sim: expected true or false, got {value!r}")
+from smp_ros.config import ARMS, BACKENDS, TASKS
+from smp_ros.nodes import launch_common as common
 
 
 def _nodes(context):
-    config = LaunchConfiguration("config").perform(context)
-    if not Path(config).is_file():
-        raise FileNotFoundError(f"launch argument config: {config} is not a file")
-    use_sim = _truthy(LaunchConfiguration("use_sim").perform(context))
+    config = common.config_path(context)
+    use_sim = common.use_sim(context)
     overrides = {name: LaunchConfiguration(name).perform(context) for name in ("model", "backend", "task")}
     overrides = {name: value for name, value in overrides.items() if value}
-    if "task" in overrides and overrides["task"] not in TASKS:
-        raise ValueError(f"launch argument task: expected one of {TASKS}, got {overrides['task']!r}")
+    if "task" in overrides:
+        common.check_task(overrides["task"])
     driver = LaunchConfiguration("driver").perform(context)
     if driver not in ("smp_ros", "piper_ros"):
         raise ValueError(f"launch argument driver: expected smp_ros or piper_ros, got {driver!r}")
@@ -52,15 +38,13 @@ def _nodes(context):
 
     nodes = []
     if use_sim:
-        from smp_ros.nodes.params import ParamsFile, sim_camera_size
+        from smp_ros.ros_params import ParamsFile, sim_camera_size
 
         # The policy's engine warms up (compiles) for the frames the simulator renders.
         overrides["camera_size"] = sim_camera_size(ParamsFile.load(config))
-        sim_parameters = [config] + ([{"task": overrides["task"]}] if "task" in overrides else [])
-        nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
-                          parameters=sim_parameters, output="screen"))
+        nodes.append(common.sim_node([config] + ([{"task": overrides["task"]}] if "task" in overrides else [])))
     elif driver == "piper_ros":
-        from smp_ros.nodes.params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile
+        from smp_ros.ros_params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile
 
         params = ParamsFile.load(config)
         for arm in ARMS:
@@ -73,13 +57,9 @@ def _nodes(context):
         policy_params.append(dict(PIPER_ROS_POLICY_PARAMS))
         remaps = list(PIPER_ROS_REMAPS)
     else:
-        for arm in ARMS:
-            nodes.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
-                              parameters=[config], output="screen"))
+        nodes += common.driver_nodes([config])
     if not use_sim:
-        for camera in CAMERAS:
-            nodes.append(Node(package="smp_ros", executable="camera_node", name="camera",
-                              namespace=f"/cameras/{camera}", parameters=[config], output="screen"))
+        nodes += common.camera_nodes([config])
     nodes.append(Node(package="smp_ros", executable="policy_node", name="policy", namespace="/smp",
                       parameters=policy_params + ([overrides] if overrides else []), remappings=remaps,
                       output="screen"))
@@ -88,12 +68,10 @@ def _nodes(context):
 
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([
-        DeclareLaunchArgument("use_sim", default_value="false",
-                              description="simulated arms and cameras (sim_node) instead of hardware"),
+        *common.config_and_sim_arguments(__file__, "simulated arms and cameras (sim_node) instead of hardware"),
         DeclareLaunchArgument("model", default_value="", description="model directory (default: the config's)"),
-        DeclareLaunchArgument("backend", default_value="", description="eager | compiled | tensorrt"),
+        DeclareLaunchArgument("backend", default_value="", description=" | ".join(BACKENDS)),
         DeclareLaunchArgument("task", default_value="", description=f"one of {TASKS}"),
-        DeclareLaunchArgument("config", default_value=DEFAULT_CONFIG, description="ROS 2 parameters file"),
         DeclareLaunchArgument("driver", default_value="smp_ros",
                               description="smp_ros (our PiPER drivers) or piper_ros (the vendor's ROS driver)"),
         OpaqueFunction(function=_nodes),

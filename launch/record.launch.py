@@ -12,61 +12,39 @@ docs/ARCHITECTURE.md into an MCAP bag. Without a ROS install use ``smp-ros recor
 With ``use_sim:=true`` the simulator stands in for the rig: ``sim_node`` with ``teleop_source:
 scripted`` (the scripted demonstrators move leader arms on the emulated CAN buses, the followers
 obey them, and the same leader_joint_states / joint_states / camera topics come out), running the
-task's scene from ``seed``.
+task's scene from ``seed``. The arguments and nodes it shares with bimanual.launch.py are in
+``smp_ros.nodes.launch_common``.
 """
-
-from pathlib import Path
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "bimanual.yaml")
-ARMS = ("left", "right")
-CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
-TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
-TOPICS = ([f"/cameras/{c}/image_raw" for c in CAMERAS] + [f"/{a}/joint_states" for a in ARMS]
-          + [f"/{a}/joint_cmd" for a in ARMS] + [f"/{a}/leader_joint_states" for a in ARMS] + ["/smp/task"]
-          + ["/smp/object_poses"])  # a tracker's (or the simulator's) object poses; empty without one
+from smp_ros import topics
+from smp_ros.config import TASKS
+from smp_ros.nodes import launch_common as common
+from smp_ros.nodes.record import demonstration_topics
 
-
-def _truthy(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"launch argument use_sim: expected true or false, got {value!r}")
+# The demonstration-bag contract with the leaders' targets (the actions of a teleoperated demonstration);
+# /smp/object_poses stays empty without a tracker (or the simulator).
+TOPICS = list(demonstration_topics(teleop=True))
 
 
 def _actions(context):
-    task = LaunchConfiguration("task").perform(context)
-    if task not in TASKS:
-        raise ValueError(f"launch argument task: expected one of {TASKS}, got {task!r}")
-    config = LaunchConfiguration("config").perform(context)
+    task = common.check_task(LaunchConfiguration("task").perform(context))
+    config = common.config_path(context)
     out = LaunchConfiguration("out").perform(context)
-    actions = []
-    if _truthy(LaunchConfiguration("use_sim").perform(context)):
+    record = ["ros2", "bag", "record", "-s", "mcap", *TOPICS] + (["-o", out] if out else [])
+    if common.use_sim(context):
         seed = int(LaunchConfiguration("seed").perform(context))
         # The simulator publishes /smp/task itself (latched), for the task it runs.
-        actions.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
-                            parameters=[config, {"teleop_source": "scripted", "task": task, "seed": seed}],
-                            output="screen"))
-        record = ["ros2", "bag", "record", "-s", "mcap", *TOPICS]
-        actions.append(ExecuteProcess(cmd=record + (["-o", out] if out else []), output="screen"))
-        return actions
-    for arm in ARMS:
-        actions.append(Node(package="smp_ros", executable="driver_node", name="driver", namespace=f"/{arm}",
-                            parameters=[config, {"enable_on_start": False, "teleop": True}], output="screen"))
-    for camera in CAMERAS:
-        actions.append(Node(package="smp_ros", executable="camera_node", name="camera",
-                            namespace=f"/cameras/{camera}", parameters=[config], output="screen"))
+        return [common.sim_node([config, {"teleop_source": "scripted", "task": task, "seed": seed}]),
+                ExecuteProcess(cmd=record, output="screen")]
+    actions = common.driver_nodes([config, {"enable_on_start": False, "teleop": True}])
+    actions += common.camera_nodes([config])
     actions.append(ExecuteProcess(
         cmd=["ros2", "topic", "pub", "--qos-durability", "transient_local", "--qos-reliability", "reliable",
-             "--rate", "1", "/smp/task", "std_msgs/msg/String", f"{{data: {task}}}"], output="log"))
-    record = ["ros2", "bag", "record", "-s", "mcap", *TOPICS]
-    if out:
-        record += ["-o", out]
+             "--rate", "1", topics.TASK, "std_msgs/msg/String", f"{{data: {task}}}"], output="log"))
     actions.append(ExecuteProcess(cmd=record, output="screen"))
     return actions
 
@@ -75,9 +53,7 @@ def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([
         DeclareLaunchArgument("task", description=f"the task being demonstrated, one of {TASKS}"),
         DeclareLaunchArgument("out", default_value="", description="bag directory (default: ros2 bag's name)"),
-        DeclareLaunchArgument("config", default_value=DEFAULT_CONFIG, description="ROS 2 parameters file"),
-        DeclareLaunchArgument("use_sim", default_value="false",
-                              description="the simulator with scripted leader arms instead of the rig"),
+        *common.config_and_sim_arguments(__file__, "the simulator with scripted leader arms instead of the rig"),
         DeclareLaunchArgument("seed", default_value="0", description="with use_sim: seed of the scene"),
         OpaqueFunction(function=_actions),
     ])

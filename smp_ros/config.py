@@ -38,6 +38,12 @@ TASK_OBJECTS: dict[str, tuple[str, ...]] = {
 }
 OBJECT_SLOTS = max(len(v) for v in TASK_OBJECTS.values())  # 3
 OBJECT_POSE_DIM = 7  # x, y, z, qx, qy, qz, qw
+# Inference backends (runtime/backends), from the reference that runs everywhere to the fastest: one
+# that cannot run here falls back to those before it (tensorrt -> compiled -> eager). The names are
+# spelled only here; validation, command-line choices and help texts use these tuples.
+BACKENDS = ("eager", "compiled", "tensorrt")
+REFERENCE_BACKEND = BACKENDS[0]  # runs everywhere: the default of the benchmark and evaluation commands
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available, else cpu
 
 
 class ConfigError(ValueError):
@@ -414,8 +420,8 @@ class SafetyConfig:
 
 @dataclass
 class RuntimeConfig:
-    backend: str = "compiled"  # "eager" | "compiled" | "tensorrt"
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    backend: str = "compiled"  # one of BACKENDS
+    device: str = "auto"  # one of DEVICES
     policy_rate_hz: float = 10.0
     command_rate_hz: float = 100.0
     # How consecutive chunks are joined: "splice" | "ensemble" | "none" (runtime/executor.py). Splice
@@ -436,10 +442,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         w = "runtime"
-        _require(self.backend in ("eager", "compiled", "tensorrt"), f"{w}.backend",
-                 f"expected 'eager', 'compiled' or 'tensorrt', got {self.backend!r}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"{w}.device",
-                 f"expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.backend in BACKENDS, f"{w}.backend", f"expected one of {BACKENDS}, got {self.backend!r}")
+        _require(self.device in DEVICES, f"{w}.device", f"expected one of {DEVICES}, got {self.device!r}")
         _require(self.policy_rate_hz > 0 and self.command_rate_hz >= self.policy_rate_hz, w,
                  "need command_rate_hz >= policy_rate_hz > 0")
         _require(self.chunk_blend in ("ensemble", "splice", "none"), f"{w}.chunk_blend",

@@ -21,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from smp_ros.config import TASKS, ConfigError
+from smp_ros.config import BACKENDS, REFERENCE_BACKEND, TASKS, ConfigError
+from smp_ros.results import MEAN_PROGRESS, summary_value
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "smp_sim"
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="ROS 2 parameters file")
     parser.add_argument("--episodes", type=int, default=1, help="episodes per task")
     parser.add_argument("--task", choices=TASKS, help="run only this task")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), default="eager",
+    parser.add_argument("--backend", choices=BACKENDS, default=REFERENCE_BACKEND,
                         help="inference backend (eager starts at once; compiled spends minutes compiling on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results and gate traces go")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first episode (unseen in training)")
@@ -75,7 +76,7 @@ def write_demo_params(source: Path, target: Path, policy_rate_hz: float, deadlin
     import yaml
 
     from smp_ros.config import load_yaml_mapping
-    from smp_ros.nodes.params import POLICY_NODE
+    from smp_ros.ros_params import POLICY_NODE
 
     if policy_rate_hz <= 0 or deadline_s <= 0:
         raise ConfigError(f"--policy-rate and --inference-deadline: expected > 0, got {policy_rate_hz}, {deadline_s}")
@@ -102,11 +103,13 @@ def format_table(results: dict) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
     for name, t in results["tasks"].items():
-        rows.append(f"{name:<14}{len(t['episodes']):>9}{t['success_rate']:>9.2f}{t['progress']:>10.2f}"
+        progress = summary_value(t, MEAN_PROGRESS, f"tasks.{name}")
+        rows.append(f"{name:<14}{len(t['episodes']):>9}{t['success_rate']:>9.2f}{progress:>10.2f}"
                     f"{active(t.get('mean_active')):>10}{t['command_rate_hz']:>8.0f}{ms(t['latency_p50_s']):>11}"
                     f"{ms(t['latency_p99_s']):>9}")
     o = results["overall"]
-    rows.append(f"{'all':<14}{o['episodes']:>9}{o['success_rate']:>9.2f}{o['progress']:>10.2f}"
+    progress = summary_value(o, MEAN_PROGRESS, "overall")
+    rows.append(f"{'all':<14}{o['episodes']:>9}{o['success_rate']:>9.2f}{progress:>10.2f}"
                 f"{active(o.get('mean_active')):>10}{o['command_rate_hz']:>8.0f}")
     rows.append(f"model {o['model']}, backend {o['backend']}")
     return "\n".join(rows)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from smp_ros.config import TASKS, ConfigError, SMPConfig, SimConfig
+from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value
 
 # method -> (method whose trained weights it uses, config changes for training, load-time overrides)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -228,19 +229,21 @@ def run_experiment(spec: ExperimentSpec) -> dict:
                                              "load_avg_at_end": list(os.getloadavg())},
               "seconds_this_run": time.time() - t0, "methods": {}}
     for method, results in rows.items():
-        report["methods"][method] = _aggregate(results, models[(resolve(method)[0], spec.seeds[0])])
+        report["methods"][method] = _aggregate(results)
+        overall = report["methods"][method]["overall"]
+        overall["parameters"] = _parameters(models[(resolve(method)[0], spec.seeds[0])], overall.get("mean_active"))
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(spec.out, report)
     return report
 
 
-def _aggregate(results: list[dict], model: Path) -> dict:
+def _aggregate(results: list[dict]) -> dict:
+    """Pooled episodes of ``results`` (per-task evaluations) per task and overall."""
     def pooled(rs: list[dict]) -> dict:
         eps = [e for r in rs for e in r["episodes"]]
         wins = sum(bool(e["success"]) for e in eps)
         lo, hi = wilson_interval(wins, len(eps))
-        out = {"episodes": len(eps), "successes": wins, "success": wins / len(eps) if eps else 0.0,
-               "success_ci95": [lo, hi], "progress": sum(e["progress"] for e in eps) / max(len(eps), 1)}
+        out = {"episodes": len(eps), "successes": wins, **summarize(eps), "success_ci95": [lo, hi]}
         for key in ("mean_active", "flip_rate", "latency_p50_s"):
             vals = [e[key] for e in eps if key in e]
             if vals:
@@ -252,8 +255,7 @@ def _aggregate(results: list[dict], model: Path) -> dict:
         per_task[task] = pooled([r for r in results if r["task"] == task])
     overall = pooled(results)
     # The mean over tasks of per-task success (what the paper's tables report).
-    overall["success_task_mean"] = sum(t["success"] for t in per_task.values()) / max(len(per_task), 1)
-    overall["parameters"] = _parameters(model, overall.get("mean_active"))
+    overall["success_task_mean"] = sum(t[SUCCESS_RATE] for t in per_task.values()) / max(len(per_task), 1)
     return {"overall": overall, "tasks": per_task}
 
 
@@ -263,7 +265,9 @@ def print_report(report: dict) -> None:
     for method, r in report["methods"].items():
         o = r["overall"]
         ci = f"[{o['success_ci95'][0]:.2f}, {o['success_ci95'][1]:.2f}]"
-        print(f"{method:<13}{o['success']:>8.2f}{ci:>15}{o['progress']:>9.2f}{o.get('mean_active', float('nan')):>6.2f}"
+        where = f"methods.{method}.overall"
+        success, progress = summary_value(o, SUCCESS_RATE, where), summary_value(o, MEAN_PROGRESS, where)
+        print(f"{method:<13}{success:>8.2f}{ci:>15}{progress:>9.2f}{o.get('mean_active', float('nan')):>6.2f}"
               f"{o.get('flip_rate', float('nan')):>7.3f}{1e3 * o.get('latency_p50_s', float('nan')):>8.1f}"
               f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
 
@@ -279,7 +283,8 @@ def plot_selection_sweep(report: dict, out: Path) -> None:
     cov, top = [], []
     for name, r in methods.items():
         o = r["overall"]
-        point = (o["success"], o["success_ci95"], o.get("mean_active", float("nan")), o.get("latency_p50_s", float("nan")))
+        point = (summary_value(o, SUCCESS_RATE, f"methods.{name}.overall"), o["success_ci95"],
+                 o.get("mean_active", float("nan")), o.get("latency_p50_s", float("nan")))
         if name.startswith("tau"):
             cov.append((float(name[3:]), *point))
         elif name == "smp":

@@ -17,3 +17,13 @@ def model_dir(tmp_path_factory):
     lo, hi = [-1.0] * ACTION_DIM, [1.0] * ACTION_DIM
     policy.set_normalizer({"action": {"min": lo, "max": hi}, "qpos": {"min": lo, "max": hi}})
     return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture
+def ros():
+    """An rclpy context for one test (the test module sets ROS_DOMAIN_ID before it imports rclpy)."""
+    import rclpy
+
+    rclpy.init()
+    yield
+    rclpy.try_shutdown()

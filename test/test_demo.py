@@ -2,12 +2,13 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from smp_ros import demo
 from smp_ros.config import ConfigError, load_yaml_mapping
-from smp_ros.nodes.params import POLICY_NODE, ParamsFile
+from smp_ros.ros_params import POLICY_NODE, ParamsFile
 
 
 def test_demo_params_change_only_the_policy_timing(tmp_path):
@@ -39,16 +40,28 @@ def test_a_missing_model_is_named(tmp_path):
 
 
 def test_table_lists_every_task_and_the_overall_line():
-    task = {"success_rate": 0.5, "progress": 0.75, "mean_active": 2.25, "command_rate_hz": 98.0,
+    task = {"success_rate": 0.5, "mean_progress": 0.75, "mean_active": 2.25, "command_rate_hz": 98.0,
             "latency_p50_s": 0.21, "latency_p99_s": 0.4, "episodes": [{}, {}]}
     results = {"tasks": {"pen_cap": task, "handover": dict(task, latency_p50_s=None, mean_active=None)},
-               "overall": {"episodes": 4, "success_rate": 0.5, "progress": 0.75, "mean_active": 2.25,
+               "overall": {"episodes": 4, "success_rate": 0.5, "mean_progress": 0.75, "mean_active": 2.25,
                            "command_rate_hz": 98.0, "model": "models/smp_sim", "backend": "eager"}}
     lines = demo.format_table(results).splitlines()
     assert "mean |S|" in lines[0]
     assert lines[1].split() == ["pen_cap", "2", "0.50", "0.75", "2.25", "98", "210", "ms", "400", "ms"]
     assert lines[2].split()[-5:] == ["-", "98", "-", "400", "ms"]
     assert lines[3].split() == ["all", "4", "0.50", "0.75", "2.25", "98"] and "backend eager" in lines[4]
+
+
+def test_table_reads_results_written_before_mean_progress_was_named():
+    # The shipped results predate the rename: their summaries call the mean of the episodes' progress
+    # "progress".
+    old = json.loads((Path(__file__).resolve().parents[1] / "docs/results/shipped/demo_results.json").read_text())
+    assert "mean_progress" not in old["overall"] and "progress" in old["overall"]
+    lines = demo.format_table(old).splitlines()
+    for line, (name, task) in zip(lines[1:], old["tasks"].items()):
+        assert line.split()[:4] == [name, str(len(task["episodes"])), f"{task['success_rate']:.2f}",
+                                    f"{task['progress']:.2f}"]
+    assert lines[len(old["tasks"]) + 1].split()[3] == f"{old['overall']['progress']:.2f}"
 
 
 @pytest.mark.slow

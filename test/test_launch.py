@@ -7,16 +7,30 @@ from pathlib import Path
 
 import pytest
 
-from smp_ros.nodes.params import ParamsFile
+from smp_ros.nodes import launch_common
+from smp_ros.ros_params import ParamsFile
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
+COMMON = Path(launch_common.__file__)
+
+
+def _literal_declarations(tree: ast.AST) -> set[str]:
+    return {call.args[0].value for call in ast.walk(tree)
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"}
 
 
 def _declared_arguments(path: Path) -> set[str]:
+    """The arguments a launch file declares: its own DeclareLaunchArgument calls and those of the
+    launch_common functions it calls (``common.<function>(...)``)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    return {call.args[0].value for call in ast.walk(tree)
-            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"}
+    shared = {f.name: f for f in ast.parse(COMMON.read_text()).body if isinstance(f, ast.FunctionDef)}
+    declared = _literal_declarations(tree)
+    for call in ast.walk(tree):
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and getattr(call.func.value, "id", "") == "common" and call.func.attr in shared):
+            declared |= _literal_declarations(shared[call.func.attr])
+    return declared
 
 
 def test_bimanual_launch_declares_its_arguments():
@@ -25,6 +39,16 @@ def test_bimanual_launch_declares_its_arguments():
 
 def test_record_launch_declares_its_arguments():
     assert _declared_arguments(LAUNCH / "record.launch.py") == {"task", "out", "config", "use_sim", "seed"}
+
+
+def test_the_shared_launch_pieces_check_their_arguments():
+    assert launch_common.default_config(str(LAUNCH / "record.launch.py")) == str(ROOT / "config" / "bimanual.yaml")
+    assert launch_common.parse_bool("use_sim", "True") and not launch_common.parse_bool("use_sim", "0")
+    with pytest.raises(ValueError, match="launch argument use_sim: expected true or false, got 'maybe'"):
+        launch_common.parse_bool("use_sim", "maybe")
+    assert launch_common.check_task("handover") == "handover"
+    with pytest.raises(ValueError, match="launch argument task: expected one of .*'juggling'"):
+        launch_common.check_task("juggling")
 
 
 def test_the_default_config_names_every_launched_node():

@@ -11,9 +11,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smp_ros"
 ENTRY_POINTS = {"cli", "demo", "experiment", "install"}
 FORBIDDEN = {
     # topics (the default topic names) is a leaf every part may use, config included.
-    "topics": {"config", "model", "data", "train", "runtime", "hardware", "sim", "nodes", "gate_trace_plot",
-               "resources"} | ENTRY_POINTS,
+    "topics": {"config", "ros_params", "model", "data", "train", "runtime", "hardware", "sim", "nodes",
+               "gate_trace_plot", "resources"} | ENTRY_POINTS,
+    # results (the keys of evaluation JSON) and report (benchmark tables and JSON) are leaves too.
+    "results": {"topics", "config", "ros_params", "report", "model", "data", "train", "runtime", "hardware", "sim",
+                "nodes", "gate_trace_plot", "resources"} | ENTRY_POINTS,
+    "report": {"topics", "config", "ros_params", "results", "model", "data", "train", "runtime", "hardware", "sim",
+               "nodes", "gate_trace_plot", "resources"} | ENTRY_POINTS,
     "config": {"model", "data", "train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
+    # ros_params maps a ROS parameters file onto config without ROS; the nodes, launch files and CLI use it.
+    "ros_params": {"model", "data", "train", "runtime", "sim", "nodes"} | ENTRY_POINTS,
     "model": {"data", "train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
     "data": {"train", "runtime", "hardware", "sim", "nodes"} | ENTRY_POINTS,
     "hardware": {"model", "data", "train", "runtime", "sim", "nodes"} | ENTRY_POINTS,

@@ -142,7 +142,8 @@ def test_experiment_runner_end_to_end_and_resume(bags, tmp_path):
     assert set(report["methods"]) == {"smp", "dp", "topk"}
     for method, r in report["methods"].items():
         o = r["overall"]
-        assert o["episodes"] == 1 and 0 <= o["success_ci95"][0] <= o["success"] <= o["success_ci95"][1] <= 1
+        assert o["episodes"] == 1 and 0 <= o["success_ci95"][0] <= o["success_rate"] <= o["success_ci95"][1] <= 1
+        assert 0 <= o["mean_progress"] <= 1 and "success" not in o and "progress" not in o  # smp_ros.results
         assert o["parameters"]["active"] <= o["parameters"]["total"]
     assert report["methods"]["topk"]["overall"]["mean_active"] == 4.0  # k = 4 experts, always
     assert report["methods"]["dp"]["overall"]["mean_active"] == 1.0

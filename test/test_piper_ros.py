@@ -22,15 +22,15 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 
 from smp_ros.config import SafetyConfig  # noqa: E402
 from smp_ros.msg import PolicyStatus  # noqa: E402
-from smp_ros.nodes.params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS  # noqa: E402
+from smp_ros.ros_params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS  # noqa: E402
 from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
 from smp_ros.nodes.ros_util import LATCHED_QOS  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 PIPER_NAMES = ["joint1", "joint2", "joint3", "joint4", "joint5", "joint6", "gripper"]
 DEG_MILLI_PER_RAD = 57324.840764  # piper_ros's command factor (1000 * 180 / 3.14, as written there)
@@ -68,13 +68,6 @@ class PiperRosArm:
         self.commands.append((list(msg.name), joints, gripper))
 
 
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    rclpy.try_shutdown()
-
-
 def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, capfd):
     arms = {arm: PiperRosArm(arm) for arm in ("left", "right")}
     remap_args = ["--ros-args"] + [a for src, dst in PIPER_ROS_REMAPS for a in ("-r", f"{src}:={dst}")]
@@ -85,11 +78,7 @@ def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, 
     probe = rclpy.create_node("piper_ros_probe")
     status: list[PolicyStatus] = []
     probe.create_subscription(PolicyStatus, "/smp/policy_status", status.append, LATCHED_QOS)
-    executor = PoolExecutor(num_threads=4)
-    for node in (policy, probe, *(a.node for a in arms.values())):
-        executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinning = Spinning(policy, probe, *(a.node for a in arms.values()))
     stop = threading.Event()
 
     def feedback():  # 200 Hz, as its publish thread
@@ -129,10 +118,7 @@ def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, 
     finally:
         stop.set()
         publisher.join()
-        executor.shutdown()
-        spinner.join()
-        for node in (policy, probe, *(a.node for a in arms.values())):
-            node.destroy_node()
+        spinning.close()
     assert "Traceback" not in capfd.readouterr().err
 
 

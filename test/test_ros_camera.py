@@ -1,7 +1,6 @@
 """The camera node over the real capture code, fed by a video file written here."""
 
 import os
-import threading
 import time
 
 import cv2
@@ -19,7 +18,8 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.nodes.camera_node import CameraNode  # noqa: E402
-from smp_ros.nodes.ros_util import PoolExecutor, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import SENSOR_QOS  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 
 @pytest.fixture
@@ -45,18 +45,10 @@ def test_camera_publishes_rgb8_images_with_capture_stamps(video):
         images, infos = [], []
         probe.create_subscription(Image, "/cameras/cam_high/image_raw", images.append, SENSOR_QOS)
         probe.create_subscription(CameraInfo, "/cameras/cam_high/camera_info", infos.append, SENSOR_QOS)
-        executor = PoolExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.add_node(probe)
-        thread = threading.Thread(target=executor.spin, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20.0
-        while len(images) < 10 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        executor.shutdown()
-        thread.join()
-        node.destroy_node()
-        probe.destroy_node()
+        with Spinning(node, probe, num_threads=2):
+            deadline = time.monotonic() + 20.0
+            while len(images) < 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
     finally:
         rclpy.try_shutdown()
     assert len(images) >= 10 and infos

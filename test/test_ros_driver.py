@@ -24,8 +24,9 @@ from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.hardware.piper import PiperArm  # noqa: E402
 from smp_ros.msg import ArmStatus  # noqa: E402
 from smp_ros.nodes.driver_node import DriverNode  # noqa: E402
-from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, PoolExecutor, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
 from smp_ros.sim.can_emulator import FirstOrderArmPlant, PiperCanEmulator  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 NAMES = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
 HOME = np.array([0.0, 0.5, -0.5, 0.0, 0.0, 0.0])
@@ -101,19 +102,12 @@ def system():
                                              Parameter("enable_timeout_s", value=10.0)])
     probe_node = rclpy.create_node("driver_probe")
     probe = Probe(probe_node)
-    executor = PoolExecutor(num_threads=4)
-    executor.add_node(driver)
-    executor.add_node(probe_node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinning = Spinning(driver, probe_node)
     try:
         wait_for(lambda: probe.status is not None and probe.status.enabled, what="the arm to report enabled")
         yield probe, arm_sim, driver
     finally:
-        executor.shutdown()
-        spinner.join()
-        driver.destroy_node()
-        probe_node.destroy_node()
+        spinning.close()
         arm_sim.close()
         rclpy.try_shutdown()
 

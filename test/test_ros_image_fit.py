@@ -18,7 +18,6 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
@@ -29,6 +28,7 @@ from smp_ros.model.policy import build_policy  # noqa: E402
 from smp_ros.msg import ArmStatus  # noqa: E402
 from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
 from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, joint_state_msg  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 CAMERA = "cam_high"
 CAMERA_HW = (24, 64)  # what the camera publishes: wider than the model's square frames
@@ -57,13 +57,6 @@ def vision_model(tmp_path, fit: str):
     return save_model(policy, cfg, tmp_path / f"vision_{fit}")
 
 
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    rclpy.try_shutdown()
-
-
 @pytest.mark.parametrize("fit", ["center_crop", "letterbox"])
 def test_live_frames_are_fitted_as_ingest_fitted_the_training_frames(ros, tmp_path, fit):
     model = vision_model(tmp_path, fit)
@@ -80,11 +73,7 @@ def test_live_frames_are_fitted_as_ingest_fitted_the_training_frames(ros, tmp_pa
     card = frame()
     msg = Image(height=CAMERA_HW[0], width=CAMERA_HW[1], encoding="rgb8", step=CAMERA_HW[1] * 3)
     msg.data = card.tobytes()
-    executor = PoolExecutor(num_threads=4)
-    executor.add_node(policy)
-    executor.add_node(robot)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinning = Spinning(policy, robot)
     stop = threading.Event()
 
     def publish():
@@ -108,10 +97,7 @@ def test_live_frames_are_fitted_as_ingest_fitted_the_training_frames(ros, tmp_pa
     finally:
         stop.set()
         publisher.join()
-        executor.shutdown()
-        spinner.join()
-        policy.destroy_node()
-        robot.destroy_node()
+        spinning.close()
     trained = fit_image(card, (40, 40), fit)
     np.testing.assert_array_equal(seen, trained)  # bit for bit the framing ingest gives
     assert not np.array_equal(seen, fit_image(card, (40, 40), "resize"))  # and not a stretch

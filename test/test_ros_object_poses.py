@@ -19,7 +19,6 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
 from geometry_msgs.msg import Pose  # noqa: E402
-from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 
@@ -31,6 +30,7 @@ from smp_ros.model.policy import build_policy  # noqa: E402
 from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState  # noqa: E402
 from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
 from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, joint_state_msg  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 HOME = np.array([0.0, 0.4, -0.6, 0.0, 0.5, 0.0, 0.035] * 2)
 NAMES = {arm: [f"{arm}_joint{i}" for i in range(1, 7)] + [f"{arm}_gripper"] for arm in ("left", "right")}
@@ -79,8 +79,8 @@ def policy_params(model, **extra):
     return [Parameter(k, value=v) for k, v in values.items()]
 
 
-class Graph:
-    """An executor spinning the given nodes plus a probe recording the policy's outputs."""
+class Graph(Spinning):
+    """The given nodes spinning, plus a probe recording the policy's outputs."""
 
     def __init__(self, *nodes):
         self.probe = rclpy.create_node("pose_policy_probe")
@@ -88,28 +88,10 @@ class Graph:
         self.probe.create_subscription(JointState, "/left/joint_cmd", self.cmds.append, COMMAND_QOS)
         self.probe.create_subscription(SkillState, "/smp/skill_state", self.skills.append, 10)
         self.probe.create_subscription(PolicyStatus, "/smp/policy_status", self.status.append, LATCHED_QOS)
-        self.nodes = [*nodes, self.probe]
-        self.executor = PoolExecutor(num_threads=6)
-        for node in self.nodes:
-            self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        super().__init__(*nodes, self.probe, num_threads=6)
 
     def holding_on(self, *texts):
         return bool(self.status) and self.status[-1].holding and all(t in self.status[-1].reason for t in texts)
-
-    def close(self):
-        self.executor.shutdown()
-        self.thread.join()
-        for node in self.nodes:
-            node.destroy_node()
-
-
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    rclpy.try_shutdown()
 
 
 @pytest.mark.sim

@@ -1,9 +1,9 @@
-"""config/bimanual.yaml as the CLI reads it (smp_ros.nodes.params, no ROS needed)."""
+"""config/bimanual.yaml as the CLI reads it (smp_ros.ros_params, no ROS needed)."""
 
 import pytest
 
 from smp_ros.config import ConfigError, RuntimeConfig
-from smp_ros.nodes.params import (POLICY_NODE, SIM_NODE, ParamsFile, driver_settings, runtime_config,
+from smp_ros.ros_params import (POLICY_NODE, SIM_NODE, ParamsFile, driver_settings, runtime_config,
                                   runtime_param_specs, sim_config)
 
 

@@ -28,8 +28,9 @@ from smp_ros.model.checkpoint import save_model  # noqa: E402
 from smp_ros.model.policy import build_policy  # noqa: E402
 from smp_ros.msg import ArmStatus, PolicyStatus, SkillState  # noqa: E402
 from smp_ros.nodes.policy_node import PolicyNode  # noqa: E402
-from smp_ros.nodes.ros_util import LATCHED_QOS, PoolExecutor, SENSOR_QOS, joint_state_msg, shutdown_nodes  # noqa: E402
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, joint_state_msg  # noqa: E402
 from smp_ros.srv import SetTask  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 HOME = np.array([0.0, 0.4, -0.6, 0.0, 0.5, 0.0, 0.035] * 2)
 CAMERA = "cam_high"
@@ -78,8 +79,8 @@ def policy_params(model, **extra):
     return [Parameter(k, value=v) for k, v in values.items()]
 
 
-class Graph:
-    """An executor spinning the given nodes plus a probe node that records the policy's outputs."""
+class Graph(Spinning):
+    """The given nodes spinning, plus a probe node that records the policy's outputs."""
 
     def __init__(self, *nodes):
         self.probe = rclpy.create_node("policy_probe")
@@ -90,23 +91,7 @@ class Graph:
                                        QoSProfile(depth=10_000, reliability=QoSReliabilityPolicy.RELIABLE))
         self.probe.create_subscription(SkillState, "/smp/skill_state", self.skills.append, 10)
         self.probe.create_subscription(PolicyStatus, "/smp/policy_status", self.status.append, LATCHED_QOS)
-        self.nodes = [*nodes, self.probe]
-        self.executor = PoolExecutor(num_threads=6)
-        for node in self.nodes:
-            self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        shutdown_nodes(None, self.executor, self.nodes)
-        self.thread.join()
-
-
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    rclpy.try_shutdown()
+        super().__init__(*nodes, self.probe, num_threads=6)
 
 
 @pytest.mark.sim
@@ -485,6 +470,9 @@ def test_bringup_evaluates_episodes_and_writes_json(tiny_model, tmp_path):
     assert [e["episode"] for e in task["episodes"]] == [2, 3]
     assert all(0.0 <= e["progress"] <= 1.0 and e["sim_time_s"] >= 2.0 for e in task["episodes"])
     assert task["inference_calls"] > 0 and task["latency_p50_s"] > 0
+    # The summary keys every evaluation writes (smp_ros.results), the mean of the episodes' own.
+    assert task["mean_progress"] == pytest.approx(sum(e["progress"] for e in task["episodes"]) / 2)
+    assert task["success_rate"] == sum(e["success"] for e in task["episodes"]) / 2
     assert report["overall"]["episodes"] == 2 and report["overall"]["backend"] == "eager"
     trace = Path(task["episodes"][0]["gate_trace"])  # the first episode of each task is plotted
     assert trace == tmp_path / "traces" / "gate_trace_handover.png" and trace.stat().st_size > 10_000

@@ -2,7 +2,6 @@
 the evaluation interface (task, episode status, reset service). Real MuJoCo, real piper_sdk."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from smp_ros.config import ConfigError  # noqa: E402
 from smp_ros.msg import ArmStatus, EpisodeStatus, ObjectPoses  # noqa: E402
-from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, PoolExecutor, SENSOR_QOS  # noqa: E402
+from smp_ros.nodes.ros_util import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS  # noqa: E402
 from smp_ros.nodes.sim_node import SimNode  # noqa: E402
 from smp_ros.srv import ResetEpisode  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 
@@ -58,18 +58,11 @@ def sim():
     probe.create_subscription(String, "/smp/task", got["task"].append, LATCHED_QOS)
     probe.create_subscription(EpisodeStatus, "/smp/episode", got["episode"].append, LATCHED_QOS)
     probe.create_subscription(ObjectPoses, "/smp/object_poses", got["objects"].append, SENSOR_QOS)
-    executor = PoolExecutor(num_threads=4)
-    executor.add_node(sim)
-    executor.add_node(probe)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinning = Spinning(sim, probe)
     try:
         yield sim, probe, got
     finally:
-        executor.shutdown()
-        spinner.join()
-        sim.destroy_node()
-        probe.destroy_node()
+        spinning.close()
         rclpy.try_shutdown()
 
 

@@ -144,6 +144,17 @@ def test_dense_baseline_engine_matches_its_policy():
     np.testing.assert_array_equal(result.action, _reference(engine, obs, 4).action[0].numpy())
 
 
+def test_backend_names_are_config_backends_and_fall_back_towards_eager():
+    from smp_ros.config import BACKENDS
+    from smp_ros.runtime.backends import FALLBACK, CompiledBackend, EagerBackend, TensorRTBackend
+
+    assert (EagerBackend.name, CompiledBackend.name, TensorRTBackend.name) == BACKENDS
+    assert FALLBACK == {"eager": ("eager",), "compiled": ("compiled", "eager"),
+                        "tensorrt": ("tensorrt", "compiled", "eager")}
+    with pytest.raises(ConfigError, match=r"runtime.backend: expected one of \('eager', 'compiled', 'tensorrt'\)"):
+        RuntimeConfig(backend="onnx")
+
+
 def test_unavailable_backend_falls_back_with_a_reason(tiny_dir, caplog):
     with caplog.at_level(logging.INFO, logger="smp_ros.runtime"):
         engine = InferenceEngine(tiny_dir, RuntimeConfig(backend="tensorrt", device="cpu", threads=1))

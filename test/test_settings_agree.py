@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smp_ros.config import RuntimeConfig, SimConfig
-from smp_ros.nodes.params import POLICY_NODE, SIM_NODE, WILDCARD, ParamsFile, driver_param_specs
+from smp_ros.ros_params import POLICY_NODE, SIM_NODE, WILDCARD, ParamsFile, driver_param_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "config" / "bimanual.yaml"

@@ -1,4 +1,5 @@
-"""Both MuJoCo arms of BimanualWorld driven through BimanualPiper -> piper_sdk -> virtual CAN -> emulators."""
+"""Both MuJoCo arms of BimanualWorld driven through BimanualPiper -> piper_sdk -> virtual CAN -> emulators
+(the rig of sim/piper_rig.py that the harness and the simulator node use)."""
 
 import uuid
 from dataclasses import replace
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from smp_ros.config import SimConfig
-from smp_ros.hardware.piper import BimanualPiper, PiperArm
-from smp_ros.sim.can_emulator import attach
+from smp_ros.hardware.piper import BimanualPiper
+from smp_ros.sim.piper_rig import PiperRig
 
 world_mod = pytest.importorskip("smp_ros.sim.world")
 from smp_ros.sim.evaluate import run_episode  # noqa: E402
@@ -19,16 +20,16 @@ def test_bimanual_world_follows_commands_through_the_real_sdk():
     tag = uuid.uuid4().hex[:8]
     channels = {"left": f"world-left-{tag}", "right": f"world-right-{tag}"}
     with world_mod.BimanualWorld(SimConfig(), "pen_cap", seed=0) as world:
-        emus = attach(world, channels)
-        clock = lambda: emus["left"].time  # noqa: E731
-        pair = BimanualPiper(PiperArm(channels["left"], "left", bustype="virtual", clock=clock),
-                             PiperArm(channels["right"], "right", bustype="virtual", clock=clock))
-        pair.connect()
+        rig = PiperRig(channels)
+        rig.attach(world)
+        pair = BimanualPiper(rig.arms["left"], rig.arms["right"])
+        rig.connect()
         try:
             def step(dt):
                 world.step(dt)
-                for side, arm in pair.arms.items():
-                    assert arm.wait_for_feedback(emus[side].last_feedback_time)
+                rig.wait_for_feedback()
+                for side in ("left", "right"):  # the SDK has parsed the tick the emulator last sent
+                    assert rig.arms[side].sdk.GetArmStatus().time_stamp >= rig.emulators[side].last_feedback_time
 
             step(0.02)
             start = pair.get_qpos()
@@ -47,9 +48,7 @@ def test_bimanual_world_follows_commands_through_the_real_sdk():
                 np.testing.assert_allclose(world.arms[side].joint_positions(),
                                            reached[:6] if side == "left" else reached[7:13], atol=1e-4)
         finally:
-            pair.disconnect()
-            for emu in emus.values():
-                emu.close()
+            rig.close()
 
 
 def test_skipping_emulator_hooks_between_feedback_ticks_changes_nothing():

@@ -154,7 +154,6 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     import threading
 
     import rclpy
-    from smp_ros.nodes.ros_util import PoolExecutor
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import JointState
 
@@ -164,6 +163,7 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     from smp_ros.nodes.record import demonstration_topics
     from smp_ros.nodes.recorder_node import RecorderNode
     from smp_ros.nodes.ros_util import COMMAND_QOS, SENSOR_QOS
+    from ros_helpers import Spinning
 
     names = [f"left_joint{i}" for i in range(1, 7)] + ["left_gripper"]
     sent: list[tuple[float, np.ndarray]] = []  # every leader sample, in order
@@ -200,12 +200,7 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
     cmd = probe.create_publisher(JointState, "/left/joint_cmd", COMMAND_QOS)
     bag = tmp_path / "teleop_bag"
     recorder = RecorderNode(bag, demonstration_topics(("cam_high",), teleop=True), storage="mcap")
-    executor = PoolExecutor(num_threads=4)
-    executor.add_node(driver)
-    executor.add_node(probe)
-    executor.add_node(recorder)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinning = Spinning(driver, probe, recorder)
     try:
         deadline = time.monotonic() + 60.0
         while len(leader_msgs) < 100:
@@ -236,12 +231,9 @@ def test_driver_in_teleop_mode_publishes_the_leaders_targets_and_commands_nothin
         assert np.max(np.abs(q_follower[:6] - q_leader[:6])) < 0.2
         assert abs(q_follower[0] - 1.0) > 0.3 or abs(q_leader[0] - 1.0) < 0.3
     finally:
-        executor.shutdown()
-        spinner.join()
+        spinning.stop()
         counts = recorder.close()
-        recorder.destroy_node()
-        driver.destroy_node()
-        probe.destroy_node()
+        spinning.close()
         rclpy.try_shutdown()
         stop.set()
         stepper.join()

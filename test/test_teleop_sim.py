@@ -8,7 +8,6 @@ harness. The quick test records a few seconds; the slow one a whole episode, whi
 hands must solve through the leader arms alone, and trains a camera model."""
 
 import os
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,12 +22,12 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
-from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rosbags.highlevel import AnyReader  # noqa: E402
 
 from smp_ros.config import ARMS, SimConfig  # noqa: E402
 from smp_ros.nodes.record import demonstration_topics  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 TASK = "handover"
 CAMERA = "cam_high"
@@ -43,20 +42,18 @@ def record_teleop(bag: Path, *, sim_seconds: float | None, seed: int = 11) -> di
     from smp_ros.nodes.sim_node import SimNode
 
     rclpy.init()
-    sim = recorder = None
-    executor = PoolExecutor(num_threads=4)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    recorder = None
+    spinning = Spinning(num_threads=4, start=False)
     try:
         # The recorder first, as a user starts `ros2 bag record` before moving the leaders: the scripted
         # hands start with the simulator's first episode.
-        recorder = RecorderNode(bag, demonstration_topics((CAMERA,), teleop=True), storage="mcap")
-        executor.add_node(recorder)
-        spinner.start()
+        recorder = spinning.add(RecorderNode(bag, demonstration_topics((CAMERA,), teleop=True), storage="mcap"))
+        spinning.start()
         sim = SimNode(parameter_overrides=[
             Parameter("teleop_source", value="scripted"), Parameter("task", value=TASK), Parameter("seed", value=seed),
             Parameter("sim.cameras", value=[CAMERA]), Parameter("sim.image_size", value=[32, 32])])
         assert sim.teleop is not None
-        executor.add_node(sim)
+        spinning.add(sim)
         status = sim.episode_status
         if sim_seconds is None:
             wait_for(lambda: status().done, timeout=900.0, poll_s=0.1, what="the teleoperated episode to end")
@@ -66,13 +63,9 @@ def record_teleop(bag: Path, *, sim_seconds: float | None, seed: int = 11) -> di
         final = status()
         final = {"success": final.success, "progress": final.progress, "sim_time": final.sim_time}
     finally:
-        executor.shutdown()
-        if spinner.is_alive():
-            spinner.join()
+        spinning.stop()
         counts = recorder.close() if recorder is not None else {}
-        for node in (recorder, sim):
-            if node is not None:
-                node.destroy_node()
+        spinning.close()
         rclpy.try_shutdown()
     return {**final, "counts": counts}
 
@@ -213,19 +206,15 @@ def test_leader_topics_continue_after_the_simulator_switches_task():
     from smp_ros.nodes.sim_node import SimNode
 
     rclpy.init()
-    executor = PoolExecutor(num_threads=4)
-    sim = probe = None
+    spinning = Spinning(num_threads=4, start=False)
     try:
-        sim = SimNode(parameter_overrides=[Parameter("teleop_source", value="scripted"), Parameter("task", value=TASK),
-                                           Parameter("sim.cameras", value=[CAMERA]),
-                                           Parameter("sim.image_size", value=[32, 32])])
-        probe = rclpy.create_node("leader_probe")
+        sim = spinning.add(SimNode(parameter_overrides=[
+            Parameter("teleop_source", value="scripted"), Parameter("task", value=TASK),
+            Parameter("sim.cameras", value=[CAMERA]), Parameter("sim.image_size", value=[32, 32])]))
+        probe = spinning.add(rclpy.create_node("leader_probe"))
         got: list = []
         probe.create_subscription(JointState, LEADER["right"], got.append, SENSOR_QOS)
-        executor.add_node(sim)
-        executor.add_node(probe)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        spinning.start()
         wait_for(lambda: len(got) >= 20 and sim.emulators["right"].time > 3.0, timeout=120.0,
                  what="3 s of leader samples before the switch")
         old_clock = sim.arms["right"].leader_targets()[0]
@@ -238,8 +227,5 @@ def test_leader_topics_continue_after_the_simulator_switches_task():
         stamps = [m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for m in got]
         assert stamps == sorted(stamps)  # ROS stamps stay in order although the CAN clock restarted
     finally:
-        executor.shutdown()
-        for node in (probe, sim):
-            if node is not None:
-                node.destroy_node()
+        spinning.close()
         rclpy.try_shutdown()

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from smp_ros.report import Column, format_table, write_json
 from smp_ros.config import DataConfig, TopicMap
 from smp_ros import topics
 from smp_ros.data.cache import prepare_cache
@@ -64,10 +65,12 @@ def run(args: argparse.Namespace) -> int:
               "cpu_count": os.cpu_count(), "control_steps": cache.num_steps, "write_s": write_s,
               "ingest_s": ingest_s, "ingest_mb_per_s": size / 1e6 / ingest_s,
               "seconds_per_gb": ingest_s / (size / 1e9), "cache_reuse_s": reuse_s}
-    print(f"{'bags':>6} {'size MB':>9} {'steps':>7} {'ingest s':>9} {'MB/s':>7} {'s/GB':>6} {'reuse s':>8}")
-    print(f"{n_episodes:>6} {size / 1e6:>9.0f} {cache.num_steps:>7} {ingest_s:>9.2f} "
-          f"{result['ingest_mb_per_s']:>7.1f} {result['seconds_per_gb']:>6.1f} {reuse_s:>8.3f}")
-    (root / "bench_ingest.json").write_text(json.dumps(result, indent=1))
+    print(format_table([Column("bags", "bags", 6), Column("size MB", "size_mb", 9, ".0f", sep=" "),
+                        Column("steps", "control_steps", 7, sep=" "), Column("ingest s", "ingest_s", 9, ".2f", sep=" "),
+                        Column("MB/s", "ingest_mb_per_s", 7, ".1f", sep=" "),
+                        Column("s/GB", "seconds_per_gb", 6, ".1f", sep=" "),
+                        Column("reuse s", "cache_reuse_s", 8, ".3f", sep=" ")], [{**result, "size_mb": size / 1e6}]))
+    write_json(root / "bench_ingest.json", result, indent=1)
     print(json.dumps(result))
     return 0
 

@@ -14,48 +14,8 @@ Notation (code name -> paper symbol, equation)
     g_bar        E[g_t | s_t] from the router (Algorithm 2)
     active       S_t as a (B, K) mask (Section 4.2)
 
-Training objective (Algorithm 1, eq. 6-8, 34-40): L = L_coeff + L_recon + L_gate + L_align with
-    L_coeff = sum_t E ||eps - eps_psi(x^(tau), tau, s_t)||^2 on x = z_sg / c   (eq. 36, c = z_scale below)
-    L_recon = sum_t ||a_t - B (g_t ⊙ z_rec)||^2 / (2 sigma_a^2)               (eq. 35)
-    L_gate, L_align                                                             (eq. 38, 40; gates.py)
-Reduction: each term is summed over its event axes (H, K or H, D) and over the L steps of a segment,
-as the trajectory ELBO (eq. 6) sums over t, then averaged over the B segments. So the terms keep the
-relative weights the ELBO gives them and the loss does not change with batch size.
-
-Choices the paper leaves open, and why:
- - g in the reconstruction (eq. 7, 35) is a reparameterised sample g_t ~ q(g_t | s_t, a_t)
-   (model.gate.recon_gate = "sample", the default), as the equations write it. Its expectation is
-   ||a - B B^T a||^2 + sum_i u_i^2 Var(g_i) / (E_i + eps)^2 with u = B^T a, and at a fixed total
-   concentration beta_0 the second term, sum_i u_i^2 (1 - m_i) / (m_i (beta_0 + 1)), is smallest for
-   gate means m_i proportional to |u_i|: the gates must follow the action energy per basis direction,
-   and B is pushed to concentrate it. With "mean" (E_q[g_t]), a_rec = B (E/(E + eps) ⊙ B^T a) does not
-   depend on the gates and they stay near uniform (measured; docs/RESULTS.md). The total concentration
-   is fixed (model.gate.posterior_total, gates.py) because, learned, it grows to ~10^4 and removes the
-   variance term instead.
- - Gradient isolation: z_sg projects with sg(B), so L_coeff gives exactly zero gradient to the basis
-   network; it does reach the amortizer through E_q[g_t] (A.3). L_recon moves B through both the
-   projection B^T a and the decoder B(.).
- - Scale of the diffusion variable: the experts diffuse x = z / c and sampling returns z = c x, where
-   c (the buffer ``z_scale``, saved with the weights) is the RMS of z_sg over training data under the
-   initial weights, fitted once before the first step (``fit_z_scale``; ``compute_loss`` fits it from
-   its first batch if nobody did), so x starts at unit RMS as Diffusion Policy's normalized actions do.
-   Why: z_i = b_i^T a / (E_q[g_i] + eps) is about 1 / E_q[g_i] times a normalized action coordinate,
-   K times it while the gates are spread evenly (std(z) = 6.4 on the sim demonstrations, K = 8). DDIM
-   starts from x ~ N(0, I) at its first timestep tau_0 (90 of 100), which is only the distribution
-   the experts were trained on if the forward marginal there, sqrt(ab) x + sqrt(1 - ab) eps, is close
-   to N(0, I): ab(tau_0) E[x^2] << 1 (ab(90) = 0.0195; 0.8 for std 6.4). A model that diffused z
-   itself saw an input at tau_0 that it was never trained on, returned |z| ~ 1.6 for data of |z| ~ 5.3,
-   and decoded chunks further from the demonstrations than the dataset mean. A fixed c = K fixes that
-   case but shrinks x well below unit scale when the actions use little of the normalizer's range,
-   which costs precision (eps errors are amplified by c); the fitted RMS adapts to both. As the gates
-   sharpen, the selected experts' x only get smaller (E_q[g_i] grows), never larger.
- - Numerical range of z_sg: |z_i| reaches |a| / eps ~ 10^3-10^4 for an expert the amortizer switches
-   off. The equations are kept as they are; (a) epsilon prediction (the default) keeps the regression
-   target unit-variance whatever the scale of x, and (b) an asinh on the expert's input (experts.py),
-   part of eps_psi, stops large x from saturating the first layer. Such targets only arise for
-   experts with a small gate; at inference those experts are not selected.
-   Sample prediction (model.scheduler.prediction = "sample") regresses x itself and is only
-   sensible together with a large model.z_eps.
+The training objective (Algorithm 1), how its terms are reduced, and the choices the paper leaves
+open (and why they were made so): docs/POLICY.md.
 """
 
 from __future__ import annotations
@@ -286,7 +246,7 @@ class SMPPolicy(_PolicyBase):
         e = cfg.expert
         self.experts = StackedUnet1D(cfg.num_experts, 1, cfg.encoder.state_dim, e.down_dims, e.kernel_size,
                                      e.n_groups, e.step_embed_dim, input_asinh=True)
-        # x = z / z_scale is what the experts diffuse (module docstring, "Scale of the diffusion variable").
+        # x = z / z_scale is what the experts diffuse (docs/POLICY.md, "Scale of the diffusion variable").
         # 0 = not fitted yet; persistent, so it travels with the weights. Model files written before it
         # existed diffused z unscaled and load with 1 (checkpoint.py).
         self.register_buffer("z_scale", torch.zeros(()))

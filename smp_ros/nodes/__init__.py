@@ -1,5 +1,6 @@
-"""Thin rclpy nodes over the ROS-free core (hardware, sim, runtime), plus bringup and record.
+"""Thin rclpy nodes over the ROS-free core (hardware, sim, runtime), plus bringup, record and what the
+launch files share (launch_common).
 
-The only package that imports rclpy and message packages. ``params`` is ROS-free so the CLI can
-read the same parameters file the nodes get.
+The only package that imports rclpy and message packages. The parameters file is read without ROS
+by ``smp_ros.ros_params``, so the CLI reads the same file the nodes get.
 """

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smp_ros.config import CAMERAS, TASKS, ConfigError
-from smp_ros.nodes.params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
+from smp_ros.config import BACKENDS, CAMERAS, TASKS, ConfigError
+from smp_ros.ros_params import CAMERA_NODE_NAMESPACE, POLICY_NODE, SIM_NODE, ParamsFile, sim_camera_size, sim_config
 from smp_ros.resources import resolve
 
 SWITCH_INTERVAL_S = 0.0005
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--sim", action="store_true", help="simulated arms and cameras instead of hardware")
     parser.add_argument("--model", help="model directory (overrides the file's /smp/policy model)")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), help="inference backend")
+    parser.add_argument("--backend", choices=BACKENDS, help="inference backend")
     parser.add_argument("--task", choices=TASKS, help="task to run (overrides the file)")
     parser.add_argument("--episodes", type=int, default=0, help="with --sim: episodes per task, then exit")
     parser.add_argument("--json", help="with --episodes: write the results here")
@@ -186,7 +186,7 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
     everything = [e for t in per_task.values() for e in t["episodes"]]
     overall = {"tasks": tasks, "episodes": len(everything),
                "success_rate": float(np.mean([e["success"] for e in everything])),
-               "progress": float(np.mean([e["progress"] for e in everything])),
+               "mean_progress": float(np.mean([e["progress"] for e in everything])),
                "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in everything])),
                "mean_active": _mean_of([e.get("mean_active") for e in everything]),
                "model": policy.p["model"], "backend": policy.engine.backend_name}
@@ -220,7 +220,7 @@ def _mean_of(values: list) -> float | None:
 def _summary(episodes: list[dict]) -> dict:
     latencies = np.array([x for e in episodes for x in e["latencies_s"]])
     out = {"success_rate": float(np.mean([e["success"] for e in episodes])),
-           "progress": float(np.mean([e["progress"] for e in episodes])),
+           "mean_progress": float(np.mean([e["progress"] for e in episodes])),
            "command_rate_hz": float(np.mean([e["command_rate_hz"] for e in episodes])),
            "inference_calls": int(latencies.size)}
     out["mean_active"] = _mean_of([e.get("mean_active") for e in episodes])

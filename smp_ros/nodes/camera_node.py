@@ -14,7 +14,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from smp_ros.config import ConfigError
 from smp_ros.hardware.camera import Camera
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
-from smp_ros.nodes.params import ParamSpec
+from smp_ros.ros_params import ParamSpec
 from smp_ros.nodes.ros_util import SENSOR_QOS, GuardedNode, declare, run, to_stamp
 
 CAMERA_SPECS = [

@@ -25,7 +25,7 @@ from smp_ros.config import ARMS
 from smp_ros.hardware.arm import Arm
 from smp_ros.hardware.piper import PiperArm
 from smp_ros.nodes.arm_bridge import ArmBridge
-from smp_ros.nodes.params import ParamSpec, driver_param_specs, driver_settings
+from smp_ros.ros_params import ParamSpec, driver_param_specs, driver_settings
 from smp_ros.nodes.ros_util import GuardedNode, declare, run
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smp_ros.config import ARMS, ConfigError
+from smp_ros.config import ARMS, BACKENDS, REFERENCE_BACKEND, ConfigError
 from smp_ros import topics
 
 WAIT_S = 60.0
@@ -369,10 +369,15 @@ def print_table(rows: list[Row]) -> None:
     print(f"{sum(r.ok for r in rows)} of {len(rows)} passed")
 
 
+# The matrix runs the policy on the CPU (device "cpu" below): every backend but tensorrt (CUDA only, the
+# last in BACKENDS).
+CPU_BACKENDS = BACKENDS[:-1]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--model", default="models/smp_sim", help="model directory")
-    parser.add_argument("--backend", default="eager", choices=("eager", "compiled"))
+    parser.add_argument("--backend", default=REFERENCE_BACKEND, choices=CPU_BACKENDS)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--only", nargs="+", default=(), metavar="TEXT",
                         help="run only the faults whose name contains one of these (e.g. restart driver)")
@@ -383,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     from rclpy.parameter import Parameter
 
     from smp_ros.nodes.bringup import wait_for_policy
-    from smp_ros.nodes.params import ParamsFile, sim_camera_size
+    from smp_ros.ros_params import ParamsFile, sim_camera_size
     from smp_ros.nodes.policy_node import PolicyNode
     from smp_ros.nodes.ros_util import PoolExecutor, Spinner, shutdown_nodes
     from smp_ros.nodes.sim_node import SimNode

@@ -61,7 +61,7 @@ from smp_ros.model.image_fit import fit_image
 from smp_ros.model.objects import object_vector
 from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
-from smp_ros.nodes.params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
+from smp_ros.ros_params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
 from smp_ros.runtime.policy_runner import OBJECTS_STREAM, Command, PolicyRunner
 from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, RefusedInput, declare,
                                     from_stamp, joint_positions, joint_state_msg, now_seconds, run, to_stamp)

@@ -45,7 +45,7 @@ from sensor_msgs.msg import JointState
 
 from smp_ros.runtime import process_exit
 from smp_ros.config import ConfigError
-from smp_ros.nodes.params import ParamSpec
+from smp_ros.ros_params import ParamSpec
 from smp_ros.runtime.guard import CallbackGuard, RefusedInput  # noqa: F401 (re-exported for the nodes)
 
 # Sensor streams (images, joint states): best effort, keep the newest few; a late sample is useless.

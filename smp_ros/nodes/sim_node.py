@@ -28,7 +28,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from functools import partial
 
 from geometry_msgs.msg import Pose
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -43,9 +42,10 @@ from smp_ros.hardware.piper import PiperArm
 from smp_ros.msg import EpisodeStatus, ObjectPoses
 from smp_ros.nodes.arm_bridge import ArmBridge
 from smp_ros.nodes.image_msgs import camera_info, rgb_to_msg
-from smp_ros.nodes.params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
+from smp_ros.ros_params import ParamSpec, safety_config, safety_param_specs, sim_config, sim_param_specs
 from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare, now_seconds, run, to_stamp
-from smp_ros.sim.can_emulator import PARSE_WAIT_S, attach, wait_until_parsed
+from smp_ros.sim.can_emulator import PiperCanEmulator
+from smp_ros.sim.piper_rig import PiperRig
 from smp_ros.sim.teleop import ScriptedTeleop
 from smp_ros.sim.world import BimanualWorld
 from smp_ros.srv import ResetEpisode
@@ -70,9 +70,8 @@ class SimNode(GuardedNode, Node):
     def __init__(self, **kwargs) -> None:
         # destroy_node() also runs on a node that failed to start.
         self._thread: threading.Thread | None = None
-        self.arms: dict[str, PiperArm] = {}
+        self.rig: PiperRig | None = None
         self.world: BimanualWorld | None = None
-        self.emulators = {}
         self.bridges: list[ArmBridge] = []
         self.teleop = None  # ScriptedTeleop while teleop_source is 'scripted' (owned by the simulator thread)
         super().__init__("sim", **kwargs)
@@ -97,12 +96,9 @@ class SimNode(GuardedNode, Node):
 
         self._status: EpisodeStatus | None = None
         self.muted_cameras: set[str] = set()  # fault injection: cameras that stopped (fault matrix)
+        self.rig = PiperRig(self.channels, self.safety, p["speed_percent"])
         self._build_world(self.task, self.seed)
-        self.arms = {side: PiperArm(ch, side, bustype="virtual", safety=self.safety,
-                                    speed_percent=p["speed_percent"], clock=partial(self._emulator_time, side))
-                     for side, ch in self.channels.items()}
-        for arm in self.arms.values():
-            arm.connect()
+        self.rig.connect()
         self._settle(enable=p["enable_on_start"])
 
         self.bridges = [ArmBridge(self, arm, prefix=f"{side}/", command_rate_hz=p["command_rate_hz"],
@@ -127,6 +123,16 @@ class SimNode(GuardedNode, Node):
 
     # ------------------------------------------------------------------ public (bringup, services)
 
+    @property
+    def arms(self) -> dict[str, PiperArm]:
+        """The arms' drivers (piper_sdk), connected for the node's life."""
+        return self.rig.arms if self.rig is not None else {}
+
+    @property
+    def emulators(self) -> dict[str, PiperCanEmulator]:
+        """The current world's CAN emulators (new ones after a task change)."""
+        return self.rig.emulators if self.rig is not None else {}
+
     def reset_episode(self, task: str = "", seed: int = -1, timeout: float = 30.0) -> tuple[int, int]:
         """Start a new episode (thread-safe; runs on the simulator thread). Returns (episode, seed)."""
         task = task or self.task
@@ -150,8 +156,8 @@ class SimNode(GuardedNode, Node):
             self._thread.join(timeout=10.0)  # the simulator thread closes the world it rendered with
         else:
             self._close_world()  # never rendered: safe from this thread
-        for arm in self.arms.values():
-            arm.disconnect()
+        if self.rig is not None:
+            self.rig.disconnect()
         super().destroy_node()
 
     # ------------------------------------------------------------------ simulator thread
@@ -262,23 +268,20 @@ class SimNode(GuardedNode, Node):
 
     def _build_world(self, task: str, seed: int) -> None:
         self.world = BimanualWorld(self.cfg, task, seed)
-        self.emulators = attach(self.world, self.channels)
+        self.rig.attach(self.world)
         if self.p["teleop_source"] == "scripted":
             # After the emulators' hooks: the leaders run on the followers' clock.
-            self.teleop = ScriptedTeleop(self.world, self.emulators)
+            self.teleop = ScriptedTeleop(self.world, self.rig.emulators)
             self.world.post_step_hooks.append(self.teleop)
 
     def _close_world(self) -> None:
         if self.teleop is not None:
             self.teleop.close()
             self.teleop = None
-        for emu in self.emulators.values():
-            emu.close()
+        if self.rig is not None:
+            self.rig.detach()
         if self.world is not None:
             self.world.close()
-
-    def _emulator_time(self, side: str) -> float:
-        return self.emulators[side].time
 
     def _settle(self, enable: bool) -> None:
         """Run 0.1 s of simulated time so the SDK has parsed fresh feedback (and the enable)."""
@@ -286,10 +289,7 @@ class SimNode(GuardedNode, Node):
             if enable:
                 arm.enable()
         self.world.step(0.1)
-        for side, arm in self.arms.items():
-            if not wait_until_parsed(arm.sdk, self.emulators[side].last_feedback_time or 0.0):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback within "
-                                   f"{PARSE_WAIT_S:g} s; its receive thread is not running")
+        self.rig.wait_for_feedback()
 
     def _begin_episode(self) -> None:
         self.episode += 1

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from smp_ros.config import ARMS, TASKS, ConfigError
+from smp_ros.config import ARMS, BACKENDS, REFERENCE_BACKEND, TASKS, ConfigError
 from smp_ros import topics
 from smp_ros.nodes.bringup import SWITCH_INTERVAL_S, Interrupted, wait_for_policy
 from smp_ros.runtime import soak
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="runs/soak.json", help="report, rewritten at every sample")
     parser.add_argument("--config", default="config/bimanual.yaml", help="ROS 2 parameters file")
     parser.add_argument("--model", default="models/smp_sim", help="model directory")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), default="eager")
+    parser.add_argument("--backend", choices=BACKENDS, default=REFERENCE_BACKEND)
     parser.add_argument("--task", choices=TASKS, help="one task (default: every task in turn)")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first episode")
     parser.add_argument("--policy-rate", type=float, default=4.0, help="inference rate, Hz (0: the file's)")
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smp_ros.nodes.params import ParamsFile, sim_camera_size
+    from smp_ros.ros_params import ParamsFile, sim_camera_size
 
     params = ParamsFile.load(args.config)
     if not args.minutes > 0:

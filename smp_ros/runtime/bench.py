@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import ACTION_DIM, PRESETS, ModelConfig, RuntimeConfig, SafetyConfig, SMPConfig, preset
+from smp_ros.config import ACTION_DIM, BACKENDS, PRESETS, REFERENCE_BACKEND, ModelConfig, RuntimeConfig, SafetyConfig, SMPConfig, preset
 from smp_ros.model import batch as keys
 from smp_ros.model.checkpoint import CONFIG
 from smp_ros.model.info import PAPER_AVG_ACTIVE, TABLE6, parameter_table
@@ -123,7 +123,7 @@ def measure(engine: InferenceEngine, obs: list[dict[str, np.ndarray]], warmup: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="sim", help="model size (default: sim)")
     parser.add_argument("--model", type=Path, default=None, help="a trained model directory instead of random weights")
-    parser.add_argument("--backend", choices=("eager", "compiled", "tensorrt"), default="eager")
+    parser.add_argument("--backend", choices=BACKENDS, default=REFERENCE_BACKEND)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores this process may use)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")

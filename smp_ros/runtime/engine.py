@@ -49,7 +49,7 @@ from smp_ros.model import batch as keys
 from smp_ros.model.checkpoint import load_model
 from smp_ros.model.policy import STAGES as ALGORITHM_STAGES
 from smp_ros.model.policy import DensePolicy, SMPPolicy, StageClock, Stages
-from smp_ros.runtime.backends import create_backend
+from smp_ros.runtime.backends import EagerBackend, create_backend
 from smp_ros.runtime.backends.base import Backend
 
 log = logging.getLogger("smp_ros.runtime")
@@ -163,11 +163,11 @@ class InferenceEngine:
         try:
             self._warmup(iterations)
         except Exception as exc:  # a compiler or runtime failure must not take the robot down
-            if self.backend.name == "eager":
+            if self.backend.name == EagerBackend.name:
                 raise
             log.warning("inference backend %s failed at warmup (%s: %s); falling back to eager",
                         self.backend.name, type(exc).__name__, exc)
-            self.backend = create_backend("eager", self.device, self.model_dir, self.sizes)
+            self.backend = create_backend(EagerBackend.name, self.device, self.model_dir, self.sizes)
             self.backend.prepare(self.policy, self.net)
             self._graphs.clear()
             self._warmup(iterations)

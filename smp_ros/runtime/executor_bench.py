@@ -14,11 +14,11 @@ long the commands take to follow a change of the scene (plans from observations 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from smp_ros.report import Column, format_table, write_json
 from smp_ros.config import ACTION_DIM
 from smp_ros.runtime.executor import BLENDS, HOLD, ActionChunk, ChunkExecutor
 
@@ -111,14 +111,11 @@ def run(args: argparse.Namespace) -> int:
             t, x = simulate(blend, sc, blend_window_s=args.window, ensemble_decay=args.decay)
             rows.append(metrics(t, x, sc))
         results[blend] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    header = f"{'blend':<10}" + "".join(f"{k:>17}" for k in results["none"])
-    print(header)
-    for blend, row in results.items():
-        print(f"{blend:<10}" + "".join(f"{v:>17.4g}" for v in row.values()))
+    columns = [Column("blend", "blend", 10, left=True)] + [Column(k, k, 17, ".4g") for k in results["none"]]
+    print(format_table(columns, [{"blend": blend, **row} for blend, row in results.items()]))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"scenario": asdict(Scenario(latency_s=args.latency)), "window_s": args.window, "decay": args.decay,
-                       "seeds": args.seeds, "results": results}, fh, indent=2)
+        write_json(args.json, {"scenario": asdict(Scenario(latency_s=args.latency)), "window_s": args.window,
+                               "decay": args.decay, "seeds": args.seeds, "results": results})
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from smp_ros.model.checkpoint import load_model
 from smp_ros.model.policy import SMPPolicy
-from smp_ros.runtime.backends.tensorrt import PRECISIONS, example_inputs, export_engines, export_program
+from smp_ros.runtime.backends.tensorrt import PRECISIONS, TensorRTBackend, example_inputs, export_engines, export_program
 
 log = logging.getLogger("smp_ros.runtime")
 
@@ -39,7 +39,7 @@ def check_export(policy: SMPPolicy, sizes: tuple[int, ...], device: torch.device
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model directory (from smp-ros train)")
-    parser.add_argument("--backend", choices=("tensorrt",), default="tensorrt", help="engine kind to build")
+    parser.add_argument("--backend", choices=(TensorRTBackend.name,), default=TensorRTBackend.name, help="engine kind to build")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT build precision")
     parser.add_argument("--max-active", type=int, default=None,
                         help="build |S| = 1..N (default: the model's selection budget k; K for benchmarks)")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import tempfile
@@ -36,6 +35,7 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+from smp_ros.report import Column, format_table, write_json
 from smp_ros.config import SimConfig
 
 
@@ -166,16 +166,14 @@ def run(args: argparse.Namespace) -> int:
            "feedback_rate_hz": cfg.feedback_rate_hz, "physics_dt": cfg.physics_dt, "task": args.task}
     print(f"{args.task}, {len(cfg.cameras)} cameras {cfg.image_size[0]}x{cfg.image_size[1]}, "
           f"{cfg.control_rate_hz:g} Hz control, load average {env['load_avg_1min']:.2f} on {env['cpus']} CPUs")
-    print(f"{'benchmark':<26}{'count':>7}{'wall s':>9}{'CPU s':>8}{'rate':>11}  unit")
-    for r in rows:
-        print(f"{r['name']:<26}{r['count']:>7}{r['wall_s']:>9.2f}{r['cpu_s']:>8.2f}{r['rate']:>11.1f}  {r['unit']}")
+    print(format_table([Column("benchmark", "name", 26, left=True), Column("count", "count", 7),
+                        Column("wall s", "wall_s", 9, ".2f"), Column("CPU s", "cpu_s", 8, ".2f"),
+                        Column("rate", "rate", 11, ".1f"), Column("unit", "unit", 0, left=True, sep="  ")], rows))
     for r in rows:
         if "breakdown" in r:
             print(f"{r['name']} wall s: " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown"].items()))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "results": rows})
     return 0
 
 def main(argv: list[str] | None = None) -> int:

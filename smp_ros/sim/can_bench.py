@@ -14,7 +14,6 @@ CPU time is the whole process's (``time.process_time``: main thread and the SDK'
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import uuid
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smp_ros.report import Column, format_table, write_json
 from smp_ros.hardware.piper import PiperArm
 from smp_ros.sim.can_emulator import PlantRig
 
@@ -81,13 +81,13 @@ def run(args: argparse.Namespace) -> int:
     results = [run_scenario(args.seconds, args.rate, args.physics_dt, args.command_rate, with_sdk)
                for with_sdk in (False, True)]
     print(f"two arms, feedback {args.rate:g} Hz, physics dt {args.physics_dt:g} s, {args.seconds:g} sim s")
-    print(f"{'scenario':<16}{'wall s':>8}{'CPU s':>8}{'cores':>7}{'CPU/sim s':>11}{'frames/sim s':>14}{'x realtime':>12}")
-    for r in results:
-        print(f"{r['scenario']:<16}{r['wall_s']:>8.2f}{r['cpu_s']:>8.2f}{r['cores']:>7.2f}"
-              f"{r['cpu_per_sim_s']:>11.3f}{r['frames_per_sim_s']:>14.0f}{r['realtime_factor']:>12.2f}")
-    args.out.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v)
-                                               for k, v in vars(args).items()}, "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    print(format_table([Column("scenario", "scenario", 16, left=True), Column("wall s", "wall_s", 8, ".2f"),
+                        Column("CPU s", "cpu_s", 8, ".2f"), Column("cores", "cores", 7, ".2f"),
+                        Column("CPU/sim s", "cpu_per_sim_s", 11, ".3f"),
+                        Column("frames/sim s", "frames_per_sim_s", 14, ".0f"),
+                        Column("x realtime", "realtime_factor", 12, ".2f")], results))
+    write_json(args.out, {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                          "results": results})
     return 0
 
 def main(argv: list[str] | None = None) -> int:

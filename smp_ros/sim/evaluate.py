@@ -24,8 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARMS, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import ARMS, REFERENCE_BACKEND, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
+from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE
 from smp_ros.runtime.observation import Observation
 
 BACKENDS = ("piper", "direct")
@@ -101,29 +103,25 @@ class PiperArms:
     """Both arms through piper_sdk over virtual CAN to the emulators attached to the world."""
 
     def __init__(self, world, safety: SafetyConfig | None = None):
-        from smp_ros.hardware.piper import BimanualPiper, PiperArm
-        from smp_ros.sim.can_emulator import attach
+        from smp_ros.hardware.piper import BimanualPiper
+        from smp_ros.sim.piper_rig import PiperRig
 
         self.world = world
         tag = uuid.uuid4().hex[:8]
-        channels = {"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"}
-        self.emus = attach(world, channels)
-        clock = lambda: self.emus["left"].time  # noqa: E731  (simulated time is the arms' clock)
         # Scripted motions step up to ~0.1 rad per 50 ms tick; the default per-tick cap is for 100 Hz.
-        safety = safety or SafetyConfig(max_joint_step=0.15)
-        self.pair = BimanualPiper(*(PiperArm(channels[s], s, bustype="virtual", clock=clock, safety=safety,
-                                             speed_percent=100) for s in ("left", "right")))
+        self.rig = PiperRig({"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"},
+                            safety or SafetyConfig(max_joint_step=0.15), speed_percent=100)
+        self.rig.attach(world)
+        self.pair = BimanualPiper(self.rig.arms["left"], self.rig.arms["right"])
         self.pair.connect()
         self.step(0.02)
         self.pair.enable()
         self.step(0.02)
-        self._last_feedback = self.emus["left"].last_feedback_time
+        self._last_feedback = self.rig.emulators["left"].last_feedback_time
 
     def step(self, dt: float) -> None:
         self.world.step(dt)
-        for side, arm in self.pair.arms.items():
-            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+        self.rig.wait_for_feedback()
 
     def qpos(self) -> np.ndarray:
         return self.pair.get_qpos()
@@ -139,7 +137,7 @@ class PiperArms:
 
     def feedback_due(self) -> bool:
         """True after a physics step in which the emulators emitted a new feedback tick."""
-        stamp = self.emus["left"].last_feedback_time
+        stamp = self.rig.emulators["left"].last_feedback_time
         if stamp is None or stamp <= self._last_feedback:
             return False
         self._last_feedback = stamp
@@ -148,15 +146,11 @@ class PiperArms:
     def observations(self) -> dict[str, ArmObservation]:
         """Each arm's state as the driver reads it back through piper_sdk, once the SDK has parsed the
         emulators' newest feedback."""
-        for side, arm in self.pair.arms.items():
-            if not arm.wait_for_feedback(self.emus[side].last_feedback_time):
-                raise RuntimeError(f"{side} arm: piper_sdk did not parse the emulator's feedback in time")
+        self.rig.wait_for_feedback()
         return self.pair.get_observation()
 
     def close(self) -> None:
-        self.pair.disconnect()
-        for emu in self.emus.values():
-            emu.close()
+        self.rig.close()
         self.world.post_step_hooks.clear()
 
 
@@ -174,7 +168,7 @@ class _FeedbackHook:
         return self.arms.feedback_horizon()
 
 
-def make_policy(spec: str, world, inference_backend: str = "eager", inference_threads: int = 1,
+def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, inference_threads: int = 1,
                 overrides: dict | None = None):
     if spec == "scripted":
         from smp_ros.sim.scripted import ScriptedExpert
@@ -272,7 +266,7 @@ class _InferenceLog:
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
-             backend: str = "piper", render: bool = True, inference_backend: str = "eager",
+             backend: str = "piper", render: bool = True, inference_backend: str = REFERENCE_BACKEND,
              overrides: dict | None = None) -> dict:
     """Run ``episodes`` per task from seeds ``seed`` .. ``seed + episodes - 1``. ``overrides`` are load-time
     runtime overrides of a learned policy (``{"model.selection.tau_m": 0.9}``, checkpoint.RUNTIME_OVERRIDES).
@@ -294,8 +288,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
         episodes_out = [{**{k: v for k, v in asdict(r).items() if k != "phases"}, **inf}
                         for r, inf in zip(results, infer)]
         report["tasks"][task] = {
-            "success_rate": float(np.mean([r.success for r in results])),
-            "mean_progress": float(np.mean([r.progress for r in results])),
+            SUCCESS_RATE: float(np.mean([r.success for r in results])),
+            MEAN_PROGRESS: float(np.mean([r.progress for r in results])),
             "mean_episode_wall_s": float(np.mean([r.wall_time for r in results])),
             "episodes": episodes_out,
         }
@@ -304,8 +298,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
             if values:
                 report["tasks"][task][key] = float(np.mean(values))
     rows = report["tasks"].values()
-    report["success_rate"] = float(np.mean([r["success_rate"] for r in rows]))
-    report["mean_progress"] = float(np.mean([r["mean_progress"] for r in rows]))
+    report[SUCCESS_RATE] = float(np.mean([r[SUCCESS_RATE] for r in rows]))
+    report[MEAN_PROGRESS] = float(np.mean([r[MEAN_PROGRESS] for r in rows]))
     return report
 
 
@@ -340,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="piper", choices=BACKENDS)
     parser.add_argument("--no-render", action="store_true",
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
-    parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
+    parser.add_argument("--inference-backend", default=REFERENCE_BACKEND, choices=INFERENCE_BACKENDS,
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "

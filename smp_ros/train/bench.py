@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import ACTION_DIM, PRESETS, ConfigError, preset
+from smp_ros.config import ACTION_DIM, DEVICES, PRESETS, ConfigError, preset
 from smp_ros.model import batch as keys
 from smp_ros.model.info import parameter_table
 from smp_ros.model.policy import SMPPolicy, build_policy
@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["sim"], help="presets to train")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                         help="fp32 and/or bf16 autocast (default: both)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel selection, allocator)")
     parser.add_argument("--batch-size", type=int, default=None, help="segments per batch (default: the preset's)")

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from smp_ros.config import PRESETS, ConfigError
+from smp_ros.config import DEVICES, PRESETS, ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune", choices=("full", "router"), default=None,
                         help="with --init: adapt all weights (few-shot, Table 3) or only the router/gates (Table 4)")
     parser.add_argument("--config", type=Path, default=None, help="YAML overlay on the preset (any subset of the tree)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--task", default=None,
                         help="task name of bags that name none; a bag naming another task is an error")
     parser.add_argument("--override-task", action="store_true",

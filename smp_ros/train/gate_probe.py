@@ -19,11 +19,12 @@ model directory) or the preset's freshly initialised ones.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from smp_ros.report import Column, format_table, write_json
 
 TERMS = ("coeff", "recon", "gate", "align")
 
@@ -112,16 +113,14 @@ def run(args: argparse.Namespace) -> int:
     policy.train()
     step = cfg.train.steps if args.step is None else args.step
     result = probe(policy, data, cfg.train.batch_size, args.batches, cfg.train.seed, step)
-    print(f"{'term':<8}{'entropy_rate':>14}{'certainty_rate':>16}{'grad_norm':>12}")
     print("amortizer / basis:", {k: round(v, 4) for k, v in result["amortizer"].items()})
-    for term, v in result.items():
-        if term == "amortizer":
-            continue
-        print(f"{term:<8}{v['entropy_rate']:>14.4g}{v['certainty_rate']:>16.4g}{v['grad_norm']:>12.4g}")
+    print(format_table([Column("term", "term", 8, left=True), Column("entropy_rate", "entropy_rate", 14, ".4g"),
+                        Column("certainty_rate", "certainty_rate", 16, ".4g"),
+                        Column("grad_norm", "grad_norm", 12, ".4g")],
+                       [{"term": term, **v} for term, v in result.items() if term != "amortizer"]))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(args.model) if args.model else f"init {args.preset}",
-                                         "recon_gate": m.gate.recon_gate, "step": step, "terms": result}, indent=1))
+        write_json(args.json, {"model": str(args.model) if args.model else f"init {args.preset}",
+                               "recon_gate": m.gate.recon_gate, "step": step, "terms": result}, indent=1)
     return 0
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,18 @@ from pathlib import Path
 
 import torch
 
+from smp_ros.config import BACKENDS
 from smp_ros.runtime.backends.base import Backend
 from smp_ros.runtime.backends.compiled import CompiledBackend
 from smp_ros.runtime.backends.eager import EagerBackend
+from smp_ros.runtime.backends.tensorrt import TensorRTBackend, tensorrt_available
 
 log = logging.getLogger("smp_ros.runtime")
 
-BACKENDS = ("eager", "compiled", "tensorrt")
-FALLBACK = {"tensorrt": ("tensorrt", "compiled", "eager"), "compiled": ("compiled", "eager"), "eager": ("eager",)}
+__all__ = ["BACKENDS", "FALLBACK", "Backend", "CompiledBackend", "EagerBackend", "TensorRTBackend", "create_backend"]
+
+# BACKENDS runs from the reference to the fastest; each backend falls back to those before it.
+FALLBACK = {name: BACKENDS[i::-1] for i, name in enumerate(BACKENDS)}
 
 
 def compiled_available(device: torch.device) -> tuple[bool, str]:
@@ -53,9 +57,7 @@ def create_backend(requested: str, device: torch.device, model_dir: Path | None,
         raise ValueError(f"runtime.backend: expected one of {BACKENDS}, got {requested!r}")
     reasons: list[str] = []
     for name in FALLBACK[requested][:-1]:
-        if name == "tensorrt":
-            from smp_ros.runtime.backends.tensorrt import TensorRTBackend, tensorrt_available
-
+        if name == TensorRTBackend.name:
             ok, why = tensorrt_available(device, model_dir, sizes)
             backend: Backend | None = TensorRTBackend(device, model_dir) if ok else None
         else:

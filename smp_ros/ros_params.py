@@ -11,7 +11,11 @@ setting. The file format is the ROS one::
           max_joint_step: 0.05
 
 Nested mappings become dotted parameter names (``safety.max_joint_step``), exactly as rcl does.
-This module imports neither rclpy nor message packages.
+This module imports neither rclpy nor message packages. It sits beside ``config`` rather than inside it:
+``config`` is the typed tree every part uses, this is the translation between that tree and the ROS
+parameter world (node names, parameter specs, the driver's settings), used by the nodes, the launch
+files and the CLI; the driver's parameters need ``hardware.arm``'s joint names, which ``config`` may
+not import.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smp_ros.config import ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, flatten, load_yaml_mapping
+from smp_ros import topics
+from smp_ros.config import BACKENDS, DEVICES, ConfigError, RuntimeConfig, SafetyConfig, SimConfig, SMPConfig, flatten, load_yaml_mapping
 
 # Fully qualified names of the nodes the launch files and bringup start.
 POLICY_NODE = "/smp/policy"
 SIM_NODE = "/sim"
-CAMERA_NODE_NAMESPACE = "/cameras"  # camera <name> runs as /cameras/<name>/camera
+CAMERA_NODE_NAMESPACE = topics.CAMERAS_NAMESPACE  # camera <name> runs as /cameras/<name>/camera
 WILDCARD = "/**"
 
 ParamValue = bool | int | float | str | list
@@ -89,8 +94,8 @@ class ParamsFile:
 # --------------------------------------------------------------------------------------------
 
 _RUNTIME_HELP = {
-    "backend": "inference backend: eager | compiled | tensorrt",
-    "device": "inference device: auto | cpu | cuda",
+    "backend": f"inference backend: {' | '.join(BACKENDS)}",
+    "device": f"inference device: {' | '.join(DEVICES)}",
     "policy_rate_hz": "inference calls per second (a new action chunk each call)",
     "command_rate_hz": "joint commands published per second to each arm",
     "chunk_blend": "how consecutive chunks are joined: ensemble | splice | none",

@@ -1,0 +1,44 @@
+"""The keys of evaluation results (JSON), written once for every command that writes or reads them.
+
+Two levels, one name each, whichever command ran the episodes (``smp-ros eval``, ``bringup --episodes``,
+``demo``, ``soak``, ``experiment``):
+
+- an episode: ``success`` (bool) and ``progress`` (the task's stage score, 0..1);
+- a summary of episodes (per task, overall, per method): ``success_rate`` and ``mean_progress``.
+
+Files written before the names agreed used ``progress`` for a summary's mean (bringup, demo,
+experiment) and ``success`` for a summary's rate (experiment); :func:`summary_value` still reads
+them. Imports nothing, so every part of the package may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# One episode.
+SUCCESS = "success"
+PROGRESS = "progress"
+# A summary of episodes.
+SUCCESS_RATE = "success_rate"
+MEAN_PROGRESS = "mean_progress"
+
+# A summary key -> the name it had in older result files.
+_OLD_SUMMARY_NAMES = {MEAN_PROGRESS: PROGRESS, SUCCESS_RATE: SUCCESS}
+
+
+def summarize(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    """``success_rate`` and ``mean_progress`` of episode records (0.0 for none)."""
+    n = max(len(episodes), 1)
+    return {SUCCESS_RATE: sum(bool(e[SUCCESS]) for e in episodes) / n,
+            MEAN_PROGRESS: sum(float(e[PROGRESS]) for e in episodes) / n}
+
+
+def summary_value(summary: dict[str, Any], key: str, where: str = "results") -> Any:
+    """``summary[key]``, or the value under the key's older name in a file written before the rename."""
+    if key in summary:
+        return summary[key]
+    old = _OLD_SUMMARY_NAMES.get(key)
+    if old is not None and old in summary:
+        return summary[old]
+    expected = f"'{key}'" + (f" (or the older '{old}')" if old else "")
+    raise KeyError(f"{where}: no {expected} among {sorted(summary)}")

@@ -1,0 +1,61 @@
+"""One vocabulary for evaluation results (smp_ros.results): summaries say success_rate / mean_progress,
+and the readers still take files written when a summary said success / progress."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from smp_ros import experiment
+from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value
+
+OLD_EXPERIMENT_REPORT = Path(__file__).resolve().parents[1] / "docs" / "results" / "smp_vs_dp_state.json"
+
+
+def test_summarize_is_the_rate_and_mean_of_the_episodes():
+    episodes = [{"success": True, "progress": 1.0}, {"success": False, "progress": 0.25},
+                {"success": False, "progress": 0.5}]
+    assert summarize(episodes) == {SUCCESS_RATE: pytest.approx(1 / 3), MEAN_PROGRESS: pytest.approx(0.5833333)}
+    assert summarize([]) == {SUCCESS_RATE: 0.0, MEAN_PROGRESS: 0.0}
+
+
+def test_summary_value_prefers_the_new_name_and_reads_the_old_one():
+    assert summary_value({"mean_progress": 0.4, "progress": 0.9}, MEAN_PROGRESS) == 0.4
+    assert summary_value({"progress": 0.9}, MEAN_PROGRESS) == 0.9
+    assert summary_value({"success": 0.5}, SUCCESS_RATE) == 0.5
+    with pytest.raises(KeyError, match=r"tasks.pen_cap: no 'mean_progress' \(or the older 'progress'\)"):
+        summary_value({"success_rate": 1.0}, MEAN_PROGRESS, "tasks.pen_cap")
+
+
+def _renamed(report: dict) -> dict:
+    """``report`` with its summaries under the current names (what run_experiment writes now)."""
+    new = copy.deepcopy(report)
+    for method in new["methods"].values():
+        for summary in [method["overall"], *method["tasks"].values()]:
+            summary[SUCCESS_RATE] = summary.pop("success")
+            summary[MEAN_PROGRESS] = summary.pop("progress")
+    return new
+
+
+def test_experiment_report_table_is_the_same_from_an_old_and_a_new_file(capsys):
+    old = json.loads(OLD_EXPERIMENT_REPORT.read_text())
+    assert "success" in old["methods"]["smp"]["overall"]  # written before the rename
+    experiment.print_report(old)
+    from_old = capsys.readouterr().out
+    experiment.print_report(_renamed(old))
+    assert capsys.readouterr().out == from_old
+    smp = old["methods"]["smp"]["overall"]
+    assert f"{smp['success']:.2f}" in from_old and f"{smp['progress']:.2f}" in from_old
+
+
+def test_experiment_summaries_use_the_shared_names():
+    episodes = [{"success": True, "progress": 1.0, "mean_active": 2.0},
+                {"success": False, "progress": 0.5, "mean_active": 3.0}]
+    results = [{"task": "pen_cap", "episodes": episodes}, {"task": "handover", "episodes": episodes[:1]}]
+    report = experiment._aggregate(results)
+    overall = report["overall"]
+    assert overall[SUCCESS_RATE] == pytest.approx(2 / 3) and overall[MEAN_PROGRESS] == pytest.approx(2.5 / 3)
+    assert "success" not in overall and "progress" not in overall
+    assert report["tasks"]["pen_cap"][MEAN_PROGRESS] == 0.75
+    assert overall["success_task_mean"] == pytest.approx((0.5 + 1.0) / 2)
