@@ -77,8 +77,9 @@ def test_the_sdk_reads_the_leaders_targets_and_the_follower_obeys_them(teleop):
 
 
 def test_a_leader_target_is_never_read_half_updated():
-    """A leader target arrives in three frames; between them the SDK's record holds two samples' joints.
-    leader_targets must give the last whole sample until all three frames of the next one are parsed."""
+    """A leader sample arrives in four frames (joints 1-2, 3-4, 5-6, gripper); between them the SDK's
+    records hold two samples. leader_targets must give the last whole sample until all four frames of
+    the next one are parsed, in whatever order they come."""
     import struct
 
     import can
@@ -87,52 +88,46 @@ def test_a_leader_target_is_never_read_half_updated():
     arm = PiperArm(channel, "left", bustype="virtual", clock=time.time)
     arm.connect()
     leader = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sent_at = [0.0]
 
-    def send(can_id: int, data: bytes) -> None:
-        sent_at[0] += 0.001
-        leader.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False, timestamp=sent_at[0]))
+    def parsed() -> float:  # the receive stamp of the newest leader frame the SDK has parsed
+        return max(arm.sdk.GetArmJointCtrl().time_stamp, arm.sdk.GetArmGripperCtrl().time_stamp)
 
-    def joints_frames(milli_deg):  # the protocol: two big-endian int32 per frame, 0.001 deg
-        return [(0x155 + k, struct.pack(">ii", milli_deg[2 * k], milli_deg[2 * k + 1])) for k in range(3)]
-
-    def settle() -> None:  # the SDK parses on its own thread: wait until it has taken every frame sent
+    def send(frame: tuple[int, bytes], completes: bool = False) -> None:
+        before, whole_before = parsed(), (arm.leader_targets() or (None,))[0]
+        leader.send(can.Message(arbitration_id=frame[0], data=frame[1], is_extended_id=False))
         deadline = time.monotonic() + 30.0
-        while arm.sdk.GetArmGripperCtrl().time_stamp < sent_at[0] - 1e-9 and time.monotonic() < deadline:
+        # The snapshot is taken on the receive thread right after the SDK parsed the frame that completes
+        # a sample: wait for that too.
+        while parsed() <= before or (completes and (arm.leader_targets() or (None,))[0] == whole_before):
+            assert time.monotonic() < deadline, f"the SDK did not take frame 0x{frame[0]:x}"
             time.sleep(0.001)
-        time.sleep(0.05)
 
-    def gripper() -> None:  # sent after joints: its stamp tells when the SDK has parsed what came before
-        send(0x159, struct.pack(">iHBB", 20_000, 1000, 0x01, 0x00))
-        settle()
+    def frames(milli_deg, micro_m):  # the protocol: big-endian int32 pairs in 0.001 deg; gripper 0.001 mm
+        joints = [(0x155 + k, struct.pack(">ii", milli_deg[2 * k], milli_deg[2 * k + 1])) for k in range(3)]
+        return joints + [(0x159, struct.pack(">iHBB", micro_m, 1000, 0x01, 0x00))]
+
+    def read():
+        stamp, q, g = arm.leader_targets()
+        return stamp, np.round(np.degrees(q) * 1000).astype(int).tolist(), round(g * 1e6)
 
     try:
-        sample_a = [10_000, 20_000, 30_000, 40_000, 50_000, 60_000]
-        sample_b = [-15_000, -25_000, -35_000, -45_000, -55_000, -65_000]
-        for can_id, data in joints_frames(sample_a):
-            send(can_id, data)
-        gripper()
-        stamp, q, g = arm.leader_targets()
-        np.testing.assert_allclose(np.degrees(q) * 1000, sample_a, atol=1e-6)
-        assert g == pytest.approx(0.02)
-        frames_b = joints_frames(sample_b)
-        for can_id, data in frames_b[:2]:  # joints 1-4 of the next sample, not yet 5-6
-            send(can_id, data)
-            gripper()
-            assert arm.sdk.GetArmJointCtrl().joint_ctrl.joint_1 == sample_b[0]  # the SDK's record is mixed
-            got_stamp, q, _ = arm.leader_targets()
-            np.testing.assert_allclose(np.degrees(q) * 1000, sample_a, atol=1e-6)  # ours is not
-            assert got_stamp == stamp
-        send(*frames_b[2])
-        gripper()
-        got_stamp, q, _ = arm.leader_targets()
-        np.testing.assert_allclose(np.degrees(q) * 1000, sample_b, atol=1e-6)
-        assert got_stamp > stamp
-        # Frames in another order still make one whole sample once all three have come.
-        for can_id, data in reversed(joints_frames(sample_a)):
-            send(can_id, data)
-        gripper()
-        np.testing.assert_allclose(np.degrees(arm.leader_targets()[1]) * 1000, sample_a, atol=1e-6)
+        a_joints, a_gripper = [10_000, 20_000, 30_000, 40_000, 50_000, 60_000], 20_000
+        b_joints, b_gripper = [-15_000, -25_000, -35_000, -45_000, -55_000, -65_000], 30_000
+        for k, frame in enumerate(frames(a_joints, a_gripper)):
+            send(frame, completes=k == 3)
+        stamp_a, joints, gripper = read()
+        assert (joints, gripper) == (a_joints, a_gripper)
+        for frame in frames(b_joints, b_gripper)[:3]:  # B's joints, not yet its gripper
+            send(frame)
+            assert read() == (stamp_a, a_joints, a_gripper)  # not the SDK's half-updated records
+        assert arm.sdk.GetArmJointCtrl().joint_ctrl.joint_1 == b_joints[0]  # which did change
+        send(frames(b_joints, b_gripper)[3], completes=True)
+        stamp_b, joints, gripper = read()
+        assert (joints, gripper) == (b_joints, b_gripper) and stamp_b > stamp_a
+        for k, frame in enumerate(reversed(frames(a_joints, a_gripper))):  # another order: whole once all four came
+            assert read()[1:] == (b_joints, b_gripper)
+            send(frame, completes=k == 3)
+        assert read()[1:] == (a_joints, a_gripper)
     finally:
         arm.disconnect()
         leader.shutdown()

@@ -58,7 +58,8 @@ ARM_STATUS_ESTOP = 0x01
 # piper_sdk's abnormal-data filter drops joint values above 300 deg and gripper values above 150 mm.
 SDK_MAX_JOINT = 300_000
 SDK_MAX_GRIPPER = 150_000
-LEADER_JOINT_FRAME_IDS = frozenset({0x155, 0x156, 0x157})  # a leader's joint target: joints 1-2, 3-4, 5-6
+# One leader sample: joint targets 1-2, 3-4, 5-6 and the gripper target, sent together every period.
+LEADER_FRAME_IDS = frozenset({0x155, 0x156, 0x157, 0x159})
 
 
 # ------------------------------------------------------------------------------ unit conversions
@@ -128,10 +129,10 @@ class PiperArm(Arm):
         self.clock = clock
         self._sdk: C_PiperInterface_V2 | None = None
         self._baseline: tuple[float, float] = (0.0, 0.0)
-        # Teleoperation: the leader's newest COMPLETE joint target (stamp, 6 values in 0.001 deg), see
-        # _tap_leader_frames; written by the SDK's receive thread.
+        # Teleoperation: the leader's newest WHOLE sample (stamp, 6 joints in 0.001 deg, gripper in
+        # 0.001 mm), see _tap_leader_frames; written by the SDK's receive thread.
         self._leader_lock = threading.Lock()
-        self._leader_joints: tuple[float, tuple[int, ...]] | None = None
+        self._leader_sample: tuple[float, tuple[int, ...], int] | None = None
         self._leader_frames_seen: set[int] = set()
 
     # ------------------------------------------------------------------ link
@@ -259,53 +260,52 @@ class PiperArm(Arm):
     # ------------------------------------------------------------------ teleoperation
 
     def _tap_leader_frames(self, sdk: C_PiperInterface_V2) -> None:
-        """Snapshot the leader's joint target whenever all three of its frames have arrived.
+        """Snapshot the leader's target whenever all four of its frames have arrived.
 
-        A leader target travels in three frames (0x155 joints 1-2, 0x156 joints 3-4, 0x157 joints 5-6)
-        and the SDK updates one shared record per frame, so a getter called between them reads a target
-        that mixes two of the leader's samples. The bus's receive callback (one thread, in frame order)
-        is wrapped: after the SDK has parsed a frame, once each of the three has been seen since the last
-        snapshot, the record holds one whole sample and is copied out. Order-free; a lost frame makes
-        one snapshot mix two consecutive samples, as it would on the leader's own display."""
-        self._leader_joints, self._leader_frames_seen = None, set()
+        A leader sample travels in four frames (0x155 joints 1-2, 0x156 joints 3-4, 0x157 joints 5-6,
+        0x159 gripper) and the SDK updates its records frame by frame, so getters called between them
+        read a target that mixes two of the leader's samples. The bus's receive callback (one thread,
+        in frame order) is wrapped: after the SDK has parsed a frame, once each of the four has been
+        seen since the last snapshot, its records hold one whole sample and it is copied out.
+        Order-free; a lost frame makes one snapshot mix two consecutive samples."""
+        self._leader_sample, self._leader_frames_seen = None, set()
         bus = sdk.GetCanBus()
         parse = bus.callback_function
 
         def parse_and_tap(rx: can.Message | None) -> None:
             parse(rx)
-            if rx is None or rx.arbitration_id not in LEADER_JOINT_FRAME_IDS:
+            if rx is None or rx.arbitration_id not in LEADER_FRAME_IDS:
                 return
             self._leader_frames_seen.add(rx.arbitration_id)
-            if len(self._leader_frames_seen) < len(LEADER_JOINT_FRAME_IDS):
+            if len(self._leader_frames_seen) < len(LEADER_FRAME_IDS):
                 return
             self._leader_frames_seen.clear()
-            ctrl = sdk.GetArmJointCtrl()
-            jc = ctrl.joint_ctrl
-            sample = (float(ctrl.time_stamp),
-                      (jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6))
+            joints, gripper = sdk.GetArmJointCtrl(), sdk.GetArmGripperCtrl()
+            jc = joints.joint_ctrl
+            sample = (float(max(joints.time_stamp, gripper.time_stamp)),
+                      (jc.joint_1, jc.joint_2, jc.joint_3, jc.joint_4, jc.joint_5, jc.joint_6),
+                      gripper.gripper_ctrl.grippers_angle)
             with self._leader_lock:
-                self._leader_joints = sample
+                self._leader_sample = sample
 
         bus.callback_function = parse_and_tap
 
     def leader_targets(self) -> tuple[float, np.ndarray, float] | None:
         """The newest targets a teleoperation leader put on this arm's bus, as (stamp, 6 joint angles
-        in rad, gripper opening in m); None until a leader has sent joint and gripper frames.
+        in rad, gripper opening in m); None until a leader has sent a whole sample.
 
         In master-slave mode the leader's firmware sends the control frames a host would (0x155-0x157
         joints in 0.001 deg, 0x159 gripper in 0.001 mm); piper_sdk parses them from the bus like
-        any other frame. The joints are always one whole leader sample (see ``_tap_leader_frames``);
-        the stamp is the receive time of its last frame (the CAN timestamp: the kernel's on socketcan,
-        simulated time on the emulator's virtual bus)."""
-        sdk = self._require_connected()
+        any other frame. Joints and gripper are always one whole leader sample (see
+        ``_tap_leader_frames``); the stamp is the receive time of its last frame (the CAN timestamp:
+        the kernel's on socketcan, simulated time on the emulator's virtual bus)."""
+        self._require_connected()
         with self._leader_lock:
-            joints = self._leader_joints
-        gripper = sdk.GetArmGripperCtrl()
-        if joints is None or not gripper.time_stamp:
+            sample = self._leader_sample
+        if sample is None:
             return None
-        stamp, values = joints
-        q = np.array([sdk_angle_to_rad(v) for v in values])
-        return stamp, q, sdk_gripper_to_m(gripper.gripper_ctrl.grippers_angle)
+        stamp, joints, gripper = sample
+        return stamp, np.array([sdk_angle_to_rad(v) for v in joints]), sdk_gripper_to_m(gripper)
 
     # ------------------------------------------------------------------ commands
 
