@@ -252,9 +252,21 @@ class _InferenceLog:
         self.sizes: list[int] = []
         self.top: list[int] = []
         self.latency: list[float] = []
+        # Per command: largest joint step from the previous command (rad), whether the policy's
+        # safety filter rate-limited it, whether the arms' step limit shortened it (as the ROS loop
+        # reports them: bringup's per-episode diagnostics).
+        self.steps: list[float] = []
+        self.rate_limited: list[bool] = []
+        self.driver_limited: list[bool] = []
+        self._previous: np.ndarray | None = None
 
     def __call__(self, k, obs, action, sent, arms) -> None:
         step = getattr(self.policy, "last_step", None)
+        joints = np.r_[action[0:6], action[7:13]]
+        self.steps.append(0.0 if self._previous is None else float(np.max(np.abs(joints - self._previous))))
+        self._previous = joints
+        self.rate_limited.append(step is not None and "rate" in step.safety)
+        self.driver_limited.append(bool(np.any(np.abs(np.r_[sent[0:6], sent[7:13]] - joints) > 1e-9)))
         if step is None or not step.inferred or step.result is None:
             return
         r = step.result
@@ -268,7 +280,10 @@ class _InferenceLog:
         top = np.asarray(self.top)
         return {"inferences": len(self.sizes), "mean_active": float(np.mean(self.sizes)),
                 "flip_rate": float(np.mean(top[1:] != top[:-1])) if top.size > 1 else 0.0,
-                "latency_p50_s": float(np.median(self.latency))}
+                "latency_p50_s": float(np.median(self.latency)),
+                "command_step_p99_rad": float(np.percentile(self.steps, 99)),
+                "rate_limited_share": float(np.mean(self.rate_limited)),
+                "driver_step_limited_share": float(np.mean(self.driver_limited))}
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
