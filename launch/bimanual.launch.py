@@ -55,7 +55,10 @@ def _nodes(context):
         from smp_ros.nodes.params import ParamsFile, sim_camera_size
 
         # The policy's engine warms up (compiles) for the frames the simulator renders.
-        overrides["camera_size"] = sim_camera_size(ParamsFile.load(config))
+        params = ParamsFile.load(config)
+        overrides["camera_size"] = sim_camera_size(params)
+        if params.for_node("/sim").get("publish_clock", False):
+            overrides["use_sim_time"] = True  # the policy runs on the simulator's /clock
         sim_parameters = [config] + ([{"task": overrides["task"]}] if "task" in overrides else [])
         nodes.append(Node(package="smp_ros", executable="sim_node", name="sim", namespace="/",
                           parameters=sim_parameters, output="screen"))

@@ -172,9 +172,14 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
             limited0 = sum(b.step_limited for b in sim.bridges)
             executed0 = sum(b.executed for b in sim.bridges)
             started = time.monotonic()
+            clock_lags = []  # how far the policy's clock is behind the simulator's stamps (s)
+
+            def finished() -> bool:
+                clock_lags.append(sim.stamp_now() - policy.get_clock().now().nanoseconds * 1e-9)
+                return sim.episode_status().episode == episode and sim.episode_status().done
+
             # Wall-clock guard only: the episode's own budget is simulated time.
-            wait_until(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
-                  10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
+            wait_until(finished, 10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
             wall = time.monotonic() - started
             status = sim.episode_status()
             latencies = list(policy.runner.stats.latencies)[latencies0:]
@@ -187,6 +192,8 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
                              "latencies_s": latencies,
                              **_loop_diagnostics(policy, marks, wall, float(status.sim_time)),
                              # commands the drivers shortened to safety.max_joint_step of the measured pose
+                             "clock_lag_p50_s": float(np.percentile(clock_lags, 50)),
+                             "clock_lag_p90_s": float(np.percentile(clock_lags, 90)),
                              "driver_step_limited_share": _share(sum(b.step_limited for b in sim.bridges) - limited0,
                                                                  sum(b.executed for b in sim.bridges) - executed0)})
             if args.gate_trace and len(episodes) == 1:

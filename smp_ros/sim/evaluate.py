@@ -18,6 +18,7 @@ import math
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -189,6 +190,31 @@ def make_policy(spec: str, world, inference_backend: str = "eager", inference_th
                                overrides=overrides)
 
 
+class DelayedObservations:
+    """A learned policy fed the observation ``steps`` control steps old, its chunks executed from the
+    current time (the stale head skipped, as the real-time loop's executor does): the harness's
+    model of the ROS loop's observation age (docs/RESULTS.md, section 4)."""
+
+    def __init__(self, policy, steps: int) -> None:
+        if steps < 0:
+            raise ValueError(f"observation delay: expected >= 0 control steps, got {steps}")
+        self.policy = policy
+        self._recent: deque = deque(maxlen=steps + 1)
+
+    @property
+    def last_step(self):
+        return self.policy.last_step
+
+    def reset(self, task: str) -> None:
+        self._recent.clear()
+        self.policy.reset(task)
+
+    def act(self, obs: Observation) -> np.ndarray:
+        # Until `steps` observations have passed the oldest is repeated: the policy holds the start pose.
+        self._recent.append(obs)
+        return self.policy.act(self._recent[0], now=float(obs.time))
+
+
 def make_arms(world, backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -288,7 +314,7 @@ class _InferenceLog:
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
              backend: str = "piper", render: bool = True, inference_backend: str = "eager",
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, observation_delay: int = 0) -> dict:
     """Run ``episodes`` per task from seeds ``seed`` .. ``seed + episodes - 1``. ``overrides`` are load-time
     runtime overrides of a learned policy (``{"model.selection.tau_m": 0.9}``, checkpoint.RUNTIME_OVERRIDES).
     A learned policy's episodes also report its inference calls' mean |S|, flip-rate of the argmax
@@ -301,6 +327,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
     for task in tasks:
         with BimanualWorld(cfg, task, seed) as world:
             policy = make_policy(policy_spec, world, inference_backend, overrides=overrides)
+            if observation_delay:
+                policy = DelayedObservations(policy, observation_delay)
             results, infer = [], []
             for i in range(episodes):
                 log = _InferenceLog(policy)
@@ -357,6 +385,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
     parser.add_argument("--inference-backend", default="eager", choices=("eager", "compiled", "tensorrt"),
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
+    parser.add_argument("--observation-delay", type=int, default=0, metavar="STEPS",
+                        help="feed a learned policy observations this many control steps old (the age the "
+                             "real-time loop plans from; docs/RESULTS.md, section 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "
                              "model.selection.tau_m / k / mode / mass, model.scheduler.inference_steps")
@@ -368,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = TASKS if args.task == "all" else (args.task,)
     report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
                       render=not args.no_render, inference_backend=args.inference_backend,
-                      overrides=parse_overrides(args.set) or None)
+                      overrides=parse_overrides(args.set) or None, observation_delay=args.observation_delay)
     print_table(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
