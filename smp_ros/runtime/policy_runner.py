@@ -65,6 +65,7 @@ SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sampl
 WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
 WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
 RATE_WINDOW_S = 2.0  # window of the achieved inference rate
+CLOCK_JUMP_PERIODS = 1000  # a schedule this many policy periods behind the clock is a clock jump, not an overrun
 OBJECTS_STREAM = "objects"  # the object-pose stream's key in ObservationSync (labels: its topic)
 
 
@@ -370,7 +371,12 @@ class PolicyRunner:
         next_time = self.clock()
         while not self._stop.is_set():
             now = self.clock()
-            if now < next_time - period:  # the clock went back: start the schedule again
+            if now <= 0.0:  # a simulated clock that has not ticked yet (ROS time zero): nothing to plan for
+                self._wake.wait(period)
+                continue
+            if now < next_time - period or now - next_time > CLOCK_JUMP_PERIODS * period:
+                # The clock went back (a simulator reset) or jumped far ahead (its first tick after a
+                # time of zero): start the schedule again instead of counting the jump as skipped cycles.
                 next_time = now
             if now < next_time:
                 # In wall seconds: exact for a real-time clock, early (then waits again) for a slower one.
