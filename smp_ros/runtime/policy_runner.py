@@ -19,9 +19,9 @@ for a model without cameras; every other stream contributes the sample nearest t
 ``runtime.sync_slop_s``, else the observation is incomplete and not sampled. The joint state then
 belongs to the instant the image shows, as in the recorded demonstrations and the harness (pairing
 frames with the newest joint state instead put them up to a camera period apart). The T_o
-observations a plan uses are exactly one control period apart (:meth:`ObservationSync.frames`). A model that reads
-object poses adds one more stream, the tracked objects' pose vector (``/smp/object_poses``),
-matched and aged the same way.
+observations a plan uses are exactly one control period apart (:meth:`ObservationSync.frames`).
+A model that reads object poses adds one more stream, the tracked objects' pose vector
+(``/smp/object_poses``), matched and aged the same way.
 
 Holding. The runner HOLDS, i.e. produces no command at all (the driver keeps the arm at its last
 target, and a recorded bag shows the gap), whenever
