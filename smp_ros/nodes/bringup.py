@@ -163,7 +163,16 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
     for task in tasks:
         episodes = []
         for _ in range(args.episodes):
-            episode, used_seed = sim.reset_episode(task, seed)
+            try:
+                episode, used_seed = sim.reset_episode(task, seed)
+            except Exception:
+                # A Ctrl-C / SIGTERM during the reset shuts the context down under the simulator's
+                # publishers: that is the stop, not a failure of the reset.
+                import rclpy
+
+                if not rclpy.ok() or (spinner is not None and not spinner.running()):
+                    raise Interrupted("the episode reset") from None
+                raise
             seed += 1
             policy.runner.set_task(task)
             commands0, latencies0 = policy.commands_published, len(policy.runner.stats.latencies)
