@@ -41,7 +41,10 @@ def _nodes(context):
         from smp_ros.ros_params import ParamsFile, sim_camera_size
 
         # The policy's engine warms up (compiles) for the frames the simulator renders.
-        overrides["camera_size"] = sim_camera_size(ParamsFile.load(config))
+        params = ParamsFile.load(config)
+        overrides["camera_size"] = sim_camera_size(params)
+        if params.for_node("/sim").get("publish_clock", False):
+            overrides["use_sim_time"] = True  # the policy runs on the simulator's /clock
         nodes.append(common.sim_node([config] + ([{"task": overrides["task"]}] if "task" in overrides else [])))
     elif driver == "piper_ros":
         from smp_ros.ros_params import PIPER_ROS_POLICY_PARAMS, PIPER_ROS_REMAPS, ParamsFile

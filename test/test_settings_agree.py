@@ -20,6 +20,8 @@ README = ROOT / "README.md"
 # Values the shipped file sets on purpose to something else than the code's default, and why.
 DELIBERATE = {
     (POLICY_NODE, "camera_size"): "the real cameras' frame size; the code's (0, 0) means the model's image size",
+    (SIM_NODE, "safety.max_joint_step"): "the simulated arms' drivers allow 0.15 rad from the measured pose, as "
+                                         "the harness does: their servos lag more than 0.05 rad above 0.6 rad/s",
 }
 # Module constants the README quotes with a value, by where they live.
 CONSTANT_MODULES = ("smp_ros.runtime.policy_runner", "smp_ros.runtime.worker")

@@ -75,13 +75,16 @@ def _gid(info) -> str:
 class ArmBridge:
     def __init__(self, node: Node, arm: Arm, *, prefix: str, command_rate_hz: float,
                  joint_names: tuple[str, ...], enable_timeout_s: float = 2.0,
-                 owner_timeout_s: float = OWNER_TIMEOUT_S, clock=time.monotonic, teleop: bool = False) -> None:
+                 owner_timeout_s: float = OWNER_TIMEOUT_S, clock=time.monotonic, teleop: bool = False,
+                 stamp_clock=None) -> None:
         self.node = node
         self.arm = arm
         self.names = tuple(joint_names)
         self.enable_timeout_s = enable_timeout_s
         self.owner_timeout_s = owner_timeout_s
         self.clock = clock  # owner silence is wall-clock time
+        # The clock of every stamp this bridge publishes (s): the node's ROS clock, or a simulator's own.
+        self.stamp_clock = stamp_clock or (lambda: now_seconds(node))
         self.log = node.get_logger()
         self.cmd_topic = node.resolve_topic_name(f"{prefix}joint_cmd")
         self._lock = threading.Lock()
@@ -95,6 +98,7 @@ class ArmBridge:
         self._not_owner = 0
         self._not_owner_logged = -math.inf
         self._executed = 0
+        self.step_limited = 0  # executed commands whose joints the arm's safety limits shortened
         self._rejected = 0
         self._last_status: tuple | None = None
         self._last_status_time = -math.inf
@@ -126,6 +130,11 @@ class ArmBridge:
                                                ("emergency_stop", self._on_estop), ("reset", self._on_reset),
                                                ("start", self._on_start))]
         self.timer = node.create_timer(1.0 / command_rate_hz, self.tick, callback_group=tick_group)
+
+    @property
+    def executed(self) -> int:
+        """Commands sent to the arm so far."""
+        return self._executed
 
     def close(self) -> None:
         """Take this arm off the graph (its topics, services and tick), as when its driver process
@@ -184,7 +193,7 @@ class ArmBridge:
             return
         # Stamp = when the feedback was measured, on the ROS clock; scheduling jitter in reading
         # the age must not make consecutive samples go back in time.
-        stamp = max(now_seconds(self.node) - max(obs.age, 0.0), self._last_stamp)
+        stamp = max(self.stamp_clock() - max(obs.age, 0.0), self._last_stamp)
         self._last_stamp = stamp
         # The SDK reports no gripper speed: NaN marks it unknown rather than inventing a zero.
         velocity = np.append(obs.joint_velocities, math.nan)
@@ -219,8 +228,11 @@ class ArmBridge:
             reason = self._resume_refusal
             if target is not None:
                 try:
-                    self.arm.send_action(target)
+                    sent = self.arm.send_action(target)
                     self._executed += 1
+                    # Step-limited around the measured pose (or range-clipped): the arm was asked
+                    # to go less far than the commander wanted.
+                    self.step_limited += bool(np.any(np.abs(sent[:6] - target[:6]) > 1e-9))
                 except ValueError as exc:
                     self._rejected += 1
                     self.log.error(f"refused command on {self.cmd_topic}: {exc}", throttle_duration_sec=1.0)
@@ -335,7 +347,7 @@ class ArmBridge:
     def _status(self, *, state: str, connected: bool, enabled: bool, estopped: bool, reason: str,
                 age: float) -> None:
         key = (state, connected, enabled, estopped, cause_of(reason), self._owner)
-        now = now_seconds(self.node)
+        now = self.stamp_clock()
         if key == self._last_status and now - self._last_status_time < STATUS_PERIOD_S:
             return
         if key != self._last_status and reason:

@@ -89,6 +89,9 @@ def bringup(args: Options) -> int:
                         (("model", args.model), ("backend", args.backend), ("task", args.task)) if value]
     if args.sim:  # the engine warms up for the frames the simulator renders
         policy_overrides.append(Parameter("camera_size", value=sim_camera_size(params)))
+        if params.for_node(SIM_NODE).get("publish_clock", False):
+            # The simulator's clock is the policy's: its timers, stamps and ages run on simulated time.
+            policy_overrides.append(Parameter("use_sim_time", value=True))
     # Many threads share one GIL here (simulator, executor, inference). With the default 5 ms
     # switch interval a CPU-bound simulator thread makes every GIL hand-over of the inference
     # thread wait up to 5 ms, which multiplies the latency of a model made of many small ops.
@@ -160,15 +163,32 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
     for task in tasks:
         episodes = []
         for _ in range(args.episodes):
-            episode, used_seed = sim.reset_episode(task, seed)
+            try:
+                episode, used_seed = sim.reset_episode(task, seed)
+            except Exception:
+                # A Ctrl-C / SIGTERM during the reset shuts the context down under the simulator's
+                # publishers: that is the stop, not a failure of the reset.
+                import rclpy
+
+                if not rclpy.ok() or (spinner is not None and not spinner.running()):
+                    raise Interrupted("the episode reset") from None
+                raise
             seed += 1
             policy.runner.set_task(task)
             commands0, latencies0 = policy.commands_published, len(policy.runner.stats.latencies)
             gates0 = len(policy.runner.stats.gates)
+            marks = _diagnostic_marks(policy)
+            limited0 = sum(b.step_limited for b in sim.bridges)
+            executed0 = sum(b.executed for b in sim.bridges)
             started = time.monotonic()
+            clock_lags = []  # how far the policy's clock is behind the simulator's stamps (s)
+
+            def finished() -> bool:
+                clock_lags.append(sim.stamp_now() - policy.get_clock().now().nanoseconds * 1e-9)
+                return sim.episode_status().episode == episode and sim.episode_status().done
+
             # Wall-clock guard only: the episode's own budget is simulated time.
-            wait_until(lambda: sim.episode_status().episode == episode and sim.episode_status().done,
-                  10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
+            wait_until(finished, 10.0 * episode_s + 60.0, f"episode {episode} to finish", spinner)
             wall = time.monotonic() - started
             status = sim.episode_status()
             latencies = list(policy.runner.stats.latencies)[latencies0:]
@@ -178,7 +198,13 @@ def evaluate(sim, policy, params: ParamsFile, args: Options, spinner=None) -> di
                              "command_rate_hz": (policy.commands_published - commands0) / wall,
                              # |S| per inference call: how many experts the router kept (tau_m coverage, cap k)
                              "mean_active": float(np.mean([len(s) for _, _, s in trace])) if trace else None,
-                             "latencies_s": latencies})
+                             "latencies_s": latencies,
+                             **_loop_diagnostics(policy, marks, wall, float(status.sim_time)),
+                             # commands the drivers shortened to safety.max_joint_step of the measured pose
+                             "clock_lag_p50_s": float(np.percentile(clock_lags, 50)),
+                             "clock_lag_p90_s": float(np.percentile(clock_lags, 90)),
+                             "driver_step_limited_share": _share(sum(b.step_limited for b in sim.bridges) - limited0,
+                                                                 sum(b.executed for b in sim.bridges) - executed0)})
             if args.gate_trace and len(episodes) == 1:
                 episodes[0]["gate_trace"] = _write_gate_trace(Path(args.gate_trace), task, trace, status)
         per_task[task] = _summary(episodes)
@@ -210,6 +236,50 @@ def _write_gate_trace(out_dir: Path, task: str, trace: list, status) -> str | No
     plot_gate_trace(path, stamps - stamps[0], gates, active,
                     f"{task}: closed loop in simulation ({outcome}), |S| mean {active.sum(1).mean():.2f}", [])
     return str(path)
+
+
+def _diagnostic_marks(policy) -> dict:
+    """Where the policy node's diagnostic counters stand before an episode."""
+    runner = policy.runner
+    return {"ticks": dict(policy.tick_causes), "plans": len(runner.stats.plans),
+            "skews": len(runner.sync.camera_skews), "steps": len(policy.command_steps)}
+
+
+def _loop_diagnostics(policy, marks: dict, wall: float, sim_time: float) -> dict:
+    """What the real-time loop did during one episode, for comparison with the synchronous harness
+    (docs/RESULTS.md, "The ROS loop against the harness"): command ticks and holds by cause, how old
+    the observations planned from were, how far camera frames lagged the joint state they were
+    paired with, and how often the safety filter's rate limit shortened a command."""
+    runner = policy.runner
+    ticks = {cause: n - marks["ticks"].get(cause, 0) for cause, n in policy.tick_causes.items()}
+    ticks = {cause: n for cause, n in ticks.items() if n > 0}
+    plans = list(runner.stats.plans)[marks["plans"]:]
+    skews = np.array(list(runner.sync.camera_skews)[marks["skews"]:])
+    steps = list(policy.command_steps)[marks["steps"]:]
+    accepted = [p for p in plans if p.outcome == "accepted"]
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if len(values) else None
+
+    outcomes: dict[str, int] = {}
+    for p in plans:
+        outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
+    return {"real_time_factor": sim_time / wall if wall > 0 else None,
+            "tick_rate_hz": sum(ticks.values()) / wall if wall > 0 else None,
+            "holds": {cause: n for cause, n in sorted(ticks.items(), key=lambda kv: -kv[1]) if cause},
+            "plans": outcomes,
+            # age of the newest observation when planning started, and when its chunk was submitted
+            "plan_age_p50_s": pct([p.started - p.stamp for p in plans], 50),
+            "plan_age_p90_s": pct([p.started - p.stamp for p in plans], 90),
+            "chunk_age_p50_s": pct([p.finished - p.stamp for p in accepted], 50),
+            "chunk_age_p90_s": pct([p.finished - p.stamp for p in accepted], 90),
+            "camera_skew_p50_s": pct(skews, 50), "camera_skew_max_s": pct(skews, 100),
+            "command_step_p99_rad": pct([d for d, _ in steps], 99),
+            "rate_limited_share": float(np.mean([c for _, c in steps])) if steps else None}
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
 
 
 def _mean_of(values: list) -> float | None:

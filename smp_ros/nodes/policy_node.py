@@ -128,6 +128,12 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self.image_fit: tuple[tuple[int, int], str] | None = None  # (data.image_size, data.image_fit) of the model
         self.configure_error = ""  # why the last configure failed (bringup reports it)
         self.commands_published = 0
+        # Episode diagnostics (bringup reads differences of these): command ticks by hold cause
+        # ('' = commanded), and per published command its largest joint step from the previous
+        # one (rad) and whether the safety filter's rate limit shortened it.
+        self.tick_causes: Counter = Counter()
+        self.command_steps: deque = deque(maxlen=100_000)
+        self._last_command: np.ndarray | None = None
         self._reason = "inactive"
         self._cause = hold_cause(self._reason)
         self._hold_ticks: Counter = Counter()  # ticks held per cause since the last summary
@@ -349,6 +355,10 @@ class PolicyNode(GuardedNode, LifecycleNode):
         now = now_seconds(self)
         for i, arm in enumerate(ARMS):
             self.cmd_pubs[arm].publish(joint_state_msg(self.names[arm], now, step.command[7 * i:7 * i + 7]))
+        joints = np.r_[step.command[0:6], step.command[7:13]]
+        delta = 0.0 if self._last_command is None else float(np.max(np.abs(joints - self._last_command)))
+        self._last_command = joints
+        self.command_steps.append((delta, "rate" in step.safety))
         self._published.append(time.monotonic())
         self.commands_published += 1
 
@@ -385,6 +395,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         """Log and publish a change of hold cause; a periodic summary while holding."""
         cause = hold_cause(reason)
         self._ticks += 1
+        self.tick_causes[cause] += 1
         if reason:
             self._hold_ticks[cause] += 1
         now = time.monotonic()

@@ -32,6 +32,8 @@ from concurrent.futures import Future
 from geometry_msgs.msg import Pose
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 
@@ -59,10 +61,15 @@ SIM_SPECS = [
     ParamSpec("episode_status_rate_hz", 10.0, "rate of /smp/episode (Hz)"),
     ParamSpec("speed_percent", 100, "emulated firmware MOVE J speed, percent of 3 rad/s (1..100)"),
     ParamSpec("enable_on_start", True, "enable both emulated arms when the node starts"),
+    ParamSpec("publish_clock", False, "publish the simulated time on /clock and stamp every message with it; "
+              "nodes started with use_sim_time then run on the simulator's clock, so a simulator slower than "
+              "real time slows the whole loop instead of ageing every observation"),
     ParamSpec("teleop_source", "", "'' (joint_cmd drives the arms) or 'scripted' (the scripted demonstrators "
               "move leader arms the followers obey; leader_joint_states is published, joint_cmd ignored)"),
 ]
 TELEOP_SOURCES = ("", "scripted")
+# /clock as ROS publishes it (best effort, keep last): a late tick is worth nothing once the next is out.
+CLOCK_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.BEST_EFFORT)
 MAX_LAG_S = 0.25  # simulated time the loop may fall behind before it stops trying to catch up
 
 
@@ -95,6 +102,11 @@ class SimNode(GuardedNode, Node):
         self.channels = {side: f"smp_sim_{side}_{os.getpid()}_{id(self):x}" for side in ("left", "right")}
 
         self._status: EpisodeStatus | None = None
+        # Simulated time on the ROS time line (publish_clock): it starts at the wall time of the
+        # node's start and advances with every physics chunk the simulator thread steps.
+        self._clock_origin = now_seconds(self)
+        self._sim_elapsed = 0.0
+        self.clock_pub = self.create_publisher(Clock, "/clock", CLOCK_QOS) if p["publish_clock"] else None
         self.muted_cameras: set[str] = set()  # fault injection: cameras that stopped (fault matrix)
         self.rig = PiperRig(self.channels, self.safety, p["speed_percent"])
         self._build_world(self.task, self.seed)
@@ -102,7 +114,8 @@ class SimNode(GuardedNode, Node):
         self._settle(enable=p["enable_on_start"])
 
         self.bridges = [ArmBridge(self, arm, prefix=f"{side}/", command_rate_hz=p["command_rate_hz"],
-                                  joint_names=element_names(side), teleop=bool(p["teleop_source"]))
+                                  joint_names=element_names(side), teleop=bool(p["teleop_source"]),
+                                  stamp_clock=self.stamp_now)
                         for side, arm in self.arms.items()]
         self.image_pubs = {c: self.create_publisher(Image, topics.image_raw(c), SENSOR_QOS)
                            for c in self.cfg.cameras}
@@ -141,6 +154,13 @@ class SimNode(GuardedNode, Node):
         future: Future = Future()
         self._requests.put((task, int(seed), future))
         return future.result(timeout=timeout)
+
+    def stamp_now(self) -> float:
+        """The time every message of this node is stamped with (s): the simulated time with
+        ``publish_clock``, else the node's ROS clock."""
+        if self.clock_pub is not None:
+            return self._clock_origin + self._sim_elapsed
+        return now_seconds(self)
 
     def episode_status(self) -> EpisodeStatus:
         """The current episode's status; frozen at its final values once ``done``."""
@@ -186,6 +206,9 @@ class SimNode(GuardedNode, Node):
                     continue
                 self.world.step(chunk)
                 sim_elapsed += chunk
+                self._sim_elapsed = sim_elapsed
+                if self.clock_pub is not None:
+                    self.clock_pub.publish(Clock(clock=to_stamp(self.stamp_now())))
                 time.sleep(0)  # let the executor's threads have the GIL between physics chunks
                 # Scheduled on the loop's own simulated clock, which a reset does not rewind.
                 if sim_elapsed >= next_camera:
@@ -227,7 +250,7 @@ class SimNode(GuardedNode, Node):
                 future.set_exception(exc)
 
     def _publish_cameras(self) -> None:
-        stamp = to_stamp(now_seconds(self))
+        stamp = to_stamp(self.stamp_now())
         for name in self.cfg.cameras:
             # Rendering is the simulator's largest cost: skip cameras nobody listens to.
             if self.image_pubs[name].get_subscription_count() == 0 or name in self.muted_cameras:
@@ -240,7 +263,7 @@ class SimNode(GuardedNode, Node):
 
     def _publish_objects(self) -> None:
         msg = ObjectPoses()
-        msg.header.stamp = to_stamp(now_seconds(self))
+        msg.header.stamp = to_stamp(self.stamp_now())
         msg.header.frame_id = "world"
         names, poses = self.world.object_poses()
         msg.names = list(names)
@@ -260,7 +283,7 @@ class SimNode(GuardedNode, Node):
             msg.done = msg.success or world.time >= self.cfg.episode_steps / self.cfg.control_rate_hz
         else:
             msg = final
-        msg.header.stamp = to_stamp(now_seconds(self))
+        msg.header.stamp = to_stamp(self.stamp_now())
         self._status = msg
         self.episode_pub.publish(msg)
 

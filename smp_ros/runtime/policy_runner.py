@@ -13,11 +13,15 @@ Three clocks of work, decoupled so a slow inference never stalls the command str
 - an inference thread, at the policy rate (10 Hz), plans a chunk from the T_o most recent
   synchronized observations (:func:`plan_chunk`, the loop's one engine call) and submits it.
 
-Synchronization: the reference time of an observation is the newest left-arm joint state; the
-right arm's state and every camera frame used are the samples nearest to it, each within
-``runtime.sync_slop_s``, else the observation is incomplete and not sampled. A model that reads
-object poses adds one more stream, the tracked objects' pose vector (``/smp/object_poses``),
-matched and aged the same way.
+Synchronization: the reference time of an observation is the newest camera frame (the slowest
+stream; with several cameras the oldest of their newest frames), or the newest left-arm joint state
+for a model without cameras; every other stream contributes the sample nearest to it, each within
+``runtime.sync_slop_s``, else the observation is incomplete and not sampled. The joint state then
+belongs to the instant the image shows, as in the recorded demonstrations and the harness (pairing
+frames with the newest joint state instead put them up to a camera period apart). The T_o
+observations a plan uses are exactly one control period apart (:meth:`ObservationSync.frames`).
+A model that reads object poses adds one more stream, the tracked objects' pose vector
+(``/smp/object_poses``), matched and aged the same way.
 
 Holding. The runner HOLDS, i.e. produces no command at all (the driver keeps the arm at its last
 target, and a recorded bag shows the gap), whenever
@@ -61,6 +65,7 @@ SAMPLES_KEPT = 64  # per stream: > slop x the fastest rate, so the nearest sampl
 WORKER_RESTARTS = 5  # attempts to replace a dead inference worker before giving up (and holding)
 WORKER_BACKOFF_S = 0.5  # wait before the first attempt; doubles per failed attempt
 RATE_WINDOW_S = 2.0  # window of the achieved inference rate
+CLOCK_JUMP_PERIODS = 1000  # a schedule this many policy periods behind the clock is a clock jump, not an overrun
 OBJECTS_STREAM = "objects"  # the object-pose stream's key in ObservationSync (labels: its topic)
 
 
@@ -85,6 +90,10 @@ class ObservationSync:
         self._frames = {c: deque(maxlen=8) for c in self.cameras}
         self._history = ObservationHistory(obs_steps, control_rate_hz)
         self.incomplete = 0  # sampling instants skipped because the streams did not match within slop
+        self._since = -math.inf  # samples older than the last reset are not observations of now
+        # Per sampled observation: how far (s) the left joint state paired with its camera frames
+        # is from them. The simulation harness reads both at the same instant (0).
+        self.camera_skews: deque = deque(maxlen=100_000)
 
     def add_joints(self, arm: str, stamp: float, q: np.ndarray) -> None:
         with self._lock:
@@ -94,9 +103,11 @@ class ObservationSync:
         with self._lock:
             self._frames[camera].append((stamp, image))
 
-    def reset(self) -> None:
+    def reset(self, since: float = -math.inf) -> None:
+        """Start a new history; samples stamped before ``since`` are never used again."""
         with self._lock:
             self._history.clear()
+            self._since = since
 
     def add_objects(self, stamp: float, vector: np.ndarray, task: str) -> None:
         """An object-pose vector laid out for ``task``; dropped if the task has changed since."""
@@ -130,23 +141,44 @@ class ObservationSync:
                             f"(safety.stale_after_s = {self.stale_after} s)")
             return ""
 
+    def _reference_stamp(self) -> float | None:
+        """The instant observations are taken at: the newest camera frame (the slowest stream; with
+        several cameras the oldest of their newest frames), else the newest left joint state."""
+        if self.cameras:
+            if not all(self._frames[c] for c in self.cameras):
+                return None
+            return min(self._frames[c][-1][0] for c in self.cameras)
+        return self._joints["left"][-1][0] if self._joints["left"] else None
+
+    def _observation_at(self, t: float) -> Frame | None:
+        """Every stream's sample nearest to ``t`` (each within ``sync_slop_s`` and not older than the
+        last reset), as one Frame stamped ``t``; None if a stream has none."""
+        def near(samples):
+            found = _nearest(samples, t, self.slop)
+            return None if found is None or found[0] < self._since else found
+
+        left, right = near(self._joints["left"]), near(self._joints["right"])
+        frames = [near(self._frames[c]) for c in self.cameras]
+        objects = near(self._objects) if self.objects else None
+        if left is None or right is None or any(f is None for f in frames) or (self.objects and objects is None):
+            return None
+        images = np.stack([f for _, f in frames]) if self.cameras else None  # (N_cam, H, W, 3)
+        return Frame(t, np.concatenate([left[1], right[1]]), images, objects[1] if objects is not None else None)
+
     def sample(self) -> Frame | None:
-        """Append the synchronized observation at the newest left joint state to the history, if
-        it is at least one control period after the previous one. Returns it (None if not taken)."""
+        """Append the synchronized observation at the newest reference instant (``_reference_stamp``)
+        to the history, if it is at least one control period after the previous one. Returns it
+        (None if not taken)."""
         with self._lock:
-            if not self._joints["left"]:
+            ref = self._reference_stamp()
+            if ref is None or ref < self._since or ref - self._history.last_stamp < self.dt - 1e-4:
                 return None
-            ref, q_left = self._joints["left"][-1]
-            if ref - self._history.last_stamp < self.dt - 1e-4:
-                return None
-            right = _nearest(self._joints["right"], ref, self.slop)
-            frames = [_nearest(self._frames[c], ref, self.slop) for c in self.cameras]
-            objects = _nearest(self._objects, ref, self.slop) if self.objects else None
-            if right is None or any(f is None for f in frames) or (self.objects and objects is None):
+            frame = self._observation_at(ref)
+            if frame is None:
                 self.incomplete += 1
                 return None
-            images = np.stack(frames) if self.cameras else None  # (N_cam, H, W, 3)
-            frame = Frame(ref, np.concatenate([q_left, right]), images, objects)
+            if self.cameras:  # how far the joint state paired with the frames is from them
+                self.camera_skews.append(abs(ref - _nearest(self._joints["left"], ref, self.slop)[0]))
             self._history.push(frame)  # restarts after a gap (closed_loop.ObservationHistory)
             return frame
 
@@ -155,16 +187,32 @@ class ObservationSync:
             return self._history.latest
 
     def frames(self) -> list[Frame] | None:
-        """The T_o most recent synchronized observations, oldest first (None until there are T_o)."""
+        """The T_o observations the model plans from, oldest first: at the newest sampled instant t
+        and at t - dt, t - 2 dt, ... exactly (dt = one control period), each assembled from the
+        buffered streams at planning time, as the harness and the training data space them. Taken
+        from the sampled history instead, their spacing would follow the command tick's timing
+        (one control period plus up to a tick of jitter, more when the machine stalls the tick),
+        and every stall beyond 1.5 periods would restart the history as T_o copies of one frame,
+        i.e. a plan without motion information. Where a stream no longer (or not yet) reaches an
+        earlier instant, the earliest frame found is repeated, as a fresh history does. None until
+        an observation was sampled."""
         with self._lock:
-            return self._history.frames()
+            newest = self._history.latest
+            if newest is None:
+                return None
+            frames = [newest]
+            for i in range(1, self._history.obs_steps):
+                frame = self._observation_at(newest.stamp - i * self.dt)
+                frames.insert(0, frame if frame is not None else frames[0])
+            return frames
 
 
 def _nearest(samples, stamp: float, slop: float):
+    """The (stamp, value) sample nearest to ``stamp``, if within ``slop`` (else None)."""
     if not samples:
         return None
     t, value = min(samples, key=lambda s: abs(s[0] - stamp))
-    return value if abs(t - stamp) <= slop else None
+    return (t, value) if abs(t - stamp) <= slop else None
 
 
 @dataclass
@@ -173,10 +221,22 @@ class Command:
 
     command: np.ndarray | None
     reason: str = ""
+    safety: str = ""  # what the safety filter changed in this command ('' if nothing)
 
     @property
     def holding(self) -> bool:
         return self.command is None
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """One inference call, on the stamps' clock: how old its newest observation was when planning
+    started (``started - stamp``) and when its chunk reached the executor (``finished - stamp``)."""
+
+    stamp: float  # s, the newest observation planned from
+    started: float  # s, when inference started
+    finished: float  # s, when it returned
+    outcome: str  # "accepted" | why the chunk was not executed
 
 
 @dataclass
@@ -190,6 +250,7 @@ class RunnerStats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=100_000))  # seconds, recent inference calls
     # (observation stamp, router mean g_bar (K,), active set S) per inference call, for gate traces
     gates: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    plans: deque = field(default_factory=lambda: deque(maxlen=100_000))  # PlanRecord per inference call
 
 
 class PolicyRunner:
@@ -223,12 +284,14 @@ class PolicyRunner:
         self._generation = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._fresh = threading.Event()  # set whenever a new observation enters the history
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ control
 
     def start(self) -> None:
         self._stop.clear()
+        self._wake.clear()  # set by the last stop(): left set, the loop would never wait
         self._thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self._thread.start()
 
@@ -258,10 +321,10 @@ class PolicyRunner:
     def _restart_locked(self) -> None:
         self._generation += 1  # an inference in flight now plans for a past that no longer exists
         self.stage.reset()  # no chunk; the safety filter starts again from the next measured pose
-        self.sync.reset()
+        self._restarted_at = self.clock()
+        self.sync.reset(since=self._restarted_at)
         self._deadline_hold = ""
         self._planned_stamp = -math.inf
-        self._restarted_at = self.clock()
 
     def inference_rate(self, now: float | None = None) -> float:
         """Inference calls completed per second over the last ``RATE_WINDOW_S`` (monotonic clock)."""
@@ -274,7 +337,8 @@ class PolicyRunner:
 
     def tick(self) -> Command:
         now = self.clock()
-        self.sync.sample()
+        if self.sync.sample() is not None:
+            self._fresh.set()  # a planning cycle waiting for a fresh observation may go
         with self._lock:
             stale = self.sync.stale_reason(now)
             if stale:
@@ -293,28 +357,60 @@ class PolicyRunner:
                 return Command(None, f"non-finite action rejected by the safety filter ({out.safety})")
             if out.command is None:
                 return Command(None, f"no action chunk to execute ({out.hold})")
-            return Command(out.command)
+            return Command(out.command, safety=out.safety)
 
     # ------------------------------------------------------------------ inference thread
 
     def _inference_loop(self) -> None:
+        # Scheduled on the stamps' clock, so that a simulator running on its own (slower) clock is
+        # planned for every policy period of ITS time, as the synchronous harness does. On a robot
+        # that clock is the wall clock. A clock that stands still or jumps back (a simulator
+        # not publishing yet, a reset) only delays the next cycle by at most one period.
         period = 1.0 / self.runtime.policy_rate_hz
         infer = self.guard.wrap("inference", self._infer_once, passthrough=(WorkerDiedError,))
-        next_time = time.monotonic()
+        next_time = self.clock()
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, next_time - time.monotonic()))
+            now = self.clock()
+            if now <= 0.0:  # a simulated clock that has not ticked yet (ROS time zero): nothing to plan for
+                self._wake.wait(period)
+                continue
+            if now < next_time - period or now - next_time > CLOCK_JUMP_PERIODS * period:
+                # The clock went back (a simulator reset) or jumped far ahead (its first tick after a
+                # time of zero): start the schedule again instead of counting the jump as skipped cycles.
+                next_time = now
+            if now < next_time:
+                # In wall seconds: exact for a real-time clock, early (then waits again) for a slower one.
+                self._wake.wait(min(next_time - now, period))
+                continue
             if self._stop.is_set():
                 return
-            now = time.monotonic()
             if now - next_time >= period:  # the last cycle overran: skip, never queue, the missed ones
                 with self._lock:
                     self.stats.skipped_cycles += int((now - next_time) // period)
             next_time = max(next_time + period, now)
+            self._await_fresh_observation()
             try:
                 infer()
             except WorkerDiedError as exc:  # not contained by the guard: it has its own remedy
                 self._replace_worker(exc)
-                next_time = time.monotonic()
+                next_time = self.clock()
+
+    def _await_fresh_observation(self) -> None:
+        """Plan from an observation sampled just now, not from one up to a control period old.
+
+        Observations enter the history once per control period (20 Hz), and the planning cycle is
+        not in phase with them: started blind, it plans from one half a period old on average,
+        and every millisecond of observation age delays the plan's reaction as much as a
+        millisecond of inference does (docs/RESULTS.md, "The ROS loop against the harness": success
+        falls steeply with the age of the observation a chunk was planned from). So a cycle whose
+        newest observation is more than half a control period old waits for the next one, at most
+        one control period (wall clock; a stream that stopped is the tick's to report).
+        """
+        self._fresh.clear()
+        latest = self.sync.latest()
+        if latest is not None and self.clock() - latest.stamp < 0.5 * self.sync.dt:
+            return
+        self._fresh.wait(self.sync.dt)
 
     def _on_inference_fault(self, name: str, message: str) -> None:
         with self._lock:
@@ -357,7 +453,7 @@ class PolicyRunner:
             if stamp <= self._planned_stamp:
                 return  # no newer observation since the last chunk: nothing new to plan from
             self._planned_stamp = stamp
-        started = time.monotonic()
+        started, started_clock = time.monotonic(), self.clock()
         result, chunk = plan_chunk(self.engine, frames, TASKS.index(task), self.seed + self.stats.chunks,
                                    self.control_rate_hz)
         latency = time.monotonic() - started
@@ -368,13 +464,19 @@ class PolicyRunner:
             self.stats.completed.append(time.monotonic())
             self.stats.gates.append((stamp, result.gate.copy(), result.active))
             if generation != self._generation:
+                self.stats.plans.append(PlanRecord(stamp, started_clock, now, "restarted"))
                 return  # planned before a restart or task change: never executed
-            if latency > self.deadline:
+            # The deadline is on the stamps' clock (the robot's time the plan took; the wall time
+            # on a robot, the simulated time in a simulation running on its own clock).
+            late = now - started_clock
+            if late > self.deadline:
                 self.stats.missed_deadlines += 1
-                self._deadline_hold = (f"inference missed its deadline: {latency:.3f} s > "
+                self.stats.plans.append(PlanRecord(stamp, started_clock, now, "missed_deadline"))
+                self._deadline_hold = (f"inference missed its deadline: {late:.3f} s > "
                                        f"inference_deadline_s = {self.deadline:.3f} s; chunk discarded")
                 return
             accepted, why = self.stage.submit(chunk, now)
+            self.stats.plans.append(PlanRecord(stamp, started_clock, now, "accepted" if accepted else why))
             if not accepted:
                 self._deadline_hold = f"action chunk rejected by the executor ({why})"
                 return

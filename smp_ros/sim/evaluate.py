@@ -18,6 +18,7 @@ import math
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -183,6 +184,31 @@ def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, in
                                overrides=overrides)
 
 
+class DelayedObservations:
+    """A learned policy fed the observation ``steps`` control steps old, its chunks executed from the
+    current time (the stale head skipped, as the real-time loop's executor does): the harness's
+    model of the ROS loop's observation age (docs/RESULTS.md, section 4)."""
+
+    def __init__(self, policy, steps: int) -> None:
+        if steps < 0:
+            raise ValueError(f"observation delay: expected >= 0 control steps, got {steps}")
+        self.policy = policy
+        self._recent: deque = deque(maxlen=steps + 1)
+
+    @property
+    def last_step(self):
+        return self.policy.last_step
+
+    def reset(self, task: str) -> None:
+        self._recent.clear()
+        self.policy.reset(task)
+
+    def act(self, obs: Observation) -> np.ndarray:
+        # Until `steps` observations have passed the oldest is repeated: the policy holds the start pose.
+        self._recent.append(obs)
+        return self.policy.act(self._recent[0], now=float(obs.time))
+
+
 def make_arms(world, backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -246,9 +272,21 @@ class _InferenceLog:
         self.sizes: list[int] = []
         self.top: list[int] = []
         self.latency: list[float] = []
+        # Per command: largest joint step from the previous command (rad), whether the policy's
+        # safety filter rate-limited it, whether the arms' step limit shortened it (as the ROS loop
+        # reports them: bringup's per-episode diagnostics).
+        self.steps: list[float] = []
+        self.rate_limited: list[bool] = []
+        self.driver_limited: list[bool] = []
+        self._previous: np.ndarray | None = None
 
     def __call__(self, k, obs, action, sent, arms) -> None:
         step = getattr(self.policy, "last_step", None)
+        joints = np.r_[action[0:6], action[7:13]]
+        self.steps.append(0.0 if self._previous is None else float(np.max(np.abs(joints - self._previous))))
+        self._previous = joints
+        self.rate_limited.append(step is not None and "rate" in step.safety)
+        self.driver_limited.append(bool(np.any(np.abs(np.r_[sent[0:6], sent[7:13]] - joints) > 1e-9)))
         if step is None or not step.inferred or step.result is None:
             return
         r = step.result
@@ -262,12 +300,15 @@ class _InferenceLog:
         top = np.asarray(self.top)
         return {"inferences": len(self.sizes), "mean_active": float(np.mean(self.sizes)),
                 "flip_rate": float(np.mean(top[1:] != top[:-1])) if top.size > 1 else 0.0,
-                "latency_p50_s": float(np.median(self.latency))}
+                "latency_p50_s": float(np.median(self.latency)),
+                "command_step_p99_rad": float(np.percentile(self.steps, 99)),
+                "rate_limited_share": float(np.mean(self.rate_limited)),
+                "driver_step_limited_share": float(np.mean(self.driver_limited))}
 
 
 def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConfig | None = None,
              backend: str = "piper", render: bool = True, inference_backend: str = REFERENCE_BACKEND,
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, observation_delay: int = 0) -> dict:
     """Run ``episodes`` per task from seeds ``seed`` .. ``seed + episodes - 1``. ``overrides`` are load-time
     runtime overrides of a learned policy (``{"model.selection.tau_m": 0.9}``, checkpoint.RUNTIME_OVERRIDES).
     A learned policy's episodes also report its inference calls' mean |S|, flip-rate of the argmax
@@ -280,6 +321,8 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
     for task in tasks:
         with BimanualWorld(cfg, task, seed) as world:
             policy = make_policy(policy_spec, world, inference_backend, overrides=overrides)
+            if observation_delay:
+                policy = DelayedObservations(policy, observation_delay)
             results, infer = [], []
             for i in range(episodes):
                 log = _InferenceLog(policy)
@@ -336,6 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
     parser.add_argument("--inference-backend", default=REFERENCE_BACKEND, choices=INFERENCE_BACKENDS,
                         help="inference backend of a learned policy (compiled spends minutes compiling on a CPU)")
+    parser.add_argument("--observation-delay", type=int, default=0, metavar="STEPS",
+                        help="feed a learned policy observations this many control steps old (the age the "
+                             "real-time loop plans from; docs/RESULTS.md, section 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "
                              "model.selection.tau_m / k / mode / mass, model.scheduler.inference_steps")
@@ -347,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = TASKS if args.task == "all" else (args.task,)
     report = evaluate(args.policy, tasks, args.episodes, args.seed, backend=args.backend,
                       render=not args.no_render, inference_backend=args.inference_backend,
-                      overrides=parse_overrides(args.set) or None)
+                      overrides=parse_overrides(args.set) or None, observation_delay=args.observation_delay)
     print_table(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
