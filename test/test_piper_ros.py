@@ -91,7 +91,9 @@ def test_policy_runs_on_piper_ros_topics_with_the_launch_remaps(ros, model_dir, 
     publisher.start()
     try:
         # The policy subscribed and published under the remapped names only.
-        wait_for(lambda: policy.runner is not None, timeout=120.0, what="the policy to load its model")
+        # arm_status_topics is set after the runner, later in the same configure step
+        wait_for(lambda: policy.runner is not None and hasattr(policy, "arm_status_topics"), timeout=120.0,
+                 what="the policy to load its model")
         assert {policy.runner.sync.labels[a] for a in arms} == {"/left/joint_states_single", "/right/joint_states_single"}
         assert policy.arm_status_topics == {}  # piper_ros's arm_status is another type: interlock off
         wait_for(lambda: all(len(a.commands) >= 20 for a in arms.values()), timeout=180.0,
