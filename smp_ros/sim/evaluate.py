@@ -104,7 +104,6 @@ class PiperArms:
     """Both arms through piper_sdk over virtual CAN to the emulators attached to the world."""
 
     def __init__(self, world, safety: SafetyConfig | None = None):
-        from smp_ros.hardware.piper import BimanualPiper
         from smp_ros.sim.piper_rig import PiperRig
 
         self.world = world
@@ -113,7 +112,7 @@ class PiperArms:
         self.rig = PiperRig({"left": f"sim-left-{tag}", "right": f"sim-right-{tag}"},
                             safety or SafetyConfig(max_joint_step=0.15), speed_percent=100)
         self.rig.attach(world)
-        self.pair = BimanualPiper(self.rig.arms["left"], self.rig.arms["right"])
+        self.pair = self.rig.pair
         self.pair.connect()
         self.step(0.02)
         self.pair.enable()

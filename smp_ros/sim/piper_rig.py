@@ -10,7 +10,7 @@ task) on the same channels, and the connected arms keep talking to them.
 from __future__ import annotations
 
 from smp_ros.config import ARMS, SafetyConfig
-from smp_ros.hardware.piper import PiperArm
+from smp_ros.hardware.piper import BimanualPiper, PiperArm
 from smp_ros.sim.can_emulator import PiperCanEmulator, attach
 
 
@@ -24,6 +24,7 @@ class PiperRig:
         self.emulators: dict[str, PiperCanEmulator] = {}
         self.arms = {side: PiperArm(channels[side], side, bustype="virtual", safety=safety,
                                     speed_percent=speed_percent, clock=self._clock(side)) for side in ARMS}
+        self.pair = BimanualPiper(self.arms["left"], self.arms["right"])  # both as one 14-D device
 
     def _clock(self, side: str):
         return lambda: self.emulators[side].time  # simulated time is the arm's clock
@@ -38,19 +39,10 @@ class PiperRig:
             emu.close()
 
     def connect(self) -> None:
-        connected = []
-        try:
-            for arm in self.arms.values():
-                arm.connect()
-                connected.append(arm)
-        except Exception:
-            for arm in connected:
-                arm.disconnect()
-            raise
+        self.pair.connect()
 
     def disconnect(self) -> None:
-        for arm in self.arms.values():
-            arm.disconnect()
+        self.pair.disconnect()
 
     def wait_for_feedback(self) -> None:
         """Wait (wall clock) until piper_sdk has parsed each emulator's newest feedback tick; on a busy
