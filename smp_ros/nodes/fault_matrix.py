@@ -405,7 +405,9 @@ def run(args: argparse.Namespace) -> int:
     executor = PoolExecutor()
     nodes, spinner = [], None
     try:
-        sim = SimNode(parameter_overrides=[Parameter("safety.stale_after_s", value=1.0)])
+        # Wall clock for all (the policy is not on use_sim_time here): the faults' timings are real time.
+        sim = SimNode(parameter_overrides=[Parameter("safety.stale_after_s", value=1.0),
+                                           Parameter("publish_clock", value=False)])
         nodes.append(sim)
         policy = PolicyNode(parameter_overrides=[Parameter(k, value=v) for k, v in policy_params.items()])
         nodes.append(policy)

@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     executor = PoolExecutor()
     nodes, spinner, report, soak_run = [], None, None, None
     try:
-        sim = SimNode(parameter_overrides=[Parameter("task", value=args.task)] if args.task else [])
+        # On the wall clock, as a real robot: the soak measures real-time command deadlines (the
+        # simulator's /clock would make every figure one of simulated time), and the policy, which
+        # is not started on use_sim_time here, must not get messages stamped on another clock.
+        sim = SimNode(parameter_overrides=[Parameter("publish_clock", value=False)]
+                      + ([Parameter("task", value=args.task)] if args.task else []))
         nodes.append(sim)
         policy = PolicyNode(parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         nodes.append(policy)
