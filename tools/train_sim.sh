@@ -20,7 +20,7 @@ run() { echo "+ $*"; [ -n "${DRY_RUN:-}" ] || "$@"; }
 
 # task, episodes, first seed: the demonstrations models/smp_sim was trained on
 while read -r task episodes seed; do
-    marker="$DEMOS/.recorded_$task"
+    marker="$DEMOS/.recorded_${task}_$episodes"  # the count in the name: a folder of a smaller recipe is redone
     if [ -f "$marker" ]; then
         echo "demos: $task recorded ($marker)"
         continue
@@ -29,10 +29,10 @@ while read -r task episodes seed; do
     run "$SMP" sim-demos --task "$task" --episodes "$episodes" --out "$DEMOS" --seed "$seed"
     run touch "$marker"
 done <<'TASKS'
-pen_cap 30 1000
-cups_in_bowl 30 2000
-handover 30 3000
-pour_beans 34 4000
+pen_cap 100 1000
+cups_in_bowl 100 2000
+handover 100 3000
+pour_beans 104 4000
 TASKS
 
 run "$SMP" train --data "$DEMOS" --preset sim --config config/train_sim.yaml --out "$OUT" \
