@@ -3,25 +3,13 @@ uses our own numpy conversion (smp_ros.hardware.image). Both must give the same 
 encoding we accept, with row padding and either byte order. Runs only where cv_bridge >= 3 is installed
 (a ROS 2 install, e.g. the Dockerfile's image); on the PyPI wheels it is skipped and says why."""
 
-import importlib.metadata
-
 import numpy as np
 import pytest
 
 from smp_ros.hardware.image import ENCODINGS, image_to_numpy
+from smp_ros.nodes.image_msgs import ros_cv_bridge
 
-
-def _cv_bridge():
-    try:
-        from cv_bridge import CvBridge
-
-        major = int(importlib.metadata.version("cv_bridge").split(".")[0])
-    except (ImportError, importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-    return CvBridge() if major >= 3 else None
-
-
-BRIDGE = _cv_bridge()
+BRIDGE = ros_cv_bridge()  # what the nodes use where it is installed
 pytestmark = pytest.mark.skipif(BRIDGE is None, reason="the ROS 2 cv_bridge (>= 3) comes with a ROS install")
 
 

@@ -23,6 +23,7 @@ from std_msgs.msg import Int32  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from smp_ros.nodes.ros_util import PoolExecutor  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 
 def counting(executor_class):
@@ -113,20 +114,12 @@ def test_a_suspended_coroutine_callback_is_resumed():
     node.create_service(Trigger, "/executor_test/outer", outer, callback_group=group)
     caller = rclpy.create_node("executor_async_caller")
     outer_client = caller.create_client(Trigger, "/executor_test/outer")
-    executor = PoolExecutor(num_threads=3)
-    executor.add_node(node)
-    executor.add_node(caller)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
     try:
-        assert outer_client.wait_for_service(timeout_sec=30.0)
-        future = outer_client.call_async(Trigger.Request())
-        wait_for(future.done, timeout=60.0, what="the outer service's reply")
-        assert future.result().success and future.result().message == "outer after inner"
-        assert inner_calls == [1]
+        with Spinning(node, caller, num_threads=3):
+            assert outer_client.wait_for_service(timeout_sec=30.0)
+            future = outer_client.call_async(Trigger.Request())
+            wait_for(future.done, timeout=60.0, what="the outer service's reply")
+            assert future.result().success and future.result().message == "outer after inner"
+            assert inner_calls == [1]
     finally:
-        executor.shutdown()
-        thread.join()
-        node.destroy_node()
-        caller.destroy_node()
         rclpy.try_shutdown()

@@ -5,7 +5,6 @@ what keeps the real-time loop on the simulator's time when the machine cannot si
 wall-clock rates."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -23,8 +22,9 @@ from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
 from smp_ros.msg import EpisodeStatus  # noqa: E402
-from smp_ros.nodes.ros_util import LATCHED_QOS, PoolExecutor, SENSOR_QOS, from_stamp  # noqa: E402
+from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, from_stamp  # noqa: E402
 from smp_ros.nodes.sim_node import CLOCK_QOS, SimNode  # noqa: E402
+from ros_helpers import Spinning  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +41,10 @@ def sim_clock():
     probe.create_subscription(JointState, "/left/joint_states", got["states"].append, SENSOR_QOS)
     probe.create_subscription(EpisodeStatus, "/smp/episode", got["episode"].append, LATCHED_QOS)
     probe.create_subscription(Image, "/cameras/cam_high/image_raw", got["images"].append, SENSOR_QOS)
-    executor = PoolExecutor(num_threads=4)
-    executor.add_node(sim)
-    executor.add_node(probe)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
     try:
-        yield sim, probe, got
+        with Spinning(sim, probe):
+            yield sim, probe, got
     finally:
-        executor.shutdown()
-        spinner.join()
-        sim.destroy_node()
-        probe.destroy_node()
         rclpy.try_shutdown()
 
 

@@ -17,7 +17,7 @@ from smp_ros.hardware.image import image_to_numpy, numpy_to_image, to_rgb8
 from smp_ros.runtime.guard import RefusedInput
 
 
-def _ros_cv_bridge():
+def ros_cv_bridge():
     """The ROS 2 cv_bridge (version >= 3), never the PyPI ROS 1 port (1.13)."""
     try:
         from cv_bridge import CvBridge
@@ -28,7 +28,7 @@ def _ros_cv_bridge():
     return CvBridge() if major >= 3 else None
 
 
-_BRIDGE = _ros_cv_bridge()
+_BRIDGE = ros_cv_bridge()
 
 
 def rgb_to_msg(image: np.ndarray, stamp, frame_id: str) -> Image:
