@@ -177,3 +177,49 @@ def test_a_short_soak_of_the_real_system_reports_consistent_counts(tmp_path):
     assert report["counters"]["worker_restarts"] == 0 and report["counters"]["policy_callback_errors"] == 0
     assert "missed" in stdout and "memory:" in stdout  # the table was printed
     assert Path(report["settings"]["model"]).is_dir()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.ros
+@pytest.mark.sim
+def test_a_soak_with_the_simulator_in_its_own_process_never_leaves_it_behind(tmp_path):
+    """``--sim-process``: the simulator runs in a child process and episodes run through its service;
+    the report names the layout and counts that process's memory. Killed outright (SIGKILL, no
+    chance to clean up), the soak keeps its last report and its simulator child ends too."""
+    out = tmp_path / "soak.json"
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env.setdefault("ROS_DOMAIN_ID", str(20 + (os.getpid() + 7) % 80))
+    proc = subprocess.Popen([sys.executable, "-m", "smp_ros.cli", "soak", "--minutes", "10", "--sample-s", "1",
+                             "--warmup-s", "1", "--json", str(out), "--task", "pen_cap", "--sim-process"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sims = []
+    try:
+        deadline = time.monotonic() + 600
+        report = None
+        # Until the report shows the system running: commands to both arms.
+        while report is None or min(f["commands"] for f in report["commands"]["arms"].values()) < 20:
+            assert proc.poll() is None, f"the soak exited with status {proc.returncode}"
+            assert time.monotonic() < deadline, "no commands reported"
+            time.sleep(0.5)
+            report = json.loads(out.read_text()) if out.exists() else None
+        sims = [pid for pid, p in soak.process_tree_rss(proc.pid).items() if "--sim-child" in p["name"]]
+        assert len(sims) == 1, soak.process_tree_rss(proc.pid)
+        assert report["settings"]["sim_process"] is True
+        assert any("--sim-child" in p["name"] for p in report["memory"]["processes_end"])
+        _consistent(report)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while sims and _running(sims[0]):  # ended by its stdin closing with the soak
+        assert time.monotonic() < deadline, "the simulator child outlived the killed soak"
+        time.sleep(0.1)
+    assert json.loads(out.read_text())["final"] is False  # the killed run's last report is whole

@@ -9,6 +9,13 @@ and its descendants (the inference worker) is sampled, the report recomputed and
 ``--json`` (atomically: a run that is killed keeps the figures of its last sample). At the end it
 prints a table. The figures and their definitions: ``smp_ros.runtime.soak``.
 
+``--sim-process`` runs ``/sim`` in a child process of its own (``python -m smp_ros.nodes.sim_node``
+with the same parameters file), reached through its ``/sim/reset_episode`` service and the
+``/smp/episode`` topic: the policy's process then holds only what a robot's computer runs (the
+policy node, its inference worker, the monitor), so the command figures are the policy's own rather
+than those of a process shared with physics, rendering and CAN emulation. The arms' drivers
+(piper_sdk) stay with the simulator: their CAN bus is the emulator's, in that process.
+
 The policy defaults are those of ``smp-ros demo`` on a CPU (the model in a worker process with one
 thread, ``--policy-rate`` 4 Hz, ``--inference-deadline`` 0.6 s); ``--policy-rate 0`` keeps the
 parameters file's. Ctrl-C / SIGTERM ends the run early with a final report (``"interrupted": true``).
@@ -43,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-deadline", type=float, default=0.6, help="seconds (0: the file's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the model in this process instead of a worker process")
+    parser.add_argument("--sim-process", action="store_true",
+                        help="run the simulator (and the arms' drivers) in a child process of its own")
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="memory baseline after this many seconds (default: 60 s, at most a fifth of the run)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples and reports")
@@ -86,14 +95,18 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     executor = PoolExecutor()
-    nodes, spinner, report, soak_run = [], None, None, None
+    nodes, spinner, report, soak_run, sim, sim_failure = [], None, None, None, None, ""
     try:
         # On the wall clock, as a real robot: the soak measures real-time command deadlines (the
         # simulator's /clock would make every figure one of simulated time), and the policy, which
         # is not started on use_sim_time here, must not get messages stamped on another clock.
-        sim = SimNode(parameter_overrides=[Parameter("publish_clock", value=False)]
-                      + ([Parameter("task", value=args.task)] if args.task else []))
-        nodes.append(sim)
+        if args.sim_process:
+            sim = RemoteSim(rclpy.create_node("soak_sim_client"), args, params)
+            nodes.append(sim.node)
+        else:
+            sim = SimNode(parameter_overrides=[Parameter("publish_clock", value=False)]
+                          + ([Parameter("task", value=args.task)] if args.task else []))
+            nodes.append(sim)
         policy = PolicyNode(parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         nodes.append(policy)
         monitor = Monitor(rclpy.create_node("soak_monitor"))
@@ -107,10 +120,14 @@ def run(args: argparse.Namespace) -> int:
         report = soak_run.run(sim, policy)
     except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
         pass  # finished below, as an interrupted run
+    except SimProcessDied as exc:
+        sim_failure = str(exc)
     finally:
         shutdown_nodes(spinner, executor, nodes)
         rclpy.try_shutdown()
-    failure = spinner.failure if spinner is not None else ""
+        if isinstance(sim, RemoteSim):
+            sim.close()
+    failure = (spinner.failure if spinner is not None else "") or sim_failure
     if report is None and soak_run is not None:
         report = soak_run.finish(interrupted=True)
     if report is not None:
@@ -187,6 +204,86 @@ class Monitor:
         return time.time()
 
 
+class SimProcessDied(RuntimeError):
+    """The simulator's child process (``--sim-process``) exited during the run."""
+
+
+class RemoteSim:
+    """``/sim`` in a child process, with the two calls the soak makes of a SimNode: ``reset_episode``
+    (its service) and ``episode_status`` (the latest ``/smp/episode``)."""
+
+    STOP_TIMEOUT_S = 10.0
+
+    def __init__(self, node, args, params) -> None:
+        import subprocess
+
+        from smp_ros.msg import EpisodeStatus
+        from smp_ros.nodes.ros_util import LATCHED_QOS
+        from smp_ros.ros_params import SIM_NODE, sim_config
+        from smp_ros.srv import ResetEpisode
+
+        self.node = node
+        self.cfg = sim_config(params.for_node(SIM_NODE), where=f"{args.config}: {SIM_NODE}")
+        self._status = None
+        node.create_subscription(EpisodeStatus, topics.EPISODE, self._on_status, LATCHED_QOS)
+        self._reset = node.create_client(ResetEpisode, f"{SIM_NODE}/reset_episode")
+        self._request_type = ResetEpisode.Request
+        command = [sys.executable, "-m", "smp_ros.nodes.soak", "--sim-child", "--ros-args", "--params-file",
+                   str(args.config), "-p", "publish_clock:=false"] + (["-p", f"task:={args.task}"] if args.task else [])
+        # Its own process group: a Ctrl-C at the terminal reaches the soak, which stops the child
+        # (close); the pipe on its stdin ends it should the soak die without closing it.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
+
+    def _on_status(self, msg) -> None:
+        self._status = msg
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise SimProcessDied(f"the simulator process (--sim-process) exited with status {code}")
+
+    def reset_episode(self, task: str, seed: int, timeout: float = 120.0) -> tuple[int, int]:
+        """Start an episode through ``/sim/reset_episode``; (episode, seed) as SimNode.reset_episode."""
+        deadline = time.monotonic() + timeout
+        while not self._reset.wait_for_service(timeout_sec=0.5):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"soak: no /sim/reset_episode service within {timeout:g} s")
+        future = self._reset.call_async(self._request_type(task=task, seed=int(seed)))
+        while not future.done():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"soak: /sim/reset_episode did not answer within {timeout:g} s")
+            time.sleep(0.02)
+        reply = future.result()
+        if not reply.success:
+            raise SimProcessDied(f"/sim/reset_episode refused ({task}, seed {seed}): {reply.message}")
+        # The status of the episode just started, not the one before it.
+        while self._status is None or self._status.episode != reply.episode:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"soak: no /smp/episode status of episode {reply.episode} within {timeout:g} s")
+            time.sleep(0.02)
+        return reply.episode, reply.seed
+
+    def episode_status(self):
+        return self._status
+
+    def close(self) -> None:
+        """SIGINT (the node's clean stop), then SIGKILL if it has not exited in STOP_TIMEOUT_S."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.stdin.close()
+            try:
+                self.process.wait(self.STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class SoakRun:
     """The episode loop and the periodic report."""
 
@@ -208,8 +305,7 @@ class SoakRun:
     def run(self, sim, policy) -> dict:
         tasks = [self.args.task] if self.args.task else list(TASKS)
         seed, i = self.args.seed, 0
-        cfg_steps = getattr(sim, "cfg", None)
-        episode_s = cfg_steps.episode_steps / cfg_steps.control_rate_hz if cfg_steps else 60.0
+        episode_s = sim.cfg.episode_steps / sim.cfg.control_rate_hz
         self._tick()
         while self.elapsed() < self.duration:
             task = tasks[i % len(tasks)]
@@ -232,6 +328,8 @@ class SoakRun:
                     raise TimeoutError(f"soak: episode {episode} ({task}) did not finish in {guard - begun:.0f} s")
                 if not self.spinner.running():
                     raise Interrupted("an episode")
+                if isinstance(sim, RemoteSim):
+                    sim.check_alive()
                 self._tick()
                 time.sleep(0.05)
             self._tick()
@@ -266,7 +364,7 @@ class SoakRun:
                         "load_avg_now": list(os.getloadavg()), "nice": os.nice(0)},
             "settings": {"config": a.config, "model": a.model, "backend": a.backend, "task": a.task or "all",
                          "policy_rate_hz": a.policy_rate or "file", "inference_deadline_s": a.inference_deadline or "file",
-                         "inference_process": not a.in_process, "warmup_s": self.warmup, "sample_s": a.sample_s},
+                         "inference_process": not a.in_process, "sim_process": a.sim_process, "warmup_s": self.warmup, "sample_s": a.sample_s},
             "command_rate_hz": self.rate,
             "episodes": {"completed": len(self.episodes), "successes": sum(e["success"] for e in self.episodes),
                          "list": self.episodes},
@@ -280,7 +378,25 @@ class SoakRun:
         return report
 
 
+def sim_child(ros_args: list[str]) -> int:
+    """The ``--sim-process`` child: ``/sim`` as ``smp_ros.nodes.sim_node`` runs it, stopped (SIGTERM,
+    the node's clean stop) when its stdin reaches end of file: the soak closed it or died."""
+    import signal
+
+    from smp_ros.nodes import sim_node
+
+    def watch_parent() -> None:
+        sys.stdin.buffer.read()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, name="soak-parent-watch", daemon=True).start()
+    return sim_node.main([sys.argv[0], *ros_args])  # argv[0] first, as rclpy.init expects
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--sim-child"]:
+        return sim_child(argv[1:])
     parser = argparse.ArgumentParser(prog="soak", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
