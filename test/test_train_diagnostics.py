@@ -100,3 +100,39 @@ def test_diagnose_cli(setup, tmp_path, capsys):
     assert rc == 0
     result = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
     assert result["summary"]["tau_m"] == 0.5 and len(list((tmp_path / "d").glob("*.png"))) == 2
+
+
+def test_selection_energy_is_what_the_active_set_leaves_out_of_the_demonstrated_chunk(setup, tmp_path):
+    """Against an explicit reconstruction (no use of B's orthonormality): the demonstrated chunk a,
+    its in-span part B B^T a, and the part the active set keeps, B (mask ⊙ B^T a)."""
+    from smp_ros.data.dataset import WindowDataset, to_tensors
+    from smp_ros.train.diagnostics import selection_energy
+
+    _, cfg, cache, policy = setup
+    m = cfg.model
+    for e in (0, 1):
+        dropped, selection_mse = selection_energy(policy, cache, e)
+        windows = WindowDataset(cache, [e], m.obs_steps, m.horizon, (), False)
+        obs = to_tensors(windows.batch(np.arange(len(windows))))
+        a = policy.normalizer.normalize("action", obs.pop("action").float()).numpy().astype(np.float64)
+        with torch.no_grad():
+            s = policy.encode(obs)
+            g = policy.route(s)
+            B = policy.skill_basis(s).numpy().astype(np.float64)  # (T, D, K)
+        # the coverage rule by brute force: the smallest set of largest gates whose squared mass reaches tau_m
+        g2 = g.numpy().astype(np.float64) ** 2
+        keep = np.zeros_like(g2, dtype=bool)
+        for t in range(len(g2)):
+            order = np.argsort(-g2[t])
+            n = next(j + 1 for j in range(len(order)) if g2[t][order[:j + 1]].sum() >= m.selection.tau_m * g2[t].sum() - 1e-9)
+            keep[t, order[:min(n, m.selection.k)]] = True
+        u = np.einsum("thd,tdk->thk", a, B)
+        in_span = np.einsum("thk,tdk->thd", u, B)
+        kept = np.einsum("thk,tdk->thd", u * keep[:, None, :], B)
+        lost = ((in_span - kept) ** 2).sum((1, 2))
+        assert np.allclose(selection_mse, lost / (a.shape[1] * a.shape[2]), rtol=1e-4, atol=1e-7)
+        assert np.allclose(dropped, lost / (in_span ** 2).sum((1, 2)), rtol=1e-4, atol=1e-6)
+        assert (dropped >= 0).all() and (dropped <= 1 + 1e-6).all() and dropped.max() > 1e-3  # some left out
+    result = run_diagnostics(policy, cache, [0, 1], tmp_path, plots=False)
+    assert 0 <= result["summary"]["dropped_energy"] <= 1
+    assert set(result["usage_per_task"]["pen_cap"]) >= {"dropped_energy", "selection_mse"}

@@ -110,6 +110,7 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
     rate = float(cache.index["control_rate_hz"])
     K = policy.cfg.num_experts
     per_episode, all_flips, all_pairs, all_runs, all_sizes = [], 0, 0, [], []
+    all_dropped, all_selection_mse = [], []
     usage: dict[str, dict[str, Any]] = {}
     for e in episodes:
         info = cache.episodes[e]
@@ -128,10 +129,16 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
         u["gate_sum"] += gates.sum(0)
         u["active"] += active.sum(0)
         u["argmax"] += np.bincount(top, minlength=K)
+        dropped, selection_mse = selection_energy(policy, cache, e)
+        u["dropped_energy"] = u.get("dropped_energy", 0.0) + float(dropped.sum())
+        u["selection_mse"] = u.get("selection_mse", 0.0) + float(selection_mse.sum())
+        all_dropped.append(dropped)
+        all_selection_mse.append(selection_mse)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(info.bag).name)
         record = {"episode": e, "bag": info.bag, "task": info.task, "steps": len(top),
                   "flip_rate": flip_rate(top), "mean_segment_steps": float(runs.mean()),
                   "mean_segment_s": float(runs.mean() / rate), "mean_active": float(sizes.mean()),
+                  "dropped_energy": float(dropped.mean()), "selection_mse": float(selection_mse.mean()),
                   "figure": None}
         if plots:
             t = np.arange(len(top)) / rate
@@ -151,13 +158,44 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
         "mean_segment_s": float(runs.mean() / rate) if runs.size else 0.0,
         "mean_active": float(sizes.mean()) if sizes.size else 0.0,
         "tau_m": policy.cfg.selection.tau_m,
+        "dropped_energy": float(np.concatenate(all_dropped).mean()) if all_dropped else 0.0,
+        "selection_mse": float(np.concatenate(all_selection_mse).mean()) if all_selection_mse else 0.0,
     }
     usage_out = {task: {"steps": u["steps"], "mean_gate": (u["gate_sum"] / u["steps"]).tolist(),
                         "active_share": (u["active"] / u["steps"]).tolist(),
-                        "argmax_share": (u["argmax"] / u["steps"]).tolist()} for task, u in usage.items()}
+                        "argmax_share": (u["argmax"] / u["steps"]).tolist(),
+                        "dropped_energy": u["dropped_energy"] / u["steps"],
+                        "selection_mse": u["selection_mse"] / u["steps"]} for task, u in usage.items()}
     result = {"summary": summary, "usage_per_task": usage_out, "episodes": per_episode}
     (out_dir / "diagnostics.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+@torch.no_grad()
+def selection_energy(policy: Any, cache: DatasetCache, episode: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """What the active set leaves out of the demonstrated chunk, per control step of one cache episode.
+
+    With the demonstrated (normalized) chunk a (H, D) and the basis B(s) (D, K), the projections are
+    u = a B (H, K); a = B (g ⊙ z) represents exactly B u when z = u / g, so the active set S can at best
+    give B u_S. Returns (dropped, selection_mse), each (T,): ``dropped`` = sum_{h, i not in S} u_hi^2 /
+    sum_{h, i} u_hi^2, the share of the in-span energy that the selection discards, and
+    ``selection_mse`` = sum_{h, i not in S} u_hi^2 / (H D), the mean squared action error (normalizer
+    units, as ``action_mse``) that the selection alone causes with perfect coefficients (B has
+    orthonormal columns, so the dropped part's squared norm is that of its coefficients)."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
+    dropped, mse = [], []
+    for lo in range(0, len(windows), batch):
+        obs = {k: v.to(policy.device) for k, v in to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows))))).items()}
+        a = policy.normalizer.normalize("action", obs.pop("action").float())  # (b, H, D)
+        s = policy.encode(obs)
+        mask, _ = policy.select(policy.route(s))  # (b, K)
+        u2 = (a @ policy.skill_basis(s).float()).pow(2)  # (b, H, K)
+        left_out = (u2 * (~mask).unsqueeze(1)).sum((1, 2))
+        dropped.append((left_out / u2.sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
+        mse.append((left_out / (a.shape[1] * a.shape[2])).cpu().numpy())
+    return np.concatenate(dropped), np.concatenate(mse)
 
 
 def step_stages(bag: str | Path, t0_ns: int, n: int) -> np.ndarray | None:
