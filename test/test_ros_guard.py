@@ -78,8 +78,10 @@ def test_an_exception_in_a_callback_is_contained_and_held_on(graph, capfd):
     assert node.holds and node.holds[0][0] == topic_fault and "ZeroDivisionError" in node.holds[0][1]
     assert node.guard.reason().startswith(f"{topic_fault} failing")
     # Recovers with good input.
-    wait_for(lambda: (pub.publish(String(data="good")), node.received)[1], what="a good message")
-    assert node.guard.reason() == "" and node.recoveries == [topic_fault]
+    # The guard clears the fault after the callback returns, i.e. after ``received`` is appended to:
+    # wait for the recovery itself (a loaded machine can run this thread in between).
+    wait_for(lambda: (pub.publish(String(data="good")), node.recoveries)[1], what="recovery on a good message")
+    assert node.received and node.guard.reason() == "" and node.recoveries == [topic_fault]
     err = capfd.readouterr().err
     assert err.count("Traceback") == 1, "the traceback is logged once, not per failure"
     assert f"{topic_fault} recovered (" in err
