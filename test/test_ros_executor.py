@@ -123,3 +123,55 @@ def test_a_suspended_coroutine_callback_is_resumed():
             assert inner_calls == [1]
     finally:
         rclpy.try_shutdown()
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    """CPU time (user + system) a thread of this process has used so far (Linux /proc)."""
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_spinning_thread_sleeps_while_its_pool_is_busy():
+    """Every pool thread busy in a long callback and a message waiting for the pool: the thread that
+    spins the executor must wait, not ask rclpy again and again (which held the GIL the pool needs and
+    spun a core at 100 %). Measured as the CPU time the spinning thread uses while the pool is busy:
+    sleeping, it uses almost none; without the wait it used all of the window (0.96-0.98 s)."""
+    rclpy.init()
+    node = rclpy.create_node("executor_busy_pool")
+    group = ReentrantCallbackGroup()
+    release, started, received = threading.Event(), threading.Event(), []
+
+    def slow(msg):
+        started.set()
+        release.wait(10.0)  # the only pool thread is taken (and waits without the GIL)
+
+    def fast(msg):
+        received.append(msg.data)
+
+    node.create_subscription(Int32, "/executor_test/slow", slow, 10, callback_group=group)
+    node.create_subscription(Int32, "/executor_test/fast", fast, 10, callback_group=group)
+    pub_slow = node.create_publisher(Int32, "/executor_test/slow", 10)
+    pub_fast = node.create_publisher(Int32, "/executor_test/fast", 10)
+    executor = PoolExecutor(num_threads=1)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: pub_slow.get_subscription_count() >= 1 and pub_fast.get_subscription_count() >= 1,
+                 what="the subscriptions to match")
+        pub_slow.publish(Int32(data=0))
+        assert started.wait(30.0)
+        pub_fast.publish(Int32(data=1))  # ready, but the pool cannot take it until slow returns
+        before = _thread_cpu_s(thread.native_id)
+        time.sleep(1.0)
+        used = _thread_cpu_s(thread.native_id) - before
+        release.set()
+        wait_for(lambda: received == [1], what="the waiting message once the pool is free")
+        assert used < 0.3, f"the spinning thread used {used:.2f} s of CPU in 1 s while its pool was busy"
+    finally:
+        release.set()
+        executor.shutdown()
+        thread.join()
+        node.destroy_node()
+        rclpy.try_shutdown()

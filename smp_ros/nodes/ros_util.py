@@ -204,13 +204,27 @@ class PoolExecutor(MultiThreadedExecutor):
     comes back only if it suspended unfinished (a coroutine awaiting a future), to be resumed
     as before."""
 
+    # How long the spinning thread sleeps between looks at the pool's queue while every pool thread
+    # is busy (a bound, not a rate: it is woken as soon as the pool takes a task).
+    POOL_WAIT_S = 0.01
+
     def __init__(self, num_threads: int | None = None, **kwargs) -> None:
         super().__init__(num_threads, **kwargs)
         self._queued: set = set()  # tasks handed to the pool whose thread has not started them
         self._queued_lock = threading.Lock()
+        self._taken = threading.Condition(self._queued_lock)  # notified when the pool takes a task
 
     def wait_for_ready_callbacks(self, *args, **kwargs):
         while True:
+            # Backpressure: while a task waits in the pool's queue, every pool thread is busy and
+            # nothing new could run. Waiting on rclpy's wait set then returned at once, over and
+            # over, without yielding anything (measured: the spinning thread at 100 % of a core,
+            # holding the GIL the pool threads need, for as long as the pool stayed busy; on a
+            # loaded machine ROS tests lost their messages for seconds). Sleep until the pool
+            # takes the queued tasks.
+            with self._taken:
+                while self._queued and not self._is_shutdown and self._context.ok():
+                    self._taken.wait(self.POOL_WAIT_S)
             ready = super().wait_for_ready_callbacks(*args, **kwargs)
             with self._queued_lock:
                 if ready[0] not in self._queued:  # (a task listed again before it was taken out)
@@ -233,8 +247,9 @@ class PoolExecutor(MultiThreadedExecutor):
                 future.result()  # a callback's exception ends spin(), as in rclpy
 
     def _run_task(self, task, entity, node) -> None:
-        with self._queued_lock:
+        with self._taken:
             self._queued.discard(task)
+            self._taken.notify_all()
         try:
             task()
         finally:
