@@ -23,6 +23,8 @@ from smp_ros import topics
 
 ACTION_DIM = 14  # D: left joints 1-6, left gripper, right joints 1-6, right gripper
 ARM_JOINTS = 6
+GRIPPER_INDICES: tuple[int, ...] = (ARM_JOINTS, 2 * ARM_JOINTS + 1)  # the grippers' entries of a D-vector
+ACTION_FRAMES = ("absolute", "relative")  # model.action_frame
 ARMS = ("left", "right")
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 TASKS = ("pen_cap", "cups_in_bowl", "handover", "pour_beans")
@@ -217,6 +219,10 @@ class ModelConfig:
     obs_steps: int = 3  # T_o
     horizon: int = 8  # H
     sigma_a: float = 0.1  # likelihood scale of eq. 21 / 35 (sigma_a^2 << 1)
+    # What a chunk's arm-joint entries are: "absolute" joint targets a_{t+h}, or "relative" offsets
+    # a_{t+h} - q_t from the newest measured joint positions q_t (the policy adds q_t back when it
+    # decodes). Gripper entries stay absolute widths in both. docs/POLICY.md, "Action frame".
+    action_frame: str = "absolute"
     z_eps: float = 1e-3  # epsilon of eq. 34
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
@@ -225,6 +231,14 @@ class ModelConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     dense_down_dims: tuple[int, ...] = (256, 512, 1024)  # the dense baseline's UNet widths
+
+    @property
+    def offset_dims(self) -> tuple[int, ...]:
+        """The action entries predicted as offsets from q_t: every entry but the grippers' under
+        action_frame = "relative", none under "absolute"."""
+        if self.action_frame == "absolute":
+            return ()
+        return tuple(i for i in range(self.action_dim) if i not in GRIPPER_INDICES)
 
     def __post_init__(self) -> None:
         w = "model"
@@ -236,6 +250,8 @@ class ModelConfig:
         _require(self.obs_steps >= 1, f"{w}.obs_steps", f"expected >= 1, got {self.obs_steps}")
         _require(self.horizon >= 1, f"{w}.horizon", f"expected >= 1, got {self.horizon}")
         _require(self.sigma_a > 0, f"{w}.sigma_a", f"expected > 0, got {self.sigma_a}")
+        _require(self.action_frame in ACTION_FRAMES, f"{w}.action_frame",
+                 f"expected one of {ACTION_FRAMES}, got {self.action_frame!r}")
         _require(self.z_eps > 0, f"{w}.z_eps", f"expected > 0, got {self.z_eps}")
         _require(self.selection.k <= self.num_experts, f"{w}.selection.k",
                  f"expected <= num_experts ({self.num_experts}), got {self.selection.k}")

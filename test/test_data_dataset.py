@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smp_ros.config import DataConfig, TopicMap
+from smp_ros.config import DataConfig, ModelConfig, TopicMap
 from smp_ros.data.cache import prepare_cache
-from smp_ros.data.dataset import SegmentDataset, StepBatches, WindowDataset, split_episodes
+from smp_ros.data.dataset import (SegmentDataset, StepBatches, WindowDataset, frame_actions, normalizer_stats,
+                                  split_episodes)
 from smp_ros.data.synthetic import BagSpec, write_bag
 
 
@@ -80,3 +81,27 @@ def test_split_by_episode(cache):
     train, val = split_episodes(cache, 0.3, seed=0)
     assert sorted(train + val) == [0, 1, 2] and len(val) == 1
     assert split_episodes(cache, 0.3, seed=0) == (train, val)
+
+
+def test_relative_action_chunks_and_their_statistics(cache):
+    """frame_actions / normalizer_stats against a loop over the hand-clamped rows: each window's chunk minus
+    its newest joint positions on the arm joints, the gripper widths (6, 13) as recorded."""
+    joints = [i for i in range(14) if i not in (6, 13)]
+    horizon = 4
+    expected = []
+    for info in cache.episodes:
+        for pos in range(info.length):
+            chunk = np.asarray(cache.action[rows(info, pos, range(horizon))], dtype=np.float64)
+            chunk[:, joints] -= cache.qpos[info.start + pos][joints]
+            expected.append(chunk)
+    expected = np.stack(expected)
+    model = ModelConfig(horizon=horizon, action_frame="relative")
+    assert model.offset_dims == tuple(joints)
+    np.testing.assert_allclose(frame_actions(cache, horizon, model.offset_dims), expected, atol=1e-12)
+    stats = normalizer_stats(cache, model)
+    np.testing.assert_allclose(stats["action"]["min"], expected.reshape(-1, 14).min(0), atol=1e-12)
+    np.testing.assert_allclose(stats["action"]["max"], expected.reshape(-1, 14).max(0), atol=1e-12)
+    assert stats["qpos"] == cache.stats["qpos"]
+    # Absolute actions keep the cache's per-step statistics.
+    assert normalizer_stats(cache, ModelConfig(horizon=horizon)) == cache.stats
+    np.testing.assert_allclose(np.asarray(cache.stats["action"]["min"]), np.asarray(cache.action).min(0), atol=1e-6)

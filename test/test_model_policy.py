@@ -288,3 +288,37 @@ def test_sampling_decodes_what_training_encodes():
     out = p.predict_action(obs, generator=torch.Generator().manual_seed(0), active=list(range(cfg.num_experts)))
     # B (E_g ⊙ B^T a / (E_g + eps)) differs from a by eps / E_g ~ 0.4 % of the chunk.
     torch.testing.assert_close(out.action, action, atol=0.02, rtol=0.0)
+
+
+@pytest.mark.parametrize("policy", ["smp", "dense_dp"])
+def test_relative_actions_are_offsets_from_the_newest_joint_positions(policy):
+    """model.action_frame = "relative": the same weights, normalizer and noise as an absolute-frame model
+    must give its chunk plus q_t (the newest observation) on the 12 arm joints and the same gripper widths;
+    training on a batch must equal the absolute model's training on the explicitly offset chunks."""
+    joints = [i for i in range(D) if i not in (6, 13)]
+    absolute = _policy(_cfg(policy=policy))
+    relative = _policy(_cfg(policy=policy, action_frame="relative"))
+    relative.load_state_dict(absolute.state_dict())
+    absolute.eval(), relative.eval()
+    batch = _low_rank_batch(absolute.cfg)
+    obs = {"qpos": batch["qpos"][:, 0], "task": batch["task"]}
+    out_abs = absolute.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    out_rel = relative.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    expected = out_abs.action.clone()
+    expected[..., joints] += obs["qpos"][:, -1, None, joints]
+    torch.testing.assert_close(out_rel.action, expected)
+    assert not torch.allclose(out_rel.action, out_abs.action)
+
+    offset = {**batch, "action": batch["action"].clone()}
+    offset["action"][..., joints] -= batch["qpos"][:, :, -1:, joints]
+    torch.manual_seed(5)
+    loss_abs = absolute.compute_loss(offset, step=0)
+    torch.manual_seed(5)
+    loss_rel = relative.compute_loss(batch, step=0)
+    for k in loss_abs:
+        torch.testing.assert_close(loss_rel[k], loss_abs[k])
+
+
+def test_action_frame_is_checked():
+    with pytest.raises(ValueError, match="model.action_frame"):
+        _cfg(action_frame="delta")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -238,3 +239,32 @@ def test_snapshot_of_a_run_writes_its_ema_model(bags, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "m" / "normalizer.json").read_text()) == \
         json.loads((tmp_path / "end" / "normalizer.json").read_text())
+
+
+def test_relative_action_model_carries_its_frame_and_chunk_statistics(bags, tmp_path):
+    """model.action_frame = relative: the written model (and a snapshot of its run) says so and its action
+    normalizer spans the offsets a_{t+h} - q_t it predicts (data.dataset.normalizer_stats), not the
+    cache's absolute targets; loaded back, it samples finite absolute targets."""
+    from smp_ros.data.dataset import normalizer_stats
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"action_frame": "relative"},
+                                       "train": {"steps": 8, "checkpoint_every": 4, "log_every": 4}}))
+    cfg = load_config("tiny", overlay)
+    req = TrainRequest(data=[str(bags)], out=tmp_path / "m", progress=False, diagnostics=False, ingest_workers=1)
+    train(cfg, dataclasses.replace(req, stop_after=4))
+    assert cli.main(["train", "--data", str(bags), "--preset", "tiny", "--config", str(overlay), "--out",
+                     str(tmp_path / "m"), "--no-progress", "--device", "cpu", "--snapshot", str(tmp_path / "mid")]) == 0
+    result = train(cfg, req)
+    cache = DatasetCache.open(result.summary["data"]["cache"])
+    policy, saved = load_model(tmp_path / "m")
+    assert saved.model.action_frame == "relative"
+    stats = json.loads((tmp_path / "m" / "normalizer.json").read_text())
+    expected = normalizer_stats(cache, saved.model)["action"]
+    for bound in ("min", "max"):
+        np.testing.assert_allclose(stats["action"][bound], expected[bound], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(stats["action"]["min"], cache.stats["action"]["min"], atol=1e-3)
+    assert json.loads((tmp_path / "mid" / "normalizer.json").read_text()) == stats
+    qpos = torch.from_numpy(np.asarray(cache.qpos[:saved.model.obs_steps]))[None].float()
+    pred = policy.predict_action({"qpos": qpos, "task": torch.tensor([0])},
+                                 generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(pred.action).all()

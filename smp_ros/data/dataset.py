@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from smp_ros.config import ModelConfig
 from smp_ros.data.cache import DatasetCache
 
 
@@ -95,6 +96,32 @@ class WindowDataset(SegmentDataset):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.batch(np.array([i])).items()}
+
+
+def frame_actions(cache: DatasetCache, horizon: int, offset_dims: tuple[int, ...]) -> np.ndarray:
+    """Every window's action chunk in a model's action frame, raw units: (steps, H, D) with row i's
+    entry [h, d] = a_{i+h} - q_i for d in ``offset_dims`` (``ModelConfig.offset_dims``; q_i the
+    window's newest joint positions), a_{i+h} otherwise; clamped at episode ends as in the windows."""
+    out = []
+    for info in cache.episodes:
+        steps = info.start + np.arange(info.length)
+        rows = np.minimum(steps[:, None] + np.arange(horizon), info.start + info.length - 1)  # (T, H)
+        chunk = np.asarray(cache.action[rows.reshape(-1)], dtype=np.float64).reshape(*rows.shape, -1)
+        if offset_dims:
+            dims = list(offset_dims)
+            chunk[..., dims] -= np.asarray(cache.qpos[steps], dtype=np.float64)[:, None, dims]
+        out.append(chunk)
+    return np.concatenate(out) if out else np.zeros((0, horizon, cache.action.shape[-1]))
+
+
+def normalizer_stats(cache: DatasetCache, model: ModelConfig) -> dict:
+    """The normalizer statistics of a model trained on ``cache``: the cache's own (per-step actions,
+    joint positions, object poses) when actions are absolute; with relative actions the action range is
+    that of the chunks the model predicts (``frame_actions``) over every episode."""
+    if not model.offset_dims:
+        return cache.stats
+    chunks = frame_actions(cache, model.horizon, model.offset_dims).reshape(-1, model.action_dim)
+    return {**cache.stats, "action": {"min": chunks.min(0).tolist(), "max": chunks.max(0).tolist()}}
 
 
 def split_episodes(cache: DatasetCache, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

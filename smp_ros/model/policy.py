@@ -107,6 +107,11 @@ class _PolicyBase(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.normalizer = Normalizer(cfg.action_dim, cfg.encoder.object_slots * 7)
+        # 1 at the entries the chunk holds as offsets from q_t (model.action_frame), 0 elsewhere; derived
+        # from the config, so not saved with the weights.
+        offset = torch.zeros(cfg.action_dim)
+        offset[list(cfg.offset_dims)] = 1.0
+        self.register_buffer("offset_mask", offset, persistent=False)
         self.encoder = ObservationEncoder(cfg)
         self.scheduler = DiffusionScheduler(cfg.scheduler)
 
@@ -120,6 +125,19 @@ class _PolicyBase(nn.Module):
 
     def set_inference_steps(self, steps: int) -> None:
         self.scheduler.set_timesteps(steps)
+
+    # ---- action frame (model.action_frame) -----------------------------------------------------------
+
+    def chunk_target(self, action: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """The normalized chunk the policy models: demonstrated absolute targets (..., H, D) and the
+        window's joint positions (..., T_o, D), raw units -> normalize(a_{t+h} - m ⊙ q_t), with q_t the
+        newest observation and m the offset mask (all zeros for absolute actions)."""
+        return self.normalizer.normalize("action", action.float() - self.offset_mask * qpos[..., -1:, :].float())
+
+    def absolute_chunk(self, chunk: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """The inverse after un-normalizing: a chunk (B, H, D) in the model's frame, raw units -> absolute
+        targets a_{t+h} = chunk_h + m ⊙ q_t, with q_t the newest of qpos (B, T_o, D)."""
+        return chunk + self.offset_mask * qpos[:, -1:, :].to(chunk.dtype)
 
     # ---- validation ------------------------------------------------------------------------------
 
@@ -262,7 +280,7 @@ class SMPPolicy(_PolicyBase):
         cfg = self.cfg
         obs, Bn, L = self._flatten_segments(batch)
         s = self.encode(obs)  # (N, d_s), N = B*L
-        a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)  # (N, H, D)
+        a = self.chunk_target(batch[keys.ACTION], batch[keys.QPOS]).flatten(0, 1)  # (N, H, D)
         Bm = self.basis(s)  # (N, D, K)
 
         beta_hat = self.gates.posterior(s, a)  # (N, K)
@@ -315,7 +333,7 @@ class SMPPolicy(_PolicyBase):
             x = stages.denoise(x, s, experts)  # DDIM over z_S only (eq. 36)
         with clock.stage("decode"):
             z = self.scatter_coefficients(x, mask, experts)  # (B, H, K)
-            action = self.decode(Bm, g_bar, z)  # a = B (g_bar ⊙ z), raw units (eq. 1)
+            action = self.absolute_chunk(self.decode(Bm, g_bar, z), obs[keys.QPOS])  # a = B (g_bar ⊙ z) (eq. 1)
         return PolicyOutput(action, g_bar, mask, coverage, experts=experts)
 
     def route(self, s: torch.Tensor) -> torch.Tensor:
@@ -367,7 +385,8 @@ class SMPPolicy(_PolicyBase):
         return x * torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
 
     def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized: (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
+        """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized, in the model's action frame:
+        (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
         a = (g_bar.unsqueeze(1) * z) @ Bm.transpose(-1, -2)  # (B, H, D)
         return self.normalizer.unnormalize("action", a)
 
@@ -383,7 +402,7 @@ class SMPPolicy(_PolicyBase):
         try:
             obs, _, _ = self._flatten_segments(batch)
             s = self.encode(obs)
-            a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)
+            a = self.chunk_target(batch[keys.ACTION], batch[keys.QPOS]).flatten(0, 1)
             E_g = dirichlet_mean(self.gates.posterior(s, a))
             self._set_z_scale((a @ self.basis(s)) / (E_g + self.cfg.z_eps).unsqueeze(1))
         finally:
@@ -402,7 +421,8 @@ class SMPPolicy(_PolicyBase):
     @torch.no_grad()
     def fit_pca_basis(self, actions: torch.Tensor) -> None:
         """For model.basis.kind = "pca": fix B to the top-K principal directions of the dataset's actions
-        (raw units, (..., D)); call after set_normalizer, since the basis lives in normalized space."""
+        (raw units in the model's action frame, (..., D): ``data.dataset.frame_actions``); call after
+        set_normalizer, since the basis lives in normalized space."""
         self._require_normalizer()
         self.basis.fit_pca(self.normalizer.normalize("action", torch.as_tensor(actions, dtype=torch.float32)
                                                      .to(self.device)).reshape(-1, self.cfg.action_dim))
@@ -425,7 +445,7 @@ class DensePolicy(_PolicyBase):
         self._require_normalizer()
         obs, Bn, L = self._flatten_segments(batch)
         s = self.encode(obs)
-        a = self.normalizer.normalize("action", batch[keys.ACTION].float()).flatten(0, 1)  # (N, H, D)
+        a = self.chunk_target(batch[keys.ACTION], batch[keys.QPOS]).flatten(0, 1)  # (N, H, D)
         x0 = a.transpose(1, 2).unsqueeze(1)  # (N, 1, D, H)
         noise = torch.randn_like(x0)
         tau = self.scheduler.sample_timesteps((x0.shape[0],), x0.device)
@@ -449,7 +469,8 @@ class DensePolicy(_PolicyBase):
                             device=self.device)  # (B, 1, D, H)
             x = stages.denoise(x, s, experts)
         with clock.stage("decode"):
-            action = self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2))  # (B, H, D)
+            action = self.absolute_chunk(self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2)),
+                                         obs[keys.QPOS])  # (B, H, D)
         ones = s.new_ones(Bn, 1)
         return PolicyOutput(action, ones, ones.bool(), ones[:, 0], experts=experts)
 

@@ -24,7 +24,6 @@ from smp_ros.config import ACTION_DIM, ARM_JOINTS, ARMS, SafetyConfig
 JOINT_NAMES: tuple[str, ...] = tuple(
     f"{arm}_{name}" for arm in ARMS for name in [f"joint{i}" for i in range(1, ARM_JOINTS + 1)] + ["gripper"]
 )
-GRIPPER_INDICES: tuple[int, ...] = (ARM_JOINTS, 2 * ARM_JOINTS + 1)
 
 NON_FINITE = "non_finite"
 RANGE = "range"

@@ -61,7 +61,7 @@ from smp_ros.runtime.bench import random_weight_stats
 from smp_ros.runtime.engine import configure_cpu_threads, resolve_device
 from smp_ros.runtime.timing import machine_info
 from smp_ros.data.cache import DatasetCache
-from smp_ros.data.dataset import SegmentDataset, StepBatches
+from smp_ros.data.dataset import SegmentDataset, StepBatches, normalizer_stats
 from smp_ros.train.trainer import (EMA, EXECUTION_FIELDS, _LossModule, _to, configure_for_training, load_config,
                                    make_optimizer, step_autocast)
 
@@ -310,7 +310,7 @@ class _Run:
         self.batches = StepBatches(data, batch_size, self.tcfg.seed)
         torch.manual_seed(self.tcfg.seed)
         self.policy = build_policy(m)
-        self.policy.set_normalizer(cache.stats)
+        self.policy.set_normalizer(normalizer_stats(cache, m))
         self.policy.to(device).train()
         configure_for_training(self.policy, self.tcfg)
         first = _to(self.batches[0], device)

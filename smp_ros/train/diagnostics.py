@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smp_ros.config import GRIPPER_INDICES
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.dataset import WindowDataset, to_tensors
 from smp_ros.gate_trace_plot import plot_gate_trace
@@ -188,7 +189,7 @@ def selection_energy(policy: Any, cache: DatasetCache, episode: int, batch: int 
     dropped, mse = [], []
     for lo in range(0, len(windows), batch):
         obs = {k: v.to(policy.device) for k, v in to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows))))).items()}
-        a = policy.normalizer.normalize("action", obs.pop("action").float())  # (b, H, D)
+        a = policy.chunk_target(obs.pop("action"), obs["qpos"])  # (b, H, D), the model's action frame
         s = policy.encode(obs)
         mask, _ = policy.select(policy.route(s))  # (b, K)
         u2 = (a @ policy.skill_basis(s).float()).pow(2)  # (b, H, K)
@@ -317,9 +318,11 @@ def phase_usage(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[s
 @torch.no_grad()
 def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 128,
                           seed: int = 0) -> dict[str, float]:
-    """Mean squared error, in the normalizer's [-1, 1] units, between the action chunk the policy samples
-    (Algorithm 2, its own selection) and the demonstrated one, on ``windows`` fixed held-out windows with
-    fixed sampling noise; also with every expert active (``action_mse_all``) for SMP."""
+    """Mean squared error, in the normalizer's [-1, 1] units of the model's action frame, between the action
+    chunk the policy samples (Algorithm 2, its own selection) and the demonstrated one, on ``windows`` fixed
+    held-out windows with fixed sampling noise; also with every expert active (``action_mse_all``) for SMP.
+    ``joint_mse_rad2`` (``_all``) is the same error over the arm joints in rad^2, absolute targets: unlike
+    the normalized figure it compares models whose normalizers or action frames differ."""
     m = policy.cfg
     cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
     data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
@@ -327,12 +330,15 @@ def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int],
         return {}
     ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
     batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
-    target = policy.normalizer.normalize("action", batch.pop("action").float())
+    demo = batch.pop("action").float()
+    target = policy.chunk_target(demo, batch["qpos"])
+    joints = [i for i in range(m.action_dim) if i not in GRIPPER_INDICES]
     out = {}
     variants = [("action_mse", None)]
     if hasattr(policy, "experts"):
         variants.append(("action_mse_all", list(range(m.num_experts))))
     for name, active in variants:
         pred = policy.predict_action(batch, generator=torch.Generator(policy.device).manual_seed(seed), active=active)
-        out[name] = float((policy.normalizer.normalize("action", pred.action) - target).pow(2).mean())
+        out[name] = float((policy.chunk_target(pred.action, batch["qpos"]) - target).pow(2).mean())
+        out[name.replace("action_mse", "joint_mse_rad2")] = float((pred.action - demo)[..., joints].pow(2).mean())
     return out

@@ -36,7 +36,7 @@ def term_gate_gradients(policy, batch: dict[str, torch.Tensor], step: int) -> di
     m = beta / beta.sum(-1, keepdim=True)
     entropy = -(m * m.clamp_min(1e-12).log()).sum(-1).sum()
     dH = torch.autograd.grad(entropy, beta, retain_graph=True)[0]  # (N, K)
-    a = policy.normalizer.normalize("action", batch["action"].float()).flatten(0, 1)  # (N, H, D)
+    a = policy.chunk_target(batch["action"], batch["qpos"]).flatten(0, 1)  # (N, H, D)
     u = a @ policy.basis(policy.encode(policy._flatten_segments(batch)[0])).detach()  # (N, H, K) = B^T a
     energy = u.pow(2).sum(1)  # (N, K) action energy per basis direction
     share = energy / energy.sum(-1, keepdim=True)
@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from smp_ros.data.cache import prepare_cache
-    from smp_ros.data.dataset import SegmentDataset, split_episodes
+    from smp_ros.data.dataset import SegmentDataset, normalizer_stats, split_episodes
     from smp_ros.model.checkpoint import load_model
     from smp_ros.model.policy import build_policy
     from smp_ros.train.trainer import Z_SCALE_SEGMENTS, data_config_for, load_config
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                           objects=m.encoder.object_slots > 0)
     if args.model is None:
         from smp_ros.data.dataset import to_tensors
-        policy.set_normalizer(cache.stats)
+        policy.set_normalizer(normalizer_stats(cache, m))
     if args.model is None and args.state is None:
         ids = np.random.default_rng([cfg.train.seed, 13]).permutation(len(data))[:Z_SCALE_SEGMENTS]
         policy.fit_z_scale(to_tensors(data.batch(ids)))

@@ -50,7 +50,8 @@ from torch import nn
 
 from smp_ros.config import SMPConfig
 from smp_ros.data.cache import DatasetCache, prepare_cache
-from smp_ros.data.dataset import SegmentDataset, StepBatches, split_episodes, to_tensors
+from smp_ros.data.dataset import (SegmentDataset, StepBatches, frame_actions, normalizer_stats, split_episodes,
+                                  to_tensors)
 from smp_ros.model.checkpoint import CheckpointError, load_model, nonfinite_tensors, save_model
 from smp_ros.model.policy import SMPPolicy, build_policy
 
@@ -382,9 +383,10 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         # The normalizer stays the initial model's: experts and basis live in its normalised space.
         policy.set_normalizer(init_policy.normalizer.stats())
     else:
-        policy.set_normalizer(cache.stats)
+        policy.set_normalizer(normalizer_stats(cache, m))
         if isinstance(policy, SMPPolicy) and m.basis.kind == "pca":
-            policy.fit_pca_basis(torch.from_numpy(np.asarray(cache.action)))
+            actions = frame_actions(cache, m.horizon, m.offset_dims) if m.offset_dims else cache.action
+            policy.fit_pca_basis(torch.from_numpy(np.asarray(actions)))
     policy.to(device).train()
     configure_for_training(policy, tcfg)
     if isinstance(policy, SMPPolicy) and init_policy is None:
@@ -605,7 +607,7 @@ def snapshot(req: TrainRequest, dest: Path) -> dict[str, Any]:
         if cache.fingerprint != saved.get("data"):
             raise TrainError(f"{cache.root}: not the data the run in {state_path} was trained on (the bags under "
                              "--data changed); its normalizer would not match the weights")
-        stats = cache.stats
+        stats = normalizer_stats(cache, cfg.model)
     policy = build_policy(cfg.model)
     policy.set_normalizer(stats)
     policy.load_state_dict(state["ema"])
