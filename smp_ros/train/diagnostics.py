@@ -50,23 +50,36 @@ def segment_lengths(argmax: np.ndarray) -> np.ndarray:
     return np.diff(bounds)
 
 
-@torch.no_grad()
 def episode_gates(policy: Any, cache: DatasetCache, episode: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Router means (T, K) and active sets (T, K) bool for every control step of one cache episode."""
+    trace = episode_trace(policy, cache, episode, batch, energy=False)
+    return trace["gates"], trace["active"]
+
+
+@torch.no_grad()
+def episode_trace(policy: Any, cache: DatasetCache, episode: int, batch: int = 256,
+                  energy: bool = True) -> dict[str, np.ndarray]:
+    """One pass over the control steps of a cache episode: ``gates`` (T, K) router means, ``active`` (T, K)
+    bool active sets and, with ``energy``, ``dropped`` and ``selection_mse`` (T,) (``selection_energy``)."""
     m = policy.cfg
     cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
     windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
-    device = policy.device
-    gates, active = [], []
+    parts: dict[str, list[np.ndarray]] = {"gates": [], "active": [], "dropped": [], "selection_mse": []}
     for lo in range(0, len(windows), batch):
-        obs = to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows)))))
-        obs.pop("action")
-        s = policy.encode({k: v.to(device) for k, v in obs.items()})
+        obs = {k: v.to(policy.device) for k, v in to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows))))).items()}
+        action = obs.pop("action")
+        s = policy.encode(obs)
         g_bar = policy.route(s)  # (b, K)
         mask, _ = policy.select(g_bar)  # (b, K) bool
-        gates.append(g_bar.float().cpu().numpy())
-        active.append(mask.cpu().numpy())
-    return np.concatenate(gates), np.concatenate(active)
+        parts["gates"].append(g_bar.float().cpu().numpy())
+        parts["active"].append(mask.cpu().numpy())
+        if energy:
+            a = policy.chunk_target(action, obs["qpos"])  # (b, H, D), the model's action frame
+            u2 = (a @ policy.skill_basis(s).float()).pow(2)  # (b, H, K)
+            left_out = (u2 * (~mask).unsqueeze(1)).sum((1, 2))
+            parts["dropped"].append((left_out / u2.sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
+            parts["selection_mse"].append((left_out / (a.shape[1] * a.shape[2])).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
 def read_phases(bag: str | Path, t0_ns: int) -> list[dict[str, Any]]:
@@ -115,7 +128,8 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
     usage: dict[str, dict[str, Any]] = {}
     for e in episodes:
         info = cache.episodes[e]
-        gates, active = episode_gates(policy, cache, e)
+        trace = episode_trace(policy, cache, e)
+        gates, active, dropped, selection_mse = (trace[k] for k in ("gates", "active", "dropped", "selection_mse"))
         top = gates.argmax(1)
         runs = segment_lengths(top)
         sizes = active.sum(1)
@@ -130,7 +144,6 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
         u["gate_sum"] += gates.sum(0)
         u["active"] += active.sum(0)
         u["argmax"] += np.bincount(top, minlength=K)
-        dropped, selection_mse = selection_energy(policy, cache, e)
         u["dropped_energy"] += float(dropped.sum())
         u["selection_mse"] += float(selection_mse.sum())
         all_dropped.append(dropped)
@@ -172,7 +185,6 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
     return result
 
 
-@torch.no_grad()
 def selection_energy(policy: Any, cache: DatasetCache, episode: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """What the active set leaves out of the demonstrated chunk, per control step of one cache episode.
 
@@ -183,20 +195,8 @@ def selection_energy(policy: Any, cache: DatasetCache, episode: int, batch: int 
     ``selection_mse`` = sum_{h, i not in S} u_hi^2 / (H D), the mean squared action error (normalizer
     units, as ``action_mse``) that the selection alone causes with perfect coefficients (B has
     orthonormal columns, so the dropped part's squared norm is that of its coefficients)."""
-    m = policy.cfg
-    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
-    windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
-    dropped, mse = [], []
-    for lo in range(0, len(windows), batch):
-        obs = {k: v.to(policy.device) for k, v in to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows))))).items()}
-        a = policy.chunk_target(obs.pop("action"), obs["qpos"])  # (b, H, D), the model's action frame
-        s = policy.encode(obs)
-        mask, _ = policy.select(policy.route(s))  # (b, K)
-        u2 = (a @ policy.skill_basis(s).float()).pow(2)  # (b, H, K)
-        left_out = (u2 * (~mask).unsqueeze(1)).sum((1, 2))
-        dropped.append((left_out / u2.sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
-        mse.append((left_out / (a.shape[1] * a.shape[2])).cpu().numpy())
-    return np.concatenate(dropped), np.concatenate(mse)
+    trace = episode_trace(policy, cache, episode, batch)
+    return trace["dropped"], trace["selection_mse"]
 
 
 def step_stages(bag: str | Path, t0_ns: int, n: int) -> np.ndarray | None:
