@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
             sim = RemoteSim(rclpy.create_node("soak_sim_client"), args, params)
             nodes.append(sim.node)
         else:
-            sim = SimNode(parameter_overrides=[Parameter("publish_clock", value=False)]
-                          + ([Parameter("task", value=args.task)] if args.task else []))
-            nodes.append(sim)
+            sim = LocalSim(SimNode(parameter_overrides=[Parameter("publish_clock", value=False)]
+                                   + ([Parameter("task", value=args.task)] if args.task else [])))
+            nodes.append(sim.node)
         policy = PolicyNode(parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         nodes.append(policy)
         monitor = Monitor(rclpy.create_node("soak_monitor"))
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_nodes(spinner, executor, nodes)
         rclpy.try_shutdown()
-        if isinstance(sim, RemoteSim):
+        if sim is not None:
             sim.close()
     failure = (spinner.failure if spinner is not None else "") or sim_failure
     if report is None and soak_run is not None:
@@ -206,6 +206,26 @@ class Monitor:
 
 class SimProcessDied(RuntimeError):
     """The simulator's child process (``--sim-process``) exited during the run."""
+
+
+class LocalSim:
+    """The soak's view of ``/sim`` in its own process: the SimNode's ``reset_episode`` and
+    ``episode_status``; its liveness is the executor's, which the soak's spinner watches."""
+
+    def __init__(self, node) -> None:
+        self.node, self.cfg = node, node.cfg
+
+    def reset_episode(self, task: str, seed: int) -> tuple[int, int]:
+        return self.node.reset_episode(task, seed)
+
+    def episode_status(self):
+        return self.node.episode_status()
+
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RemoteSim:
@@ -328,8 +348,7 @@ class SoakRun:
                     raise TimeoutError(f"soak: episode {episode} ({task}) did not finish in {guard - begun:.0f} s")
                 if not self.spinner.running():
                     raise Interrupted("an episode")
-                if isinstance(sim, RemoteSim):
-                    sim.check_alive()
+                sim.check_alive()
                 self._tick()
                 time.sleep(0.05)
             self._tick()
