@@ -136,3 +136,46 @@ def test_selection_energy_is_what_the_active_set_leaves_out_of_the_demonstrated_
     result = run_diagnostics(policy, cache, [0, 1], tmp_path, plots=False)
     assert 0 <= result["summary"]["dropped_energy"] <= 1
     assert set(result["usage_per_task"]["pen_cap"]) >= {"dropped_energy", "selection_mse"}
+
+
+def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_path, capsys):
+    """demo_motion from the hand-clamped rows of every window; with K = D = 14 the basis spans R^14, so the
+    in-span projection is the demonstrated chunk itself (error 0) while K = 4 loses motion; the CLI
+    writes the figures for a Diffusion Policy model too."""
+    from smp_ros.train.diagnostics import horizon_error
+
+    _, cfg, cache, policy = setup
+    m = cfg.model
+    joints = [i for i in range(14) if i not in (6, 13)]
+    sq, n = np.zeros(m.horizon), 0
+    for info in cache.episodes:
+        for pos in range(info.length):
+            q = np.asarray(cache.qpos[info.start + pos], dtype=np.float64)
+            for h in range(m.horizon):
+                a = np.asarray(cache.action[info.start + min(pos + h, info.length - 1)], dtype=np.float64)
+                sq[h] += ((a - q)[joints] ** 2).mean()
+            n += 1
+    policy.eval()
+    result = horizon_error(policy, cache, [0, 1])
+    np.testing.assert_allclose(result["demo_motion"], np.sqrt(sq / n), rtol=1e-4)
+    assert set(result) == {"demo_motion", "sampled", "all_experts", "in_span"}
+    assert min(result["in_span"]) > 1e-4  # K = 4 of 14 directions
+    full = preset("tiny").model
+    full.num_experts = 14
+    full.__post_init__()
+    torch.manual_seed(0)
+    wide = build_policy(full)
+    wide.set_normalizer(cache.stats)
+    wide.eval()
+    assert max(horizon_error(wide, cache, [0, 1])["in_span"]) < 1e-5
+
+    dense = preset("tiny")
+    dense.model.policy = "dense_dp"
+    dp = build_policy(dense.model)
+    dp.set_normalizer(cache.stats)
+    save_model(dp, dense, tmp_path / "dp")
+    assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root), "--out",
+                     str(tmp_path / "h"), "--horizon-error"]) == 0
+    saved = json.loads((tmp_path / "h" / "horizon_error.json").read_text())["horizon_error_rad"]
+    assert set(saved) == {"demo_motion", "sampled"} and len(saved["sampled"]) == m.horizon
+    assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root)]) == 2  # needs SMP

@@ -1,6 +1,7 @@
 """`smp-ros diagnose`: gate traces, flip-rate, segment lengths, |S| and expert usage of a model on data.
 
     smp-ros diagnose --model MODEL_DIR --data BAGS_OR_CACHE [--out DIR] [--episodes all|val]
+    smp-ros diagnose --horizon-error ...   per chunk step error of any model (SMP or Diffusion Policy)
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--tau-m", type=float, default=None, help="coverage threshold (default: the model's)")
+    parser.add_argument("--horizon-error", action="store_true",
+                        help="only the per chunk step joint error (diagnostics.horizon_error) on 512 windows of the "
+                             "episodes, for an SMP or a Diffusion Policy model; writes horizon_error.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError, load_model
     from smp_ros.model.policy import SMPPolicy
-    from smp_ros.train.diagnostics import run_diagnostics
+    from smp_ros.train.diagnostics import horizon_error, run_diagnostics
     from smp_ros.train.trainer import data_config_for, state_dir
 
     try:
         overrides = {"model.selection.tau_m": args.tau_m} if args.tau_m is not None else None
         policy, cfg = load_model(args.model, overrides=overrides, map_location=args.device)
-        if not isinstance(policy, SMPPolicy):
+        if not isinstance(policy, SMPPolicy) and not args.horizon_error:
             raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
         cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task,
                               override_task=args.override_task)
@@ -49,6 +53,15 @@ def run(args: argparse.Namespace) -> int:
         if args.episodes == "val":
             episodes = split_episodes(cache, cfg.train.val_fraction, cfg.train.seed)[1] or episodes
         out = args.out or state_dir(Path(args.model)) / "diagnostics"
+        if args.horizon_error:
+            policy.eval()
+            result = {"model": str(args.model), "episodes": len(episodes),
+                      "horizon_error_rad": horizon_error(policy, cache, episodes)}
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "horizon_error.json").write_text(json.dumps(result, indent=1))
+            print(json.dumps(result))
+            print(f"wrote {out / 'horizon_error.json'}")
+            return 0
         result = run_diagnostics(policy, cache, episodes, out)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"smp-ros diagnose: {exc}", file=sys.stderr)

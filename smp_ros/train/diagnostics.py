@@ -342,3 +342,42 @@ def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int],
         out[name] = float((policy.chunk_target(pred.action, batch["qpos"]) - target).pow(2).mean())
         out[name.replace("action_mse", "joint_mse_rad2")] = float((pred.action - demo)[..., joints].pow(2).mean())
     return out
+
+
+@torch.no_grad()
+def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 512,
+                  seed: int = 0) -> dict[str, list[float]]:
+    """Per chunk step h, the RMS error over the arm joints (rad, absolute targets) of the chunk the policy
+    samples against the demonstrated one, on ``windows`` fixed held-out windows with fixed noise.
+
+    The steps a real-time loop executes are the first few of each chunk (it re-plans every few control
+    steps), where the demonstrated motion is smallest, so an error that is small over the whole chunk can
+    still be large against what is executed. Keys: ``demo_motion`` the RMS of the demonstrated a_{t+h} - q_t
+    (the scale to compare with), ``sampled`` the policy's own error; for SMP also ``all_experts`` (every
+    expert active) and ``in_span``: the error of B(s) B(s)^T a, the demonstrated chunk (in the model's
+    action frame) projected on the span of the basis, what perfect coefficients of every expert give."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
+    if len(data) == 0:
+        return {}
+    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
+    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
+    demo = batch.pop("action").float()
+    joints = [i for i in range(m.action_dim) if i not in GRIPPER_INDICES]
+
+    def rms(chunk: torch.Tensor) -> list[float]:
+        return (chunk[..., joints] - demo[..., joints]).pow(2).mean((0, 2)).sqrt().cpu().tolist()
+
+    q = batch["qpos"][:, -1:, :].float()
+    out = {"demo_motion": (demo - q)[..., joints].pow(2).mean((0, 2)).sqrt().cpu().tolist()}
+    variants = [("sampled", None)] + ([("all_experts", list(range(m.num_experts)))] if hasattr(policy, "experts") else [])
+    for name, active in variants:
+        pred = policy.predict_action(batch, generator=torch.Generator(policy.device).manual_seed(seed), active=active)
+        out[name] = rms(pred.action.float())
+    if hasattr(policy, "experts"):
+        Bm = policy.skill_basis(policy.encode(batch)).float()  # (B, D, K)
+        a = policy.chunk_target(demo, batch["qpos"])  # (B, H, D) normalized, the model's frame
+        projected = policy.normalizer.unnormalize("action", (a @ Bm) @ Bm.transpose(-1, -2))
+        out["in_span"] = rms(policy.absolute_chunk(projected, batch["qpos"]))
+    return out
