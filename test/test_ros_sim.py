@@ -2,6 +2,7 @@
 the evaluation interface (task, episode status, reset service). Real MuJoCo, real piper_sdk."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,23 @@ def test_reset_to_another_task_rebuilds_the_scene_and_keeps_the_arms_alive(sim):
     wait_for(lambda: got["status"]["left"].enabled and not got["status"]["left"].holding,
              what="the left arm enabled again")
     assert node.episode_status().task == "cups_in_bowl"
+
+
+def test_an_unstable_simulation_ends_the_episode_and_the_node_lives_on(sim):
+    """A diverged state (MuJoCo resets it) ends the episode failed and halts physics until the next reset,
+    which runs normally; the simulator thread does not die (it would stop every arm's feedback for good)."""
+    node, probe, got = sim
+    response = call(probe, ResetEpisode, "/sim/reset_episode", ResetEpisode.Request(seed=21))
+    assert response.success, response.message
+    episode = response.episode
+    wait_for(lambda: node.world.time > 0.1, what="the episode to run")
+    node.world.data.qvel[:] = np.nan  # what a diverged contact leaves behind
+    wait_for(lambda: got["episode"][-1].episode == episode and got["episode"][-1].done, what="the episode to end")
+    assert not got["episode"][-1].success and "simulation unstable" in node.unstable
+    halted = node.world.time
+    time.sleep(0.3)
+    assert node.world.time == halted and not node.fatal_error
+    response = call(probe, ResetEpisode, "/sim/reset_episode", ResetEpisode.Request(seed=22))
+    assert response.success, response.message
+    wait_for(lambda: node.world.time > 0.1 and not node.unstable, what="physics to run again")
+    assert not got["episode"][-1].done

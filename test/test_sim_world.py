@@ -95,6 +95,31 @@ def test_bad_setpoints_are_refused_with_the_joint_named():
             world.arms["right"].set_gripper_target(0.2)
 
 
+def test_a_diverged_simulation_raises_naming_the_joint_and_a_reset_recovers():
+    """MuJoCo resets its own state when it meets a NaN/huge velocity or acceleration (its warning
+    mechanism); the world must say so instead of carrying on from the reset state."""
+    with world_mod.BimanualWorld(SimConfig(), "pen_cap", seed=0) as world:
+        world.step(0.05)
+        world.data.qvel[world.model.joint("left_joint2").dofadr[0]] = np.nan
+        with pytest.raises(world_mod.SimulationUnstable, match="left_joint2.*pen_cap"):
+            world.step(0.05)
+        world.reset(1)
+        world.step(0.2)  # a fresh episode steps normally
+        assert world.time > 0.19
+
+
+def test_an_unstable_episode_ends_failed_and_the_next_one_runs():
+    def diverge(k, obs, action, sent, arms):
+        if k == 5:
+            world.data.qvel[:] = np.nan
+
+    with world_mod.BimanualWorld(SimConfig(), "handover", seed=0) as world:
+        bad = run_episode(world, ScriptedExpert(world), seed=11, backend="direct", render=False, on_step=diverge)
+        assert not bad.success and "simulation unstable" in bad.error and bad.steps == 6
+        good = run_episode(world, ScriptedExpert(world), seed=11, backend="direct", render=False)
+        assert good.success and good.error == ""
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_scripted_expert_succeeds_direct(task):
     with world_mod.BimanualWorld(SimConfig(), task, seed=0) as world:

@@ -49,7 +49,7 @@ from smp_ros.nodes.ros_util import LATCHED_QOS, SENSOR_QOS, GuardedNode, declare
 from smp_ros.sim.can_emulator import PiperCanEmulator
 from smp_ros.sim.piper_rig import PiperRig
 from smp_ros.sim.teleop import ScriptedTeleop
-from smp_ros.sim.world import BimanualWorld
+from smp_ros.sim.world import BimanualWorld, SimulationUnstable
 from smp_ros.srv import ResetEpisode
 
 SIM_SPECS = [
@@ -108,6 +108,7 @@ class SimNode(GuardedNode, Node):
         self._sim_elapsed = 0.0
         self.clock_pub = self.create_publisher(Clock, "/clock", CLOCK_QOS) if p["publish_clock"] else None
         self.muted_cameras: set[str] = set()  # fault injection: cameras that stopped (fault matrix)
+        self.unstable = ""  # why physics halted mid-episode (SimulationUnstable), until the next reset
         self.rig = PiperRig(self.channels, self.safety, p["speed_percent"])
         self._build_world(self.task, self.seed)
         self.rig.connect()
@@ -193,6 +194,10 @@ class SimNode(GuardedNode, Node):
         try:
             while not self._stop.is_set() and self.context.ok():
                 self._serve_requests()
+                if self.unstable:  # halted after an instability until the next reset; the clock moves on
+                    time.sleep(chunk / rtf)
+                    wall0 += chunk / rtf
+                    continue
                 behind = (time.monotonic() - wall0) * rtf - sim_elapsed
                 if behind > MAX_LAG_S:
                     if not warned:
@@ -204,7 +209,11 @@ class SimNode(GuardedNode, Node):
                 if behind < chunk:
                     time.sleep(min(chunk - behind, chunk) / rtf)
                     continue
-                self.world.step(chunk)
+                try:
+                    self.world.step(chunk)
+                except SimulationUnstable as exc:
+                    self._end_unstable_episode(str(exc))
+                    continue
                 sim_elapsed += chunk
                 self._sim_elapsed = sim_elapsed
                 if self.clock_pub is not None:
@@ -281,6 +290,8 @@ class SimNode(GuardedNode, Node):
             msg = EpisodeStatus(task=self.task, episode=self.episode, seed=self.seed, sim_time=world.time,
                                 progress=float(world.progress()), success=bool(world.success()))
             msg.done = msg.success or world.time >= self.cfg.episode_steps / self.cfg.control_rate_hz
+            if self.unstable:
+                msg.success, msg.done = False, True
         else:
             msg = final
         msg.header.stamp = to_stamp(self.stamp_now())
@@ -314,8 +325,17 @@ class SimNode(GuardedNode, Node):
         self.world.step(0.1)
         self.rig.wait_for_feedback()
 
+    def _end_unstable_episode(self, reason: str) -> None:
+        """MuJoCo reset its diverged state mid-episode: the episode ends failed, physics (and with it the
+        arms' CAN feedback, so the drivers report stale feedback and nothing moves) stops until the
+        next reset_episode; the node lives on."""
+        self.unstable = reason
+        self.get_logger().error(f"episode {self.episode}: {reason}; physics halted until the next episode reset")
+        self._publish_status()
+
     def _begin_episode(self) -> None:
         self.episode += 1
+        self.unstable = ""
         self._status = None
         self.task_pub.publish(String(data=self.task))
         self._publish_status()

@@ -45,6 +45,7 @@ class EpisodeResult:
     wall_time: float
     phases: list
     steps: int = 0  # control steps run (fewer than cfg.episode_steps when it ended after success)
+    error: str = ""  # why the episode ended early and failed (the simulation went unstable), else ""
 
 
 class DirectArms:
@@ -224,6 +225,8 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
     arm feedback is due (``cfg.feedback_rate_hz`` of simulated time). With ``settle_s`` the episode
     ends that long after the task first succeeds.
     """
+    from smp_ros.sim.world import SimulationUnstable
+
     cfg = world.cfg
     dt = 1.0 / cfg.control_rate_hz
     world.reset(seed)
@@ -235,6 +238,7 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
     phases = []
     succeeded_at = None
     k = 0
+    error = ""
     try:
         policy.reset(world.task.name)
         for k in range(cfg.episode_steps):
@@ -255,12 +259,14 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
                     succeeded_at = world.time
                 if succeeded_at is not None and world.time >= succeeded_at + settle_s - 1e-9:
                     break
+    except SimulationUnstable as exc:
+        error = str(exc)  # MuJoCo reset its state: this episode is over, failed; the next one starts clean
     finally:
         if feedback_hook in world.post_step_hooks:
             world.post_step_hooks.remove(feedback_hook)
         arms.close()
-    return EpisodeResult(world.task.name, seed, bool(world.success()), world.progress(), world.stage(),
-                         world.time, time.perf_counter() - wall, phases, steps=len(phases))
+    return EpisodeResult(world.task.name, seed, bool(world.success()) and not error, world.progress(), world.stage(),
+                         world.time, time.perf_counter() - wall, phases, steps=len(phases), error=error)
 
 
 class _InferenceLog:
@@ -333,6 +339,7 @@ def evaluate(policy_spec: str, tasks, episodes: int, seed: int = 0, cfg: SimConf
             SUCCESS_RATE: float(np.mean([r.success for r in results])),
             MEAN_PROGRESS: float(np.mean([r.progress for r in results])),
             "mean_episode_wall_s": float(np.mean([r.wall_time for r in results])),
+            "unstable_episodes": sum(bool(r.error) for r in results),  # ended failed: SimulationUnstable
             "episodes": episodes_out,
         }
         for key in ("mean_active", "flip_rate", "latency_p50_s"):
@@ -352,6 +359,10 @@ def print_table(report: dict) -> None:
         print(f"{task:<14}{r['success_rate']:>9.2f}{r['mean_progress']:>10.2f}{active:>10}"
               f"{r['mean_episode_wall_s']:>11.2f}")
     print(f"{'all':<14}{report['success_rate']:>9.2f}{report['mean_progress']:>10.2f}")
+    for task, r in report["tasks"].items():
+        for e in r["episodes"]:
+            if e.get("error"):
+                print(f"{task} seed {e['seed']}: {e['error']}")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -123,6 +123,17 @@ class ArmPlant:
         self.set_gripper_target(opening)
 
 
+class SimulationUnstable(RuntimeError):
+    """MuJoCo met a NaN, Inf or huge value in the state or the accelerations during a step and reset
+    the simulation to its default state (its own recovery): the episode's state is gone, so the
+    episode cannot go on. ``BimanualWorld.step`` raises it; ``reset`` starts a valid episode again."""
+
+
+# MuJoCo's warnings for a diverged state, each followed by its mj_resetData.
+BAD_STATE_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
+                      mujoco.mjtWarning.mjWARN_BADQACC)
+
+
 class BimanualWorld:
     """Two PiPER arms and one task in MuJoCo. See the module docstring and docs/ARCHITECTURE.md."""
 
@@ -135,6 +146,7 @@ class BimanualWorld:
         self.arms = {side: ArmPlant(self, side) for side in ("left", "right")}
         self.post_step_hooks: list[Callable[["BimanualWorld"], None]] = []
         self._renderer: mujoco.Renderer | None = None
+        self._bad_state_seen = 0  # MuJoCo's diverged-state warnings already reported (SimulationUnstable)
         self._camera_ids = {}
         for name in cfg.cameras:
             cam_id = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
@@ -151,6 +163,7 @@ class BimanualWorld:
         if seed is not None:
             self.seed = int(seed)
         mujoco.mj_resetData(self.model, self.data)  # also deactivates grasp welds (eq_active0)
+        self._bad_state_seen = self._bad_state_count()
         self.rng = np.random.default_rng(self.seed)
         for arm in self.arms.values():
             arm.reset(scene.HOME, scene.GRIPPER_MAX)
@@ -176,14 +189,32 @@ class BimanualWorld:
         if not np.isfinite(dt) or dt < 0:
             raise ValueError(f"step: dt must be a finite non-negative duration, got {dt}")
         remaining = max(1, int(round(dt / self.cfg.physics_dt)))
+        started = self.data.time
         while remaining > 0:
             n = self._steps_before_hooks(remaining)
             mujoco.mj_step(self.model, self.data, nstep=n)
+            if self._bad_state_count() > self._bad_state_seen:
+                self._bad_state_seen = self._bad_state_count()
+                raise SimulationUnstable(self._describe_bad_state(started))
             remaining -= n
             for hook in self.post_step_hooks:
                 hook(self)
         self.task.update(self)
         self._update_stage()
+
+    def _bad_state_count(self) -> int:
+        return sum(int(self.data.warning[w].number) for w in BAD_STATE_WARNINGS)
+
+    def _describe_bad_state(self, started: float) -> str:
+        for w in BAD_STATE_WARNINGS:
+            if self.data.warning[w].number:
+                dof = int(self.data.warning[w].lastinfo)
+                joint = self.model.joint(int(self.model.dof_jntid[dof])).name if 0 <= dof < self.model.nv else "?"
+                what = w.name.removeprefix("mjWARN_BAD").lower()
+                return (f"simulation unstable: NaN, Inf or huge {what} at degree of freedom {dof} (joint "
+                        f"{joint!r}) in the step from t = {started:.3f} s of {self.task.name} (seed {self.seed}); "
+                        "MuJoCo reset its state, so the episode ends here")
+        return f"simulation unstable in the step from t = {started:.3f} s"
 
     def _steps_before_hooks(self, limit: int) -> int:
         """How many physics steps (1..limit) may run before the post-step hooks must be called.
