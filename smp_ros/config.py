@@ -24,6 +24,7 @@ from smp_ros import topics
 ACTION_DIM = 14  # D: left joints 1-6, left gripper, right joints 1-6, right gripper
 ARM_JOINTS = 6
 GRIPPER_INDICES: tuple[int, ...] = (ARM_JOINTS, 2 * ARM_JOINTS + 1)  # the grippers' entries of a D-vector
+ARM_JOINT_INDICES: tuple[int, ...] = tuple(i for i in range(ACTION_DIM) if i not in GRIPPER_INDICES)  # the arm joints
 ACTION_FRAMES = ("absolute", "relative")  # model.action_frame
 ARMS = ("left", "right")
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import GRIPPER_INDICES
+from smp_ros.config import ARM_JOINT_INDICES
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.dataset import WindowDataset, to_tensors
 from smp_ros.gate_trace_plot import plot_gate_trace
@@ -315,6 +315,20 @@ def phase_usage(policy: Any, cache: DatasetCache, episodes: list[int]) -> dict[s
             for task, per in sums.items()}
 
 
+def _held_out_windows(policy: Any, cache: DatasetCache, episodes: list[int], windows: int,
+                      seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """``windows`` fixed windows (a seeded draw) of ``episodes``: the observation batch on the policy's device
+    and the demonstrated chunks (B, H, D) raw; None without any window."""
+    m = policy.cfg
+    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
+    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
+    if len(data) == 0:
+        return None
+    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
+    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
+    return batch, batch.pop("action").float()
+
+
 @torch.no_grad()
 def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 128,
                           seed: int = 0) -> dict[str, float]:
@@ -324,15 +338,12 @@ def held_out_action_error(policy: Any, cache: DatasetCache, episodes: list[int],
     ``joint_mse_rad2`` (``_all``) is the same error over the arm joints in rad^2, absolute targets: unlike
     the normalized figure it compares models whose normalizers or action frames differ."""
     m = policy.cfg
-    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
-    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
-    if len(data) == 0:
+    held_out = _held_out_windows(policy, cache, episodes, windows, seed)
+    if held_out is None:
         return {}
-    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
-    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
-    demo = batch.pop("action").float()
+    batch, demo = held_out
     target = policy.chunk_target(demo, batch["qpos"])
-    joints = [i for i in range(m.action_dim) if i not in GRIPPER_INDICES]
+    joints = list(ARM_JOINT_INDICES)
     out = {}
     variants = [("action_mse", None)]
     if hasattr(policy, "experts"):
@@ -357,14 +368,11 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
     expert active) and ``in_span``: the error of B(s) B(s)^T a, the demonstrated chunk (in the model's
     action frame) projected on the span of the basis, what perfect coefficients of every expert give."""
     m = policy.cfg
-    cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
-    data = WindowDataset(cache, episodes, m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
-    if len(data) == 0:
+    held_out = _held_out_windows(policy, cache, episodes, windows, seed)
+    if held_out is None:
         return {}
-    ids = np.sort(np.random.default_rng(seed).permutation(len(data))[:windows])
-    batch = {k: v.to(policy.device) for k, v in to_tensors(data.batch(ids)).items()}
-    demo = batch.pop("action").float()
-    joints = [i for i in range(m.action_dim) if i not in GRIPPER_INDICES]
+    batch, demo = held_out
+    joints = list(ARM_JOINT_INDICES)
 
     def rms(chunk: torch.Tensor) -> list[float]:
         return (chunk[..., joints] - demo[..., joints]).pow(2).mean((0, 2)).sqrt().cpu().tolist()
