@@ -193,12 +193,15 @@ class BimanualWorld:
         while remaining > 0:
             n = self._steps_before_hooks(remaining)
             mujoco.mj_step(self.model, self.data, nstep=n)
-            if self._bad_state_count() > self._bad_state_seen:
-                self._bad_state_seen = self._bad_state_count()
-                raise SimulationUnstable(self._describe_bad_state(started))
             remaining -= n
             for hook in self.post_step_hooks:
                 hook(self)
+        # Once per call, not per physics step (the loop above is the simulator's hot path): after a
+        # divergence the rest of this call's steps run from MuJoCo's reset state, and the call raises.
+        bad = self._bad_state_count()
+        if bad > self._bad_state_seen:
+            self._bad_state_seen = bad
+            raise SimulationUnstable(self._describe_bad_state(started))
         self.task.update(self)
         self._update_stage()
 
