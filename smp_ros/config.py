@@ -47,6 +47,7 @@ OBJECT_POSE_DIM = 7  # x, y, z, qx, qy, qz, qw
 BACKENDS = ("eager", "compiled", "tensorrt")
 REFERENCE_BACKEND = BACKENDS[0]  # runs everywhere: the default of the benchmark and evaluation commands
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available, else cpu
+COMMAND_CLOCKS = ("thread", "executor")  # runtime.command_clock
 
 
 class ConfigError(ValueError):
@@ -138,11 +139,20 @@ class GateConfig:
     # concentration up (measured: ~8,000), which leaves the means free; at a fixed total it is removed
     # only by gate means that follow the action energy per basis direction (docs/RESULTS.md).
     posterior_total: float = 20.0  # about the sticky prior's kappa + alpha0
+    # The gate the experts' coefficients are divided by (eq. 34, z = B^T a / (g + eps)), i.e. what they are
+    # trained to produce: "posterior" = E_q[g_t | s_t, a_t], as the paper writes it; "router" = the router's
+    # sg(E[g_t | s_t]), the gate that multiplies them again at inference (a = B (g_bar ⊙ z), Algorithm 2),
+    # so that a router that differs from the posterior no longer rescales every decoded coefficient
+    # (docs/POLICY.md, "Coefficient gate"; the ablation in docs/RESULTS.md). The reconstruction (eq. 35)
+    # keeps the posterior either way.
+    coefficient_gate: str = "posterior"
 
     def __post_init__(self) -> None:
         w = "model.gate"
         _require(self.posterior_total >= 0, f"{w}.posterior_total", f"expected >= 0 (0 = learned), "
                  f"got {self.posterior_total}")
+        _require(self.coefficient_gate in ("posterior", "router"), f"{w}.coefficient_gate",
+                 f"expected 'posterior' or 'router', got {self.coefficient_gate!r}")
         _require(self.recon_gate in ("sample", "mean"), f"{w}.recon_gate",
                  f"expected 'sample' or 'mean', got {self.recon_gate!r}")
         for name in ("alpha", "alpha0", "kappa_start", "min_concentration"):
@@ -441,6 +451,14 @@ class RuntimeConfig:
     device: str = "auto"  # one of DEVICES
     policy_rate_hz: float = 10.0
     command_rate_hz: float = 100.0
+    # What paces the command ticks: "thread" = a thread of the policy node's own, sleeping to absolute
+    # deadlines on the node's clock (ROS time too); "executor" = a ROS timer dispatched by the executor
+    # to its thread pool, beside every sensor callback (BENCHMARKS.md, "Soak": the jitter of each).
+    command_clock: str = "thread"
+    # Real-time priority of the command clock thread: 0 = the OS's default scheduling; 1-99 = SCHED_FIFO at
+    # that priority (Linux; needs root, CAP_SYS_NICE or an rtprio limit, else a warning and the default),
+    # so that the other processes on its core (a simulator, a trainer) cannot delay a tick.
+    command_priority: int = 0
     # How consecutive chunks are joined: "splice" | "ensemble" | "none" (runtime/executor.py). Splice
     # follows a new plan in ~0.15 s, the ensemble in ~0.6 s but smoother (BENCHMARKS.md, executor).
     chunk_blend: str = "splice"
@@ -463,6 +481,12 @@ class RuntimeConfig:
         _require(self.device in DEVICES, f"{w}.device", f"expected one of {DEVICES}, got {self.device!r}")
         _require(self.policy_rate_hz > 0 and self.command_rate_hz >= self.policy_rate_hz, w,
                  "need command_rate_hz >= policy_rate_hz > 0")
+        _require(self.command_clock in COMMAND_CLOCKS, f"{w}.command_clock",
+                 f"expected one of {COMMAND_CLOCKS}, got {self.command_clock!r}")
+        _require(0 <= self.command_priority <= 99, f"{w}.command_priority",
+                 f"expected 0 (default scheduling) or a SCHED_FIFO priority 1-99, got {self.command_priority}")
+        _require(self.command_priority == 0 or self.command_clock == "thread", f"{w}.command_priority",
+                 f"a real-time priority needs command_clock 'thread', got {self.command_clock!r}")
         _require(self.chunk_blend in ("ensemble", "splice", "none"), f"{w}.chunk_blend",
                  f"expected 'ensemble', 'splice' or 'none', got {self.chunk_blend!r}")
         _require(self.sync_slop_s > 0, f"{w}.sync_slop_s", f"expected > 0, got {self.sync_slop_s}")

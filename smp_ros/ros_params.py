@@ -98,6 +98,8 @@ _RUNTIME_HELP = {
     "device": f"inference device: {' | '.join(DEVICES)}",
     "policy_rate_hz": "inference calls per second (a new action chunk each call)",
     "command_rate_hz": "joint commands published per second to each arm",
+    "command_clock": "what paces the commands: thread (the node's own, on its clock) | executor (a ROS timer)",
+    "command_priority": "SCHED_FIFO priority 1-99 of the command clock thread (Linux, needs the right); 0 = default",
     "chunk_blend": "how consecutive chunks are joined: ensemble | splice | none",
     "ensemble_decay": "temporal-ensemble weight decay per chunk (chunk_blend=ensemble)",
     "sync_slop_s": "largest stamp difference (s) between the streams of one observation",

@@ -24,6 +24,8 @@ def test_preset_yaml_round_trip(name, tmp_path):
     (("model", "scheduler", "inference_steps"), 500, "model.scheduler.inference_steps"),
     (("model", "encoder", "backbone_width"), 24, "model.encoder.backbone_width"),
     (("model", "z_eps"), "tiny", "model.z_eps"),
+    (("runtime", "command_clock"), "cron", "runtime.command_clock"),
+    (("runtime", "command_priority"), 120, "runtime.command_priority"),
 ])
 def test_bad_values_name_the_field(path, value, field):
     data = preset("sim").to_dict()
@@ -32,6 +34,13 @@ def test_bad_values_name_the_field(path, value, field):
         node = node[p]
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        SMPConfig.from_dict(data)
+
+
+def test_a_real_time_priority_needs_the_clock_thread():
+    data = preset("sim").to_dict()
+    data["runtime"].update(command_clock="executor", command_priority=20)
+    with pytest.raises(ConfigError, match="runtime.command_priority.*needs command_clock 'thread'"):
         SMPConfig.from_dict(data)
 
 

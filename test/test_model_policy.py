@@ -100,6 +100,34 @@ def test_coeff_gives_exactly_zero_gradient_to_the_basis_and_recon_does_not():
     assert sum(g.abs().sum() for g in grads) > 0
 
 
+def test_router_coefficient_gate_divides_by_the_routers_mean_and_cuts_the_coeff_gradient_to_both_gate_nets():
+    """model.gate.coefficient_gate = "router": z = B^T a / (sg(E[g | s]) + eps) (eq. 34 with the router's
+    gate), checked through z_scale (the RMS of the targets) against the formula written out with
+    torch.distributions' Dirichlet mean; L_coeff then reaches neither the amortizer nor the router."""
+    cfg = _cfg(gate__coefficient_gate="router")
+    p = _policy(cfg)
+    batch = _low_rank_batch(cfg)
+    scale = p.fit_z_scale(batch)
+    p.eval()
+    with torch.no_grad():
+        obs, _, _ = p._flatten_segments(batch)
+        s = p.encode(obs)
+        a = p.normalizer.normalize("action", batch["action"]).flatten(0, 1)
+        gate = torch.distributions.Dirichlet(p.gates.router(s)).mean  # (N, K)
+        z = torch.einsum("nhd,ndk->nhk", a, p.basis(s)) / (gate + cfg.z_eps).unsqueeze(1)
+        posterior = torch.distributions.Dirichlet(p.gates.posterior(s, a)).mean
+        z_paper = torch.einsum("nhd,ndk->nhk", a, p.basis(s)) / (posterior + cfg.z_eps).unsqueeze(1)
+    assert abs(scale - z.pow(2).mean().sqrt().item()) < 1e-4 * scale
+    assert abs(scale - z_paper.pow(2).mean().sqrt().item()) > 1e-3 * scale  # the two gates differ here
+    p.train()
+    out = p.compute_loss(batch, step=0)
+    for net in (p.gates.posterior_net, p.gates.router_net):
+        grads = torch.autograd.grad(out["coeff"], list(net.parameters()), retain_graph=True, allow_unused=True)
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    first, last = _train(p, batch, 200)
+    assert last < first / 4, (first, last)
+
+
 def _train(p, batch, steps, lr=3e-3):
     opt = torch.optim.Adam(p.parameters(), lr=lr)
     first = last = None

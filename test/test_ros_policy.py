@@ -22,7 +22,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
-from smp_ros.config import ConfigError, EncoderConfig, SafetyConfig, preset  # noqa: E402
+from smp_ros.config import COMMAND_CLOCKS, ConfigError, EncoderConfig, SafetyConfig, preset  # noqa: E402
 from smp_ros.model import batch as keys  # noqa: E402
 from smp_ros.model.checkpoint import save_model  # noqa: E402
 from smp_ros.model.policy import build_policy  # noqa: E402
@@ -348,14 +348,16 @@ def test_arm_estop_holds_and_resumes_from_a_fresh_plan(ros, tiny_model):
         graph.close()
 
 
-def test_deactivate_and_activate_mid_run_holds_then_resumes_from_the_measured_pose(ros, tiny_model):
+@pytest.mark.parametrize("command_clock", COMMAND_CLOCKS)
+def test_deactivate_and_activate_mid_run_holds_then_resumes_from_the_measured_pose(ros, tiny_model, command_clock):
     """The policy node restarted through its lifecycle mid-run (what a supervisor does): no command
-    while inactive, a status that says so, and on activation a fresh plan from where the arm is."""
+    while inactive, a status that says so, and on activation a fresh plan from where the arm is;
+    with either command clock (its own thread, or a ROS timer)."""
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
 
     robot = FakeRobot()
-    policy = PolicyNode(parameter_overrides=policy_params(tiny_model))
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model, command_clock=command_clock))
     graph = Graph(policy, robot.node)
     client = graph.probe.create_client(ChangeState, "/smp/policy/change_state")
     robot.start()

@@ -158,8 +158,31 @@ def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_pa
     policy.eval()
     result = horizon_error(policy, cache, [0, 1])
     np.testing.assert_allclose(result["demo_motion"], np.sqrt(sq / n), rtol=1e-4)
-    assert set(result) == {"demo_motion", "sampled", "all_experts", "in_span"}
+    assert set(result) == {"demo_motion", "sampled", "all_experts", "in_span", "router_gates_target_coefficients",
+                           "target_gates_sampled_coefficients"}
     assert min(result["in_span"]) > 1e-4  # K = 4 of 14 directions
+    assert all(np.isfinite(result["target_gates_sampled_coefficients"]))
+    # A router that returned the posterior's own mean would leave only the projection on span B(s):
+    # B (E_q[g] ⊙ B^T a / E_q[g]) = B B^T a (z_eps -> 0).
+    posterior = policy.gates.posterior
+    seen = {}
+
+    def remembering(s, a):
+        seen["beta"] = posterior(s, a)
+        return seen["beta"]
+
+    eps = policy.cfg.z_eps
+    try:
+        policy.cfg.z_eps = 1e-12
+        policy.gates.posterior = remembering
+        route = policy.route  # (the sampled variants route before any posterior is seen)
+        policy.route = lambda s: seen["beta"] / seen["beta"].sum(-1, keepdim=True) if seen else route(s)
+        oracle = horizon_error(policy, cache, [0, 1])
+    finally:
+        policy.cfg.z_eps = eps
+        del policy.gates.posterior, policy.route
+    np.testing.assert_allclose(oracle["router_gates_target_coefficients"], oracle["in_span"], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(result["router_gates_target_coefficients"], result["in_span"], rtol=1e-3)
     full = preset("tiny").model
     full.num_experts = 14
     full.__post_init__()

@@ -285,10 +285,10 @@ class SMPPolicy(_PolicyBase):
 
         beta_hat = self.gates.posterior(s, a)  # (N, K)
         self.last_beta_hat = beta_hat  # for diagnostics of what each term does to the gates (gate_probe.py)
+        beta_router = self.gates.router(s)  # (N, K)
         E_g = dirichlet_mean(beta_hat)
-        denom = (E_g + cfg.z_eps).unsqueeze(1)  # (N, 1, K)
-        z_sg = (a @ Bm.detach()) / denom  # (N, H, K), eq. 34 with sg(B)
-        z_rec = (a @ Bm) / denom  # (N, H, K), eq. 34
+        z_sg = self.coefficient_target(a, Bm.detach(), E_g, beta_router)  # (N, H, K), eq. 34 with sg(B)
+        z_rec = (a @ Bm) / (E_g + cfg.z_eps).unsqueeze(1)  # (N, H, K), eq. 34
         g = E_g if cfg.gate.recon_gate == "mean" else self.gates.sample(beta_hat)  # g_t of eq. 35
         a_rec = (g.unsqueeze(1) * z_rec) @ Bm.transpose(-1, -2)  # (N, H, D), eq. 35
         recon = (a - a_rec).pow(2).sum((-1, -2)) / (2 * cfg.sigma_a ** 2)  # (N,)
@@ -304,10 +304,22 @@ class SMPPolicy(_PolicyBase):
         K = cfg.num_experts
         beta_seg = beta_hat.reshape(Bn, L, K)
         gate = self.gates.gate_loss(beta_seg, step)  # (B,)
-        align = self.gates.align_loss(beta_seg, self.gates.router(s).reshape(Bn, L, K))  # (B,)
+        align = self.gates.align_loss(beta_seg, beta_router.reshape(Bn, L, K))  # (B,)
         terms = {"coeff": coeff.reshape(Bn, L).sum(1).mean(), "recon": recon.reshape(Bn, L).sum(1).mean(),
                  "gate": gate.mean(), "align": align.mean()}
         return {"loss": terms["coeff"] + terms["recon"] + terms["gate"] + terms["align"], **terms}
+
+    def coefficient_target(self, a: torch.Tensor, Bm: torch.Tensor, E_g: torch.Tensor,
+                           beta_router: torch.Tensor) -> torch.Tensor:
+        """What the experts are trained to produce, z = B^T a / (g + eps) (eq. 34): a (N, H, D) normalized
+        chunk, Bm (N, D, K), E_g = E_q[g | s, a] (N, K), beta_router the router's Dirichlet parameters (N, K)
+        -> (N, H, K). g is E_q[g] (model.gate.coefficient_gate = "posterior", the paper) or the router's
+        sg(E[g | s]) ("router", the gate Algorithm 2 multiplies the sampled coefficients by)."""
+        return (a @ Bm) / (self.coefficient_gate(E_g, beta_router) + self.cfg.z_eps).unsqueeze(1)
+
+    def coefficient_gate(self, E_g: torch.Tensor, beta_router: torch.Tensor) -> torch.Tensor:
+        """The gate g of ``coefficient_target`` (N, K): E_q[g] or the router's sg(E[g | s])."""
+        return dirichlet_mean(beta_router).detach() if self.cfg.gate.coefficient_gate == "router" else E_g
 
     # ---- inference (Algorithm 2) ------------------------------------------------------------------
 
@@ -404,7 +416,7 @@ class SMPPolicy(_PolicyBase):
             s = self.encode(obs)
             a = self.chunk_target(batch[keys.ACTION], batch[keys.QPOS]).flatten(0, 1)
             E_g = dirichlet_mean(self.gates.posterior(s, a))
-            self._set_z_scale((a @ self.basis(s)) / (E_g + self.cfg.z_eps).unsqueeze(1))
+            self._set_z_scale(self.coefficient_target(a, self.basis(s), E_g, self.gates.router(s)))
         finally:
             self.train(was_training)
         return float(self.z_scale)

@@ -14,7 +14,8 @@ Camera frames: each is fitted to the model's ``data.image_size`` with its ``data
 training frames, so a camera of another resolution or aspect ratio gives the frames training saw.
 
 Lifecycle: configure loads the model directory and warms the inference backend up; activate
-starts the inference thread and the command timer; deactivate stops both (no command leaves a
+starts the inference thread and the command clock (``runtime.command_clock``: a thread of its own
+pacing the ticks on the node's clock, or a ROS timer); deactivate stops both (no command leaves a
 deactivated node); cleanup drops the model. With ``autostart`` (default) the node configures and
 activates itself, which is what ``smp-ros bringup`` and the launch file rely on.
 
@@ -63,8 +64,8 @@ from smp_ros.msg import ArmStatus, ObjectPoses, PolicyStatus, SkillState
 from smp_ros.nodes.image_msgs import msg_to_rgb
 from smp_ros.ros_params import POLICY_NODE, ParamSpec, runtime_config, runtime_param_specs
 from smp_ros.runtime.policy_runner import OBJECTS_STREAM, Command, PolicyRunner
-from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, GuardedNode, RefusedInput, declare,
-                                    from_stamp, joint_positions, joint_state_msg, now_seconds, run, to_stamp)
+from smp_ros.nodes.ros_util import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, ClockThread, GuardedNode, RefusedInput,
+                                    declare, from_stamp, joint_positions, joint_state_msg, now_seconds, run, to_stamp)
 from smp_ros.resources import resolve
 from smp_ros.runtime.engine import InferenceEngine, InferenceResult
 from smp_ros.runtime.guard import cause_of as hold_cause
@@ -103,7 +104,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
     def __init__(self, **kwargs) -> None:
         # Set before anything can fail: destroy_node() runs on a half-built node too.
         self.runner: PolicyRunner | None = None
-        self._timer = self._status_timer = None
+        self._timer = self._status_timer = self._command_thread = None
         namespace, name = POLICY_NODE.rsplit("/", 1)
         kwargs.setdefault("namespace", namespace)
         super().__init__(name, **kwargs)
@@ -144,6 +145,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._restart_pending = False
         self._tick_name = f"timer {self._on_tick.__qualname__}"
         self._published = deque()  # publication times within RATE_WINDOW_S
+        self._status_lock = threading.Lock()  # the status is published by the command tick and a timer
         self._sensor_group = ReentrantCallbackGroup()
         self._command_group = MutuallyExclusiveCallbackGroup()
         self.create_service(SetTask, "set_task", self._on_set_task,
@@ -235,13 +237,19 @@ class PolicyNode(GuardedNode, LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.runner.set_task(self.runner.task)  # a fresh history: nothing from before activation
         self.runner.start()
-        self._timer = self.create_timer(1.0 / self.runtime.command_rate_hz, self._on_tick,
-                                        callback_group=self._command_group)
+        period = 1.0 / self.runtime.command_rate_hz
+        if self.runtime.command_clock == "thread":
+            self._command_thread = ClockThread(self, period, self.guard.wrap(self._tick_name, self._on_tick),
+                                               name="command clock", priority=self.runtime.command_priority)
+            self._command_thread.start()
+        else:
+            self._timer = self.create_timer(period, self._on_tick, callback_group=self._command_group)
         self._status_timer = self.create_timer(STATUS_PERIOD_S, self._publish_status,
                                                callback_group=self._command_group)
         self._hold_ticks.clear()
         self._ticks, self._summary_time = 0, time.monotonic()
-        self.get_logger().info(f"active: task {self.runner.task}, {self.runtime.command_rate_hz:g} Hz commands, "
+        self.get_logger().info(f"active: task {self.runner.task}, {self.runtime.command_rate_hz:g} Hz commands "
+                               f"(paced by the {self.runtime.command_clock}), "
                                f"{self.runtime.policy_rate_hz:g} Hz inference")
         return super().on_activate(state)
 
@@ -281,6 +289,9 @@ class PolicyNode(GuardedNode, LifecycleNode):
         super().destroy_node()
 
     def _stop_timers(self) -> None:
+        if self._command_thread is not None:
+            self._command_thread.stop()
+            self._command_thread = None
         for timer in (self._timer, self._status_timer):
             if timer is not None:
                 self.destroy_timer(timer)
@@ -419,6 +430,10 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._publish_status()
 
     def _publish_status(self) -> None:
+        with self._status_lock:
+            self._publish_status_locked()
+
+    def _publish_status_locked(self) -> None:
         if self.runner is None:
             return
         now = time.monotonic()

@@ -24,6 +24,7 @@ setting ``fatal_error``) ends the process with a non-zero status: see :class:`Sp
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -184,6 +185,90 @@ class GuardedNode:
     def create_service(self, srv_type, srv_name, callback, **kwargs):
         name = f"service {self.resolve_service_name(srv_name) if hasattr(self, 'resolve_service_name') else srv_name}"
         return super().create_service(srv_type, srv_name, self.guard.wrap(name, callback, service=True), **kwargs)
+
+
+class ClockThread:
+    """Calls ``tick()`` every ``period_s`` of ``node``'s clock on a thread of its own.
+
+    Why not a ROS timer: a timer's callback is dispatched by the executor's spinning thread to its
+    thread pool, behind whatever sensor callbacks are queued, so each tick waits for a wake-up of
+    the spinning thread, a pool thread and their GIL hand-overs (measured: BENCHMARKS.md, "Soak").
+    This thread sleeps in rcl (``Clock.sleep_until``, the GIL released) to absolute deadlines
+    t0 + n T, so lateness does not accumulate, and follows ROS time when the node uses a simulated
+    clock (the clock's jumps wake it). A tick that ends more than a whole period late skips the
+    periods it missed instead of running them back to back; they are counted in ``skipped``.
+
+    ``priority`` 1-99 runs the thread under SCHED_FIFO at that priority (Linux), so that other
+    processes on its core cannot delay a tick; without the right to (root, CAP_SYS_NICE or an rtprio
+    limit) it logs one warning and keeps the default scheduling (``realtime`` says which it got).
+
+    ``tick`` must contain its own failures (a guarded callback); one that escapes ends the thread
+    and sets ``node.fatal_error`` (``Spinner`` then ends the process with a non-zero status).
+    ``stop()`` returns within one period of the clock; on a paused simulated clock the thread
+    leaves at the clock's next jump or the context's shutdown, without ticking again."""
+
+    def __init__(self, node: Node, period_s: float, tick: Callable[[], None], name: str, priority: int = 0) -> None:
+        if not period_s > 0:
+            raise ValueError(f"period_s: expected > 0, got {period_s}")
+        if not 0 <= priority <= 99:
+            raise ValueError(f"priority: expected 0 (default scheduling) or 1-99 (SCHED_FIFO), got {priority}")
+        self.priority = priority
+        self.realtime = False  # running under SCHED_FIFO
+        self.node = node
+        self.period = rclpy.duration.Duration(nanoseconds=round(period_s * 1e9))
+        self.tick = tick
+        self.name = name
+        self.ticks = 0
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _set_priority(self) -> None:
+        try:  # pid 0: the calling thread (a Linux thread is a task of its own)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+            self.realtime = True
+        except (AttributeError, OSError) as exc:
+            self.node.get_logger().warning(
+                f"{self.name}: cannot run at SCHED_FIFO priority {self.priority} ({exc}); default scheduling. "
+                "Grant the right (CAP_SYS_NICE, or an rtprio limit in /etc/security/limits.conf) or set the "
+                "priority to 0")
+
+    def _loop(self) -> None:
+        clock, context = self.node.get_clock(), self.node.context
+        if self.priority:
+            self._set_priority()
+        try:
+            deadline = clock.now() + self.period
+            while not self._stop.is_set() and context.ok():
+                try:
+                    reached = clock.sleep_until(deadline, context)
+                except rclpy.exceptions.NotInitializedException:  # the context shut down meanwhile
+                    return
+                if self._stop.is_set():
+                    return
+                if not reached:  # the clock's source changed (ROS time (de)activated): restart from now
+                    deadline = clock.now() + self.period
+                    continue
+                self.tick()
+                self.ticks += 1
+                deadline += self.period
+                # More than a whole period behind the next deadline: one late tick now, not a burst.
+                missed = (clock.now() - deadline).nanoseconds // self.period.nanoseconds
+                if missed > 0:
+                    self.skipped += missed
+                    deadline += rclpy.duration.Duration(nanoseconds=missed * self.period.nanoseconds)
+        except BaseException as exc:  # noqa: BLE001 (a tick that escaped its guard: the node is dead)
+            if context.ok() and not self._stop.is_set():
+                self.node.fatal_error = (f"{self.name} stopped: "
+                                         f"{''.join(traceback.format_exception(exc)).rstrip()}")
 
 
 class PoolExecutor(MultiThreadedExecutor):

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from smp_ros.config import ARMS, BACKENDS, REFERENCE_BACKEND, TASKS, ConfigError
+from smp_ros.config import ARMS, BACKENDS, COMMAND_CLOCKS, REFERENCE_BACKEND, TASKS, ConfigError
 from smp_ros import topics
 from smp_ros.nodes.bringup import SWITCH_INTERVAL_S, Interrupted, wait_for_policy
 from smp_ros.runtime import soak
@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first episode")
     parser.add_argument("--policy-rate", type=float, default=4.0, help="inference rate, Hz (0: the file's)")
     parser.add_argument("--inference-deadline", type=float, default=0.6, help="seconds (0: the file's)")
+    parser.add_argument("--command-clock", choices=COMMAND_CLOCKS,
+                        help="what paces the policy's commands (default: the parameters file's, else thread)")
+    parser.add_argument("--command-priority", type=int, default=None,
+                        help="SCHED_FIFO priority 1-99 of the command clock thread, 0 = default scheduling "
+                             "(default: the parameters file's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the model in this process instead of a worker process")
     parser.add_argument("--sim-process", action="store_true",
@@ -92,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["inference_deadline_s"] = args.inference_deadline
     if args.task:
         overrides["task"] = args.task
+    if args.command_clock:
+        overrides["command_clock"] = args.command_clock
+    if args.command_priority is not None:
+        overrides["command_priority"] = args.command_priority
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rclpy.init(args=["--ros-args", "--params-file", str(args.config)])
     executor = PoolExecutor()
@@ -116,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         spinner = Spinner(executor, nodes)
         spinner.start()  # inside the try: see Spinner.start
         wait_for_policy(policy, spinner)
-        soak_run = SoakRun(args, duration, warmup, policy.runtime.command_rate_hz, monitor, spinner)
+        soak_run = SoakRun(args, duration, warmup, policy.runtime, monitor, spinner)
         report = soak_run.run(sim, policy)
     except (KeyboardInterrupt, ExternalShutdownException, Interrupted):
         pass  # finished below, as an interrupted run
@@ -307,10 +316,11 @@ class RemoteSim:
 class SoakRun:
     """The episode loop and the periodic report."""
 
-    def __init__(self, args, duration: float, warmup: float, command_rate_hz: float, monitor: Monitor,
-                 spinner) -> None:
+    def __init__(self, args, duration: float, warmup: float, runtime, monitor: Monitor, spinner) -> None:
         self.args, self.duration, self.warmup = args, duration, warmup
-        self.rate = float(command_rate_hz)
+        self.rate = float(runtime.command_rate_hz)
+        self.command_clock = runtime.command_clock
+        self.command_priority = runtime.command_priority
         self.monitor, self.spinner = monitor, spinner
         self.memory: list[tuple[float, dict]] = []
         self.episodes: list[dict] = []
@@ -383,7 +393,8 @@ class SoakRun:
                         "load_avg_now": list(os.getloadavg()), "nice": os.nice(0)},
             "settings": {"config": a.config, "model": a.model, "backend": a.backend, "task": a.task or "all",
                          "policy_rate_hz": a.policy_rate or "file", "inference_deadline_s": a.inference_deadline or "file",
-                         "inference_process": not a.in_process, "sim_process": a.sim_process, "warmup_s": self.warmup, "sample_s": a.sample_s},
+                         "inference_process": not a.in_process, "sim_process": a.sim_process, "warmup_s": self.warmup, "sample_s": a.sample_s,
+                         "command_clock": self.command_clock, "command_priority": self.command_priority},
             "command_rate_hz": self.rate,
             "episodes": {"completed": len(self.episodes), "successes": sum(e["success"] for e in self.episodes),
                          "list": self.episodes},

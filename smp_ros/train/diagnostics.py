@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from smp_ros.config import ARM_JOINT_INDICES
+from smp_ros.model.gates import dirichlet_mean
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.dataset import WindowDataset, to_tensors
 from smp_ros.gate_trace_plot import plot_gate_trace
@@ -366,7 +367,12 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
     still be large against what is executed. Keys: ``demo_motion`` the RMS of the demonstrated a_{t+h} - q_t
     (the scale to compare with), ``sampled`` the policy's own error; for SMP also ``all_experts`` (every
     expert active) and ``in_span``: the error of B(s) B(s)^T a, the demonstrated chunk (in the model's
-    action frame) projected on the span of the basis, what perfect coefficients of every expert give."""
+    action frame) projected on the span of the basis, what perfect coefficients of every expert give;
+    and, to tell which factor of a = B (g ⊙ z) errs, ``router_gates_target_coefficients``: the router's
+    g_bar with the coefficients the experts are trained to produce (eq. 34, ``policy.coefficient_target``;
+    under the amortized posterior's E_q[g | s, a] by default), i.e. the error of the gates alone, and
+    ``target_gates_sampled_coefficients``: every expert's sampled coefficients times the gates they were
+    trained under (E_q[g | s, a] by default), i.e. the error of the coefficients alone."""
     m = policy.cfg
     held_out = _held_out_windows(policy, cache, episodes, windows, seed)
     if held_out is None:
@@ -384,8 +390,23 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
         pred = policy.predict_action(batch, generator=torch.Generator(policy.device).manual_seed(seed), active=active)
         out[name] = rms(pred.action.float())
     if hasattr(policy, "experts"):
-        Bm = policy.skill_basis(policy.encode(batch)).float()  # (B, D, K)
+        s = policy.encode(batch)
+        Bm = policy.skill_basis(s).float()  # (B, D, K)
         a = policy.chunk_target(demo, batch["qpos"])  # (B, H, D) normalized, the model's frame
+
+        def decoded(gates: torch.Tensor, z: torch.Tensor) -> list[float]:  # a = B (g ⊙ z), eq. 1
+            return rms(policy.absolute_chunk(policy.decode(Bm, gates.float(), z.float()), batch["qpos"]))
+
         projected = policy.normalizer.unnormalize("action", (a @ Bm) @ Bm.transpose(-1, -2))
         out["in_span"] = rms(policy.absolute_chunk(projected, batch["qpos"]))
+        # Which factor of a = B (g ⊙ z) errs: the router's gates or the experts' coefficients.
+        E_g = dirichlet_mean(policy.gates.posterior(s, a)).float()  # E_q[g | s, a]
+        beta_router = policy.gates.router(s)
+        z_target = policy.coefficient_target(a, Bm, E_g, beta_router)  # (B, H, K), eq. 34
+        out["router_gates_target_coefficients"] = decoded(policy.route(s), z_target)
+        every = torch.arange(m.num_experts, device=s.device)
+        x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
+        z = policy.scatter_coefficients(policy.denoise_experts(x, s, every),
+                                        torch.ones_like(E_g, dtype=torch.bool), every)  # (B, H, K)
+        out["target_gates_sampled_coefficients"] = decoded(policy.coefficient_gate(E_g, beta_router), z)
     return out
