@@ -7,6 +7,7 @@ step. It knows nothing about CAN or piper_sdk.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,11 @@ class ArmPlant:
     def __init__(self, world: "BimanualWorld", side: str):
         m = world.model
         self.name = side
-        self._world = world
+        # A weak reference: a strong one closes a cycle world -> arms -> plant -> world, and a world in a
+        # cycle (its MjModel and MjData: about 1 MiB of native memory) is freed only when the cyclic
+        # garbage collector next runs, which native memory does not trigger. Measured: a simulator that
+        # rebuilt its world every episode grew ~1.4 MiB/min over a 30-min soak (BENCHMARKS.md, "Soak").
+        self._world = weakref.proxy(world)
         self._qadr = np.array([m.joint(f"{side}_joint{i + 1}").qposadr[0] for i in range(ARM_JOINTS)])
         self._vadr = np.array([m.joint(f"{side}_joint{i + 1}").dofadr[0] for i in range(ARM_JOINTS)])
         self._act = np.array([m.actuator(f"{side}_joint{i + 1}").id for i in range(ARM_JOINTS)])
@@ -237,9 +242,11 @@ class BimanualWorld:
         return n
 
     def close(self) -> None:
+        """Release the renderer and the hooks (which hold references back to this world)."""
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+        self.post_step_hooks.clear()
 
     def __enter__(self) -> "BimanualWorld":
         return self
