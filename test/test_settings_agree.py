@@ -20,6 +20,8 @@ README = ROOT / "README.md"
 # Values the shipped file sets on purpose to something else than the code's default, and why.
 DELIBERATE = {
     (POLICY_NODE, "camera_size"): "the real cameras' frame size; the code's (0, 0) means the model's image size",
+    (POLICY_NODE, "command_priority"): "a real-time priority for the robot's command thread; the code's 0 runs "
+                                        "anywhere without a warning (no special rights needed)",
     (SIM_NODE, "safety.max_joint_step"): "the simulated arms' drivers allow 0.15 rad from the measured pose, as "
                                          "the harness does: their servos lag more than 0.05 rad above 0.6 rad/s",
 }
