@@ -176,3 +176,25 @@ def test_a_closed_world_with_its_can_rig_is_freed_without_the_cyclic_collector()
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_piper_episodes_in_one_process_leave_no_sdk_threads_behind():
+    """piper_sdk keeps every channel's interface, with two polling threads, for the life of the
+    process; the harness opens fresh channel names each episode and releases them at its end, so the
+    thread count stays put (it grew by four threads per episode before)."""
+    import threading
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(k, obs, action, sent, arms):
+        if k == 2:
+            raise Stop
+
+    counts = []
+    with world_mod.BimanualWorld(SimConfig(), "handover", seed=0) as world:
+        for seed in range(4):
+            with pytest.raises(Stop):
+                run_episode(world, ScriptedExpert(world), seed=seed, backend="piper", render=False, on_step=stop_early)
+            counts.append(threading.active_count())
+    assert counts[-1] <= counts[0], f"threads after each episode: {counts}"

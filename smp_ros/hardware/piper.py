@@ -199,6 +199,29 @@ class PiperArm(Arm):
             with _registry_lock:
                 _in_use.discard(self.channel)
 
+    def release(self) -> None:
+        """Disconnect for good. piper_sdk keeps its interface for a channel name for the life of the
+        process, and after ``DisconnectPort`` that interface still runs two threads (its CAN monitor at
+        20 Hz and its rate counter at 10 Hz). A process that opens many channels once each (the
+        harness: fresh names every episode) would keep four polling threads per episode. This stops
+        them and drops the cached interface; the name can be opened again later (a new interface).
+        Reaches two private attributes of piper_sdk 0.6.2 (pinned); without them only disconnects."""
+        sdk = self._sdk
+        self.disconnect()
+        if sdk is None:
+            return
+        monitor_stop = getattr(sdk, "_C_PiperInterface_V2__can_monitor_stop_event", None)
+        rate_counter = getattr(sdk, "_C_PiperInterface_V2__fps_counter", None)
+        if monitor_stop is None or rate_counter is None:
+            return
+        monitor_stop.set()
+        rate_counter.stop()
+        with C_PiperInterface_V2._lock:
+            if C_PiperInterface_V2._instances.get(self.channel) is sdk:
+                del C_PiperInterface_V2._instances[self.channel]
+        with _registry_lock:
+            _opened_bustype.pop(self.channel, None)
+
     def _require_connected(self) -> C_PiperInterface_V2:
         if self._sdk is None:
             raise ArmError(f"{self.side} arm on {self.channel!r}: not connected; call connect() first")

@@ -151,7 +151,10 @@ class PiperArms:
         return self.pair.get_observation()
 
     def close(self) -> None:
-        self.rig.close()
+        # Released, not only disconnected: these channel names are never opened again (see PiperArm.release).
+        for arm in self.rig.arms.values():
+            arm.release()
+        self.rig.detach()
         self.world.post_step_hooks.clear()
 
 
