@@ -391,6 +391,53 @@ def test_deactivate_and_activate_mid_run_holds_then_resumes_from_the_measured_po
         graph.close()
 
 
+@pytest.mark.parametrize("command_clock", COMMAND_CLOCKS)
+def test_command_periods_without_a_tick_are_counted_in_the_status(ros, tiny_model, command_clock):
+    """On a simulated clock that stands still and then jumps 1 s (100 periods at 100 Hz), the command
+    clock runs one late tick (and the one due at the new time) instead of a burst, and
+    /smp/policy_status counts the 98 periods in which no tick started, with either command clock."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rosgraph_msgs.msg import Clock
+    from smp_ros.nodes.ros_util import to_stamp
+    from smp_ros.nodes.sim_node import CLOCK_QOS
+
+    policy = PolicyNode(parameter_overrides=policy_params(tiny_model, command_clock=command_clock, autostart=False)
+                        + [Parameter("use_sim_time", value=True)])
+    graph = Graph(policy)
+    clock_pub = graph.probe.create_publisher(Clock, "/clock", CLOCK_QOS)
+    client = graph.probe.create_client(ChangeState, "/smp/policy/change_state")
+
+    def set_clock(seconds):
+        clock_pub.publish(Clock(clock=to_stamp(seconds)))
+        wait_for(lambda: policy.get_clock().now().nanoseconds == round(seconds * 1e9), timeout=30.0,
+                 what=f"the policy node's clock at {seconds} s")
+
+    def transition(transition_id):
+        assert client.wait_for_service(timeout_sec=30.0)
+        future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        wait_for(future.done, timeout=120.0, what=f"lifecycle transition {transition_id}")
+        assert future.result().success
+
+    try:
+        set_clock(1.0)
+        transition(Transition.TRANSITION_CONFIGURE)
+        transition(Transition.TRANSITION_ACTIVATE)
+        time.sleep(0.3)  # wall time passes, simulated time does not: no period elapses
+        assert policy._skipped_command_periods() == 0
+        set_clock(2.0)
+        wait_for(lambda: graph.status and graph.status[-1].skipped_command_periods >= 98, timeout=60.0,
+                 what="a status counting the skipped command periods")
+        # Due in (1 s, 2 s]: 100 periods; run: the late one for 1.01 s and the one due at 2.00 s.
+        assert graph.status[-1].skipped_command_periods in (98, 99, 100)
+        wait_for(lambda: policy._command_ticks >= 1, timeout=30.0, what="the late tick")
+        time.sleep(0.5)
+        assert policy._command_ticks <= 2, f"a burst of {policy._command_ticks} ticks after the clock jumped"
+        assert policy._skipped_command_periods() >= 98
+    finally:
+        graph.close()
+
+
 def test_a_killed_inference_worker_is_restarted_while_the_node_holds(ros, tiny_model, capfd):
     import signal
 

@@ -139,6 +139,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._cause = hold_cause(self._reason)
         self._hold_ticks: Counter = Counter()  # ticks held per cause since the last summary
         self._ticks = 0
+        # Ticks run between activation and deactivation (None: not yet / still active), for skipped periods.
+        self._command_ticks, self._activated_at, self._deactivated_at = 0, None, None
         self._summary_time = time.monotonic()
         self._arm_states: dict[str, tuple[str, str]] = {}  # arm -> (state, reason) from its ArmStatus
         self._arm_lock = threading.Lock()
@@ -248,6 +250,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
                                                callback_group=self._command_group)
         self._hold_ticks.clear()
         self._ticks, self._summary_time = 0, time.monotonic()
+        self._command_ticks, self._activated_at, self._deactivated_at = 0, now_seconds(self), None
         self.get_logger().info(f"active: task {self.runner.task}, {self.runtime.command_rate_hz:g} Hz commands "
                                f"(paced by the {self.runtime.command_clock}), "
                                f"{self.runtime.policy_rate_hz:g} Hz inference")
@@ -255,6 +258,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_timers()
+        self._deactivated_at = now_seconds(self)
         self.runner.stop()
         self._reason, self._cause = "inactive", hold_cause("inactive")
         self.get_logger().warning("HOLD: inactive (deactivated); no commands until activated")
@@ -344,6 +348,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
         return ""
 
     def _on_tick(self) -> None:
+        self._command_ticks += 1
         arms = self._arm_hold()
         if arms:
             # Whatever was planned while an arm could not move is void once it can again.
@@ -429,6 +434,17 @@ class PolicyNode(GuardedNode, LifecycleNode):
         self._cause = cause
         self._publish_status()
 
+    def _skipped_command_periods(self) -> int:
+        """Command periods since activation in which no tick started (the clock fell a whole period behind).
+
+        One definition for both command clocks: whole periods elapsed on the node's clock minus ticks run
+        (the one in progress may count once more until it starts)."""
+        if self._activated_at is None:
+            return 0
+        end = now_seconds(self) if self._deactivated_at is None else self._deactivated_at
+        elapsed = end - self._activated_at
+        return max(0, int(elapsed * self.runtime.command_rate_hz) - self._command_ticks)
+
     def _publish_status(self) -> None:
         with self._status_lock:
             self._publish_status_locked()
@@ -448,7 +464,8 @@ class PolicyNode(GuardedNode, LifecycleNode):
                            missed_deadlines=stats.missed_deadlines,
                            inference_rate=self.runner.inference_rate(now), skipped_cycles=stats.skipped_cycles,
                            callback_errors=self.guard.errors + self.runner.guard.errors,
-                           worker_restarts=stats.worker_restarts)
+                           worker_restarts=stats.worker_restarts,
+                           skipped_command_periods=self._skipped_command_periods())
         msg.header.stamp = to_stamp(now_seconds(self))
         self.status_pub.publish(msg)
 

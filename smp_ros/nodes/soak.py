@@ -188,7 +188,7 @@ class Monitor:
     def _on_policy(self, msg) -> None:
         counters = {"chunks": msg.chunks, "inference_missed_deadlines": msg.missed_deadlines,
                     "skipped_cycles": msg.skipped_cycles, "policy_callback_errors": msg.callback_errors,
-                    "worker_restarts": msg.worker_restarts}
+                    "worker_restarts": msg.worker_restarts, "skipped_command_periods": msg.skipped_command_periods}
         with self.lock:
             self.policy.append(soak.StatusSample(self._stamp(msg), bool(msg.holding), msg.reason, counters))
 

@@ -293,7 +293,8 @@ def format_table(report: dict) -> str:
     k = report["counters"]
     lines.append(f"callback errors: policy {k.get('policy_callback_errors', 0)}, arms "
                  f"{k.get('arm_callback_errors', 0)}; worker restarts {k.get('worker_restarts', 0)}; "
-                 f"skipped planning cycles {k.get('skipped_cycles', 0)}; late inference {k.get('inference_missed_deadlines', 0)}"
+                 f"skipped planning cycles {k.get('skipped_cycles', 0)}; command periods with no tick "
+                 f"{k.get('skipped_command_periods', 0)}; late inference {k.get('inference_missed_deadlines', 0)}"
                  f" of {k.get('chunks', 0)} chunks")
     for arm, a in report.get("arm_counters", {}).items():
         # Refused commands mean another publisher was heard: another system in this ROS domain.
