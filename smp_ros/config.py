@@ -171,9 +171,16 @@ class ExpertConfig:
     kernel_size: int = 5
     n_groups: int = 8
     step_embed_dim: int = 64
+    # How eq. 36's per-expert denoising errors are summed: "uniform" (the paper: every expert on every
+    # sample) or "gate": expert i's error weighted by K sg(g_i), g the gate its target is divided by
+    # (model.gate.coefficient_gate), so each expert spends its capacity where it carries the action
+    # (docs/POLICY.md, "Coefficient loss weight"; the measurement in docs/RESULTS.md 2h).
+    loss_weight: str = "uniform"
 
     def __post_init__(self) -> None:
         w = "model.expert"
+        _require(self.loss_weight in ("uniform", "gate"), f"{w}.loss_weight",
+                 f"expected 'uniform' or 'gate', got {self.loss_weight!r}")
         _require(len(self.down_dims) >= 1 and all(d >= 1 for d in self.down_dims), f"{w}.down_dims",
                  f"expected positive widths, got {self.down_dims}")
         _require(self.kernel_size % 2 == 1, f"{w}.kernel_size", f"expected an odd size, got {self.kernel_size}")

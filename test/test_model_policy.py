@@ -128,6 +128,39 @@ def test_router_coefficient_gate_divides_by_the_routers_mean_and_cuts_the_coeff_
     assert last < first / 4, (first, last)
 
 
+@pytest.mark.parametrize("coefficient_gate", ["posterior", "router"])
+def test_gate_weighted_coefficient_loss_scales_each_experts_gradient_by_k_times_its_gate(coefficient_gate):
+    """model.expert.loss_weight = "gate": expert i's denoising error (eq. 36) is weighted by K sg(g_i), g the
+    gate of its target (eq. 34). On one sample, with the same diffusion noise and timesteps, each expert's
+    parameter gradient is K g_i times the uniform sum's, g_i from torch.distributions' Dirichlet mean."""
+    grads, gates = {}, None
+    for weight in ("uniform", "gate"):
+        cfg = _cfg(gate__recon_gate="mean", gate__coefficient_gate=coefficient_gate, expert__loss_weight=weight)
+        p = _policy(cfg)
+        batch = _low_rank_batch(cfg, B=1, L=1)
+        p.fit_z_scale(batch)
+        torch.manual_seed(7)
+        out = p.compute_loss(batch, step=0)
+        grads[weight] = torch.autograd.grad(out["coeff"], list(p.experts.parameters()))
+        with torch.no_grad():
+            obs, _, _ = p._flatten_segments(batch)
+            s = p.encode(obs)
+            a = p.normalizer.normalize("action", batch["action"]).flatten(0, 1)
+            beta = p.gates.router(s) if coefficient_gate == "router" else p.gates.posterior(s, a)
+            gates = torch.distributions.Dirichlet(beta).mean[0]  # (K,)
+    K = gates.numel()
+    for g_uniform, g_gate in zip(grads["uniform"], grads["gate"]):
+        scale = (K * gates).reshape(-1, *([1] * (g_uniform.dim() - 1)))
+        assert (g_gate - scale * g_uniform).abs().max() <= 1e-5 * g_gate.abs().max()
+    assert gates.max() / gates.min() > 1.01  # the weights differ between experts here
+
+
+def test_loss_weight_rejects_an_unknown_name():
+    from smp_ros.config import ConfigError, ExpertConfig
+    with pytest.raises(ConfigError, match="model.expert.loss_weight"):
+        ExpertConfig(loss_weight="mass")
+
+
 def _train(p, batch, steps, lr=3e-3):
     opt = torch.optim.Adam(p.parameters(), lr=lr)
     first = last = None

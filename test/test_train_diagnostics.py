@@ -202,3 +202,50 @@ def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_pa
     saved = json.loads((tmp_path / "h" / "horizon_error.json").read_text())["horizon_error_rad"]
     assert set(saved) == {"demo_motion", "sampled"} and len(saved["sampled"]) == m.horizon
     assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root)]) == 2  # needs SMP
+
+
+def test_coefficient_error_by_rank_against_a_per_window_loop(setup):
+    """Every window's experts ranked by hand (numpy argsort of torch.distributions' Dirichlet mean of the
+    router), the targets of eq. 34 written out with the posterior's Dirichlet mean, and the per-rank RMS
+    accumulated in a Python loop; the sampled coefficients are the policy's own DDIM draw with the same noise."""
+    from smp_ros.data.dataset import WindowDataset, to_tensors
+    from smp_ros.train.diagnostics import coefficient_error_by_rank
+
+    _, cfg, cache, policy = setup
+    m = cfg.model
+    policy.eval()
+    result = coefficient_error_by_rank(policy, cache, [0, 1], windows=10 ** 6, seed=3)
+    windows = WindowDataset(cache, [0, 1], m.obs_steps, m.horizon, (), False)
+    obs = to_tensors(windows.batch(np.arange(len(windows))))
+    demo = obs.pop("action").float()
+    K = m.num_experts
+    with torch.no_grad():
+        s = policy.encode(obs)
+        a = policy.normalizer.normalize("action", demo).numpy().astype(np.float64)  # absolute frame
+        B = policy.skill_basis(s).numpy().astype(np.float64)
+        router = torch.distributions.Dirichlet(policy.gates.router(s)).mean.numpy()
+        posterior = torch.distributions.Dirichlet(policy.gates.posterior(s, torch.from_numpy(a).float())).mean.numpy()
+        noise = policy.initial_noise(len(demo), torch.Generator().manual_seed(3))
+        sampled = policy.denoise_experts(noise, s, torch.arange(K))[:, :, 0].numpy().astype(np.float64)  # (N, K, H)
+    scale = float(policy.z_scale) or 1.0  # an untrained policy diffuses z unscaled
+    sums = {k: np.zeros(K) for k in ("u", "x", "err", "contrib", "g", "gt")}
+    for n in range(len(demo)):
+        for rank, i in enumerate(np.argsort(-router[n], kind="stable")):
+            u = a[n] @ B[n][:, i]  # (H,)
+            x = u / (posterior[n, i] + m.z_eps) / scale
+            err = sampled[n, i] - x
+            sums["u"][rank] += (u ** 2).sum()
+            sums["x"][rank] += (x ** 2).sum()
+            sums["err"][rank] += (err ** 2).sum()
+            sums["contrib"][rank] += ((posterior[n, i] * scale * err) ** 2).sum()
+            sums["g"][rank] += router[n, i]
+            sums["gt"][rank] += posterior[n, i]
+    count = len(demo) * m.horizon
+    close = dict(rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(result["projection_rms"], np.sqrt(sums["u"] / count), **close)
+    np.testing.assert_allclose(result["target_x_rms"], np.sqrt(sums["x"] / count), **close)
+    np.testing.assert_allclose(result["sampled_x_error_rms"], np.sqrt(sums["err"] / count), **close)
+    np.testing.assert_allclose(result["contribution_error_rms"], np.sqrt(sums["contrib"] / count), **close)
+    np.testing.assert_allclose(result["router_gate"], sums["g"] / len(demo), **close)
+    np.testing.assert_allclose(result["target_gate"], sums["gt"] / len(demo), **close)
+    assert all(np.diff(result["router_gate"]) <= 1e-7)  # ranked: non-increasing

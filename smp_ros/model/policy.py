@@ -299,7 +299,10 @@ class SMPPolicy(_PolicyBase):
         noise = torch.randn_like(x0)
         tau = self.scheduler.sample_timesteps(x0.shape[:2], x0.device)  # (N, K): each expert its own tau
         pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device))
-        coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((1, 2, 3))  # (N,), eq. 36
+        coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((2, 3))  # (N, K), eq. 36 per expert
+        if cfg.expert.loss_weight == "gate":  # K sg(g_i): the weights sum to K, as the uniform sum's do
+            coeff = coeff * (cfg.num_experts * self.coefficient_gate(E_g, beta_router).detach())
+        coeff = coeff.sum(1)  # (N,)
 
         K = cfg.num_experts
         beta_seg = beta_hat.reshape(Bn, L, K)

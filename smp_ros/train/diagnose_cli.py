@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau-m", type=float, default=None, help="coverage threshold (default: the model's)")
     parser.add_argument("--horizon-error", action="store_true",
                         help="only the per chunk step joint error (diagnostics.horizon_error) on 512 windows of the "
-                             "episodes, for an SMP or a Diffusion Policy model; writes horizon_error.json")
+                             "episodes, for an SMP or a Diffusion Policy model, and for SMP each expert's coefficient "
+                             "error by the rank of its gate (diagnostics.coefficient_error_by_rank); writes "
+                             "horizon_error.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError, load_model
     from smp_ros.model.policy import SMPPolicy
-    from smp_ros.train.diagnostics import horizon_error, run_diagnostics
+    from smp_ros.train.diagnostics import coefficient_error_by_rank, horizon_error, run_diagnostics
     from smp_ros.train.trainer import data_config_for, state_dir
 
     try:
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             policy.eval()
             result = {"model": str(args.model), "episodes": len(episodes),
                       "horizon_error_rad": horizon_error(policy, cache, episodes)}
+            if isinstance(policy, SMPPolicy):
+                result["coefficient_error_by_gate_rank"] = coefficient_error_by_rank(policy, cache, episodes)
             out.mkdir(parents=True, exist_ok=True)
             (out / "horizon_error.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result))

@@ -410,3 +410,47 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
                                         torch.ones_like(E_g, dtype=torch.bool), every)  # (B, H, K)
         out["target_gates_sampled_coefficients"] = decoded(policy.coefficient_gate(E_g, beta_router), z)
     return out
+
+
+@torch.no_grad()
+def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 256,
+                              seed: int = 0) -> dict[str, list[float]]:
+    """How well each expert's coefficients are generated, by the rank of its router gate in each window
+    (rank 1 = the largest E[g | s]), on ``windows`` fixed held-out windows with fixed sampling noise,
+    every expert denoised. Lists of K values, one per rank, in the normalizer's units of the model's
+    action frame: ``router_gate`` and ``target_gate`` (the gate the targets are divided by, eq. 34) means;
+    ``projection_rms`` the RMS of u = B(s)^T a (the action's component along the expert's direction);
+    ``target_x_rms`` the RMS of the diffusion variable the expert is trained on, x = z_sg / z_scale;
+    ``sampled_x_error_rms`` the RMS of the sampled x minus that target; ``contribution_error_rms`` the
+    same error decoded, g z_scale (x_sampled - x), i.e. the error of the action along b_i. An expert whose
+    x error is as large as its target's RMS has learned nothing about its coefficient beyond its scale."""
+    m = policy.cfg
+    held_out = _held_out_windows(policy, cache, episodes, windows, seed)
+    if held_out is None:
+        return {}
+    batch, demo = held_out
+    s = policy.encode(batch)
+    Bm = policy.skill_basis(s).float()  # (B, D, K)
+    a = policy.chunk_target(demo, batch["qpos"])  # (B, H, D)
+    E_g = dirichlet_mean(policy.gates.posterior(s, a)).float()
+    beta_router = policy.gates.router(s)
+    gate = policy.coefficient_gate(E_g, beta_router).float()  # (B, K)
+    scale = policy.coefficients(torch.ones((), device=s.device)).float()
+    x_target = policy.coefficient_target(a, Bm, E_g, beta_router).float() / scale  # (B, H, K)
+    every = torch.arange(m.num_experts, device=s.device)
+    x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
+    x_sampled = policy.denoise_experts(x, s, every)[:, :, 0].transpose(1, 2).float()  # (B, H, K)
+    order = policy.route(s).float().argsort(-1, descending=True)  # (B, K): experts by router gate
+
+    def by_rank(t: torch.Tensor) -> list[float]:  # (B, H, K) -> RMS per rank
+        ranked = torch.gather(t, 2, order.unsqueeze(1).expand_as(t))
+        return ranked.pow(2).mean((0, 1)).sqrt().cpu().tolist()
+
+    def mean_by_rank(t: torch.Tensor) -> list[float]:  # (B, K) -> mean per rank
+        return torch.gather(t, 1, order).mean(0).cpu().tolist()
+
+    error = x_sampled - x_target
+    return {"router_gate": mean_by_rank(policy.route(s).float()), "target_gate": mean_by_rank(gate),
+            "projection_rms": by_rank(a.float() @ Bm), "target_x_rms": by_rank(x_target),
+            "sampled_x_error_rms": by_rank(error),
+            "contribution_error_rms": by_rank(gate.unsqueeze(1) * scale * error)}
