@@ -217,6 +217,26 @@ def test_unplugged_bus_stops_feedback_and_drops_commands(bench):
     assert bench.joints_mdeg()[0] == 0  # the command sent while unplugged never arrived
 
 
+def test_a_diverged_plant_sends_no_feedback_and_the_firmware_loop_lives_on(bench):
+    """NaN or inf in the plant's state (what a diverged simulation leaves) must not end the firmware loop
+    (an int16 field cannot hold it): those ticks send nothing, are counted, and feedback resumes with
+    the first finite state."""
+    bench.enable_can_mode()
+    bench.step(0.05)
+    last = bench.sdk.GetArmJointMsgs().time_stamp
+    for bad in (np.nan, np.inf):
+        bench.rig.plant._qd[2] = bad  # the emulator alone advances below: the plant keeps this state
+        sent, skipped = bench.emu.frames_sent, bench.emu.nonfinite_ticks
+        bench.emu.advance(0.02)  # four ticks at 200 Hz, no plant step in between
+        assert bench.emu.frames_sent == sent
+        assert bench.emu.nonfinite_ticks == skipped + 4
+        assert bench.sdk.GetArmJointMsgs().time_stamp == last
+    bench.rig.plant._qd[:] = 0.0
+    bench.emu.advance(0.005)
+    assert wait_until_parsed(bench.sdk, bench.emu.last_feedback_time)
+    assert bench.sdk.GetArmJointMsgs().time_stamp > last
+
+
 def test_two_arms_on_different_channels_do_not_hear_each_other(request):
     a, b = Bench(request.node.name + "-a"), Bench(request.node.name + "-b")
     try:

@@ -223,6 +223,8 @@ class PiperCanEmulator:
         self.frames_sent = 0
         self.commands_received = 0
         self.unplugged = False
+        # Feedback ticks not sent because the plant's state was not finite (a diverged simulation).
+        self.nonfinite_ticks = 0
         # Firmware state.
         self.enabled = False
         self.gripper_enabled = False
@@ -448,6 +450,13 @@ class PiperCanEmulator:
         qd = self.plant.joint_velocities()
         tau = self.plant.joint_efforts()
         g = float(self.plant.gripper_opening())
+        g_effort = float(self.plant.gripper_effort())
+        if not (np.isfinite(q).all() and np.isfinite(qd).all() and np.isfinite(tau).all()
+                and math.isfinite(g) and math.isfinite(g_effort)):
+            # A diverged plant (NaN or inf state): no firmware reports such values, so this tick sends
+            # nothing; the driver then sees its feedback go stale and holds, as after a cable fault.
+            self.nonfinite_ticks += 1
+            return
         frames: list[tuple[int, bytes]] = []
         add = frames.append
         joints = _JOINTS_FB.pack(*np.rint(np.degrees(q) * 1000.0).astype(np.int64).tolist())
@@ -457,7 +466,7 @@ class PiperCanEmulator:
         # is passed through unscaled (0.001 units), so simulated gripper effort reads in newtons.
         g_status = DRIVER_ENABLED_BIT if self.gripper_enabled else 0
         add((ID_GRIPPER, _GRIPPER_FB.pack(int(round(g * 1e6)),
-                                          _clamp_int(self.plant.gripper_effort() * 1000, -32768, 32767),
+                                          _clamp_int(g_effort * 1000, -32768, 32767),
                                           g_status)))
         pose = _JOINTS_FB.pack(*[int(round(v * 1000)) for v in end_pose(q.tolist())])  # 0.001 mm, 0.001 deg
         for k, can_id in enumerate(ID_END_POSE):
