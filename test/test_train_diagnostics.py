@@ -249,3 +249,68 @@ def test_coefficient_error_by_rank_against_a_per_window_loop(setup):
     np.testing.assert_allclose(result["router_gate"], sums["g"] / len(demo), **close)
     np.testing.assert_allclose(result["target_gate"], sums["gt"] / len(demo), **close)
     assert all(np.diff(result["router_gate"]) <= 1e-7)  # ranked: non-increasing
+
+
+def test_error_along_basis_by_rank_against_a_per_window_loop(setup, tmp_path):
+    """Both policies' chunks drawn with the seeded noise the function uses, then every window's error
+    projected on each column of B(s) by hand and ranked by numpy's argsort of torch.distributions' Dirichlet
+    mean of the router; also the CLI end to end and its refusal of a reference with another horizon."""
+    from smp_ros.data.dataset import WindowDataset, to_tensors
+    from smp_ros.train.diagnostics import error_along_basis_by_rank
+
+    _, cfg, cache, policy = setup
+    m = cfg.model
+    policy.eval()
+    dense = preset("tiny")
+    dense.model.policy = "dense_dp"
+    torch.manual_seed(1)
+    dp = build_policy(dense.model)
+    dp.set_normalizer(cache.stats)
+    dp.eval()
+    result = error_along_basis_by_rank(policy, dp, cache, [0, 1], windows=10 ** 6, seed=5)
+    windows = WindowDataset(cache, [0, 1], m.obs_steps, m.horizon, (), False)
+    obs = to_tensors(windows.batch(np.arange(len(windows))))
+    demo = obs.pop("action").float()
+    K = m.num_experts
+    with torch.no_grad():
+        s = policy.encode(obs)
+        B = policy.skill_basis(s).numpy().astype(np.float64)
+        router = torch.distributions.Dirichlet(policy.gates.router(s)).mean.numpy()
+        chunks = {"demo": demo,
+                  "smp_sampled": policy.predict_action(obs, generator=torch.Generator().manual_seed(5)).action,
+                  "smp_all_experts": policy.predict_action(obs, generator=torch.Generator().manual_seed(5),
+                                                           active=list(range(K))).action,
+                  "reference": dp.predict_action(obs, generator=torch.Generator().manual_seed(5)).action}
+    a = policy.normalizer.normalize("action", demo).numpy().astype(np.float64)  # the tiny preset: absolute frame
+    for name, chunk in chunks.items():
+        delta = policy.normalizer.normalize("action", chunk.float()).numpy().astype(np.float64)
+        if name != "demo":
+            delta = delta - a
+        first, whole = np.zeros(K), np.zeros(K)
+        for n in range(len(demo)):
+            for rank, i in enumerate(np.argsort(-router[n], kind="stable")):
+                u = delta[n] @ B[n][:, i]  # (H,)
+                first[rank] += u[0] ** 2
+                whole[rank] += (u ** 2).sum()
+        np.testing.assert_allclose(result[name]["first_step"], np.sqrt(first / len(demo)), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(result[name]["chunk"], np.sqrt(whole / (len(demo) * m.horizon)), rtol=1e-3,
+                                   atol=1e-6)
+    assert not np.allclose(result["reference"]["chunk"], result["smp_all_experts"]["chunk"])
+
+    save_model(policy, cfg, tmp_path / "smp")
+    save_model(dp, dense, tmp_path / "dp")
+    argv = ["diagnose", "--model", str(tmp_path / "smp"), "--data", str(cache.root), "--out", str(tmp_path / "h"),
+            "--horizon-error", "--reference", str(tmp_path / "dp")]
+    assert cli.main(argv) == 0
+    saved = json.loads((tmp_path / "h" / "horizon_error.json").read_text())
+    assert set(saved["error_along_basis_by_gate_rank"]) == {"demo", "smp_sampled", "smp_all_experts", "reference"}
+    assert len(saved["reference_horizon_error_rad"]["sampled"]) == m.horizon
+    assert cli.main(argv[:-3] + ["--reference", str(tmp_path / "dp")]) == 2  # --reference needs --horizon-error
+    other = preset("tiny")
+    other.model.policy = "dense_dp"
+    other.model.horizon = m.horizon * 2
+    other.model.__post_init__()
+    longer = build_policy(other.model)
+    longer.set_normalizer(cache.stats)
+    save_model(longer, other, tmp_path / "dp16")
+    assert cli.main(argv[:-1] + [str(tmp_path / "dp16")]) == 2  # another horizon: a clear error, exit 2

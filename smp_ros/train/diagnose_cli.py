@@ -2,6 +2,7 @@
 
     smp-ros diagnose --model MODEL_DIR --data BAGS_OR_CACHE [--out DIR] [--episodes all|val]
     smp-ros diagnose --horizon-error ...   per chunk step error of any model (SMP or Diffusion Policy)
+    smp-ros diagnose --horizon-error --model SMP_DIR --reference DP_DIR ...   both errors along SMP's basis
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "episodes, for an SMP or a Diffusion Policy model, and for SMP each expert's coefficient "
                              "error by the rank of its gate (diagnostics.coefficient_error_by_rank); writes "
                              "horizon_error.json")
+    parser.add_argument("--reference", type=Path, default=None, metavar="MODEL_DIR",
+                        help="with --horizon-error and an SMP --model: a second model (e.g. Diffusion Policy, same "
+                             "T_o and H) whose chunk error is also projected on the SMP model's basis by gate rank "
+                             "(diagnostics.error_along_basis_by_rank), beside SMP's own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError, load_model
     from smp_ros.model.policy import SMPPolicy
-    from smp_ros.train.diagnostics import coefficient_error_by_rank, horizon_error, run_diagnostics
+    from smp_ros.train.diagnostics import (coefficient_error_by_rank, error_along_basis_by_rank, horizon_error,
+                                           run_diagnostics)
     from smp_ros.train.trainer import data_config_for, state_dir
 
     try:
@@ -48,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
         policy, cfg = load_model(args.model, overrides=overrides, map_location=args.device)
         if not isinstance(policy, SMPPolicy) and not args.horizon_error:
             raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
+        if args.reference is not None and not (args.horizon_error and isinstance(policy, SMPPolicy)):
+            raise ConfigError(f"--reference {args.reference}: needs --horizon-error and an SMP --model "
+                              f"(got model.policy = {cfg.model.policy!r})")
+        reference = None
+        if args.reference is not None:
+            reference, ref_cfg = load_model(args.reference, map_location=args.device)
+            if data_config_for(ref_cfg) != data_config_for(cfg):
+                raise ConfigError(f"--reference {args.reference}: its data settings (topics, rates, cameras) differ "
+                                  f"from {args.model}'s, so the two cannot be compared on the same windows")
+            reference.eval()
         cache = prepare_cache([str(p) for p in args.data], data_config_for(cfg), cache_dir=args.cache, task=args.task,
                               override_task=args.override_task)
         print(cache.summary_text())
@@ -61,13 +77,18 @@ def run(args: argparse.Namespace) -> int:
                       "horizon_error_rad": horizon_error(policy, cache, episodes)}
             if isinstance(policy, SMPPolicy):
                 result["coefficient_error_by_gate_rank"] = coefficient_error_by_rank(policy, cache, episodes)
+            if reference is not None:
+                result["reference"] = str(args.reference)
+                result["reference_horizon_error_rad"] = horizon_error(reference, cache, episodes)
+                result["error_along_basis_by_gate_rank"] = error_along_basis_by_rank(policy, reference, cache,
+                                                                                   episodes)
             out.mkdir(parents=True, exist_ok=True)
             (out / "horizon_error.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result))
             print(f"wrote {out / 'horizon_error.json'}")
             return 0
         result = run_diagnostics(policy, cache, episodes, out)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"smp-ros diagnose: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result["summary"], indent=1))

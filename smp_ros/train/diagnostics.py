@@ -454,3 +454,48 @@ def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[i
             "projection_rms": by_rank(a.float() @ Bm), "target_x_rms": by_rank(x_target),
             "sampled_x_error_rms": by_rank(error),
             "contribution_error_rms": by_rank(gate.unsqueeze(1) * scale * error)}
+
+
+@torch.no_grad()
+def error_along_basis_by_rank(policy: Any, reference: Any, cache: DatasetCache, episodes: list[int],
+                              windows: int = 256, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """Where a reference policy (e.g. Diffusion Policy) errs less than SMP: the error of each sampled chunk
+    against the demonstrated one, projected on SMP's skill basis B(s) and ranked by SMP's router gate
+    (rank 1 = the largest E[g | s]), on ``windows`` fixed held-out windows with fixed sampling noise.
+
+    The chunks are compared in SMP's normalizer units of its action frame, so the components along the b_i
+    of every policy are commensurable. Each entry holds ``first_step`` (the RMS of b_i^T (a_hat - a) at
+    h = 0, the step a real-time loop executes first) and ``chunk`` (over all H steps), one value per rank:
+    ``demo`` the demonstrated chunk's own component (the scale to compare with), ``smp_sampled`` SMP with its
+    own selection, ``smp_all_experts`` every expert active, ``reference`` the reference policy's chunk. The
+    two models must share T_o and H so that they see the same windows."""
+    m, r = policy.cfg, reference.cfg
+    if (m.obs_steps, m.horizon) != (r.obs_steps, r.horizon):
+        raise ValueError(f"the reference model has T_o = {r.obs_steps}, H = {r.horizon}; the SMP model "
+                         f"T_o = {m.obs_steps}, H = {m.horizon}: they must be equal to compare the same windows")
+    held_out = _held_out_windows(policy, cache, episodes, windows, seed)
+    ref_held_out = _held_out_windows(reference, cache, episodes, windows, seed)
+    if held_out is None or ref_held_out is None:
+        return {}
+    batch, demo = held_out
+    ref_batch, ref_demo = ref_held_out
+    if not torch.equal(demo.cpu(), ref_demo.cpu()):
+        raise ValueError("the reference model's windows differ from the SMP model's (different data settings)")
+    s = policy.encode(batch)
+    Bm = policy.skill_basis(s).float()  # (B, D, K)
+    a = policy.chunk_target(demo, batch["qpos"]).float()  # (B, H, D)
+    order = policy.route(s).float().argsort(-1, descending=True)  # (B, K)
+
+    def along(delta: torch.Tensor) -> dict[str, list[float]]:  # (B, H, D) -> per-rank RMS of b_i^T delta
+        u = delta @ Bm  # (B, H, K)
+        ranked = torch.gather(u, 2, order.unsqueeze(1).expand_as(u))
+        return {"first_step": ranked[:, 0].pow(2).mean(0).sqrt().cpu().tolist(),
+                "chunk": ranked.pow(2).mean((0, 1)).sqrt().cpu().tolist()}
+
+    def error(p: Any, obs: dict[str, torch.Tensor], active: list[int] | None = None) -> dict[str, list[float]]:
+        pred = p.predict_action(obs, generator=torch.Generator(p.device).manual_seed(seed), active=active)
+        return along(policy.chunk_target(pred.action.float().to(a.device), batch["qpos"]).float() - a)
+
+    return {"demo": along(a), "smp_sampled": error(policy, batch),
+            "smp_all_experts": error(policy, batch, list(range(m.num_experts))),
+            "reference": error(reference, ref_batch)}
