@@ -330,8 +330,16 @@ class SimNode(GuardedNode, Node):
         arms' CAN feedback, so the drivers report stale feedback and nothing moves) stops until the
         next reset_episode; the node lives on."""
         self.unstable = reason
-        self.get_logger().error(f"episode {self.episode}: {reason}; physics halted until the next episode reset")
+        withheld = self.withheld_feedback_ticks()
+        self.get_logger().error(f"episode {self.episode}: {reason}; physics halted until the next episode reset"
+                                + (f" ({withheld} CAN feedback tick(s) withheld so far for a non-finite arm state)"
+                                   if withheld else ""))
         self._publish_status()
+
+    def withheld_feedback_ticks(self) -> int:
+        """CAN feedback ticks the current world's emulators sent nothing for, because the simulated arm's
+        state was not finite (a diverging simulation, before its instability check ends the episode)."""
+        return sum(emu.nonfinite_ticks for emu in self.emulators.values())
 
     def _begin_episode(self) -> None:
         self.episode += 1
