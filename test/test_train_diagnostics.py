@@ -204,26 +204,39 @@ def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_pa
     assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root)]) == 2  # needs SMP
 
 
+def _every_window(policy, cache):
+    """Every window of episodes 0 and 1 (no cameras): the observation batch and the demonstrated chunks."""
+    from smp_ros.data.dataset import WindowDataset, to_tensors
+
+    m = policy.cfg
+    windows = WindowDataset(cache, [0, 1], m.obs_steps, m.horizon, (), False)
+    obs = to_tensors(windows.batch(np.arange(len(windows))))
+    return obs, obs.pop("action").float()
+
+
+@torch.no_grad()
+def _basis_and_router(policy, obs):
+    """s, B(s) in float64 and the router's Dirichlet mean from torch.distributions (the independent reference)."""
+    s = policy.encode(obs)
+    return (s, policy.skill_basis(s).numpy().astype(np.float64),
+            torch.distributions.Dirichlet(policy.gates.router(s)).mean.numpy())
+
+
 def test_coefficient_error_by_rank_against_a_per_window_loop(setup):
     """Every window's experts ranked by hand (numpy argsort of torch.distributions' Dirichlet mean of the
     router), the targets of eq. 34 written out with the posterior's Dirichlet mean, and the per-rank RMS
     accumulated in a Python loop; the sampled coefficients are the policy's own DDIM draw with the same noise."""
-    from smp_ros.data.dataset import WindowDataset, to_tensors
     from smp_ros.train.diagnostics import coefficient_error_by_rank
 
     _, cfg, cache, policy = setup
     m = cfg.model
     policy.eval()
     result = coefficient_error_by_rank(policy, cache, [0, 1], windows=10 ** 6, seed=3)
-    windows = WindowDataset(cache, [0, 1], m.obs_steps, m.horizon, (), False)
-    obs = to_tensors(windows.batch(np.arange(len(windows))))
-    demo = obs.pop("action").float()
+    obs, demo = _every_window(policy, cache)
     K = m.num_experts
+    s, B, router = _basis_and_router(policy, obs)
     with torch.no_grad():
-        s = policy.encode(obs)
         a = policy.normalizer.normalize("action", demo).numpy().astype(np.float64)  # absolute frame
-        B = policy.skill_basis(s).numpy().astype(np.float64)
-        router = torch.distributions.Dirichlet(policy.gates.router(s)).mean.numpy()
         posterior = torch.distributions.Dirichlet(policy.gates.posterior(s, torch.from_numpy(a).float())).mean.numpy()
         noise = policy.initial_noise(len(demo), torch.Generator().manual_seed(3))
         sampled = policy.denoise_experts(noise, s, torch.arange(K))[:, :, 0].numpy().astype(np.float64)  # (N, K, H)
@@ -255,7 +268,6 @@ def test_error_along_basis_by_rank_against_a_per_window_loop(setup, tmp_path):
     """Both policies' chunks drawn with the seeded noise the function uses, then every window's error
     projected on each column of B(s) by hand and ranked by numpy's argsort of torch.distributions' Dirichlet
     mean of the router; also the CLI end to end and its refusal of a reference with another horizon."""
-    from smp_ros.data.dataset import WindowDataset, to_tensors
     from smp_ros.train.diagnostics import error_along_basis_by_rank
 
     _, cfg, cache, policy = setup
@@ -268,14 +280,10 @@ def test_error_along_basis_by_rank_against_a_per_window_loop(setup, tmp_path):
     dp.set_normalizer(cache.stats)
     dp.eval()
     result = error_along_basis_by_rank(policy, dp, cache, [0, 1], windows=10 ** 6, seed=5)
-    windows = WindowDataset(cache, [0, 1], m.obs_steps, m.horizon, (), False)
-    obs = to_tensors(windows.batch(np.arange(len(windows))))
-    demo = obs.pop("action").float()
+    obs, demo = _every_window(policy, cache)
     K = m.num_experts
+    _, B, router = _basis_and_router(policy, obs)
     with torch.no_grad():
-        s = policy.encode(obs)
-        B = policy.skill_basis(s).numpy().astype(np.float64)
-        router = torch.distributions.Dirichlet(policy.gates.router(s)).mean.numpy()
         chunks = {"demo": demo,
                   "smp_sampled": policy.predict_action(obs, generator=torch.Generator().manual_seed(5)).action,
                   "smp_all_experts": policy.predict_action(obs, generator=torch.Generator().manual_seed(5),
