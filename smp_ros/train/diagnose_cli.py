@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out / 'horizon_error.json'}")
             return 0
         result = run_diagnostics(policy, cache, episodes, out)
-    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"smp-ros diagnose: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result["summary"], indent=1))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import ARM_JOINT_INDICES
+from smp_ros.config import ARM_JOINT_INDICES, ConfigError
 from smp_ros.model.gates import dirichlet_mean
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.dataset import WindowDataset, to_tensors
@@ -412,6 +412,11 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
     return out
 
 
+def _ranked(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(B, H, K) values per expert -> the same per gate rank, ``order`` (B, K) the experts by descending gate."""
+    return torch.gather(t, 2, order.unsqueeze(1).expand_as(t))
+
+
 @torch.no_grad()
 def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[int], windows: int = 256,
                               seed: int = 0) -> dict[str, list[float]]:
@@ -443,8 +448,7 @@ def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[i
     order = policy.route(s).float().argsort(-1, descending=True)  # (B, K): experts by router gate
 
     def by_rank(t: torch.Tensor) -> list[float]:  # (B, H, K) -> RMS per rank
-        ranked = torch.gather(t, 2, order.unsqueeze(1).expand_as(t))
-        return ranked.pow(2).mean((0, 1)).sqrt().cpu().tolist()
+        return _ranked(t, order).pow(2).mean((0, 1)).sqrt().cpu().tolist()
 
     def mean_by_rank(t: torch.Tensor) -> list[float]:  # (B, K) -> mean per rank
         return torch.gather(t, 1, order).mean(0).cpu().tolist()
@@ -471,7 +475,7 @@ def error_along_basis_by_rank(policy: Any, reference: Any, cache: DatasetCache, 
     two models must share T_o and H so that they see the same windows."""
     m, r = policy.cfg, reference.cfg
     if (m.obs_steps, m.horizon) != (r.obs_steps, r.horizon):
-        raise ValueError(f"the reference model has T_o = {r.obs_steps}, H = {r.horizon}; the SMP model "
+        raise ConfigError(f"the reference model has T_o = {r.obs_steps}, H = {r.horizon}; the SMP model "
                          f"T_o = {m.obs_steps}, H = {m.horizon}: they must be equal to compare the same windows")
     held_out = _held_out_windows(policy, cache, episodes, windows, seed)
     ref_held_out = _held_out_windows(reference, cache, episodes, windows, seed)
@@ -480,15 +484,14 @@ def error_along_basis_by_rank(policy: Any, reference: Any, cache: DatasetCache, 
     batch, demo = held_out
     ref_batch, ref_demo = ref_held_out
     if not torch.equal(demo.cpu(), ref_demo.cpu()):
-        raise ValueError("the reference model's windows differ from the SMP model's (different data settings)")
+        raise ConfigError("the reference model's windows differ from the SMP model's (different data settings)")
     s = policy.encode(batch)
     Bm = policy.skill_basis(s).float()  # (B, D, K)
     a = policy.chunk_target(demo, batch["qpos"]).float()  # (B, H, D)
     order = policy.route(s).float().argsort(-1, descending=True)  # (B, K)
 
     def along(delta: torch.Tensor) -> dict[str, list[float]]:  # (B, H, D) -> per-rank RMS of b_i^T delta
-        u = delta @ Bm  # (B, H, K)
-        ranked = torch.gather(u, 2, order.unsqueeze(1).expand_as(u))
+        ranked = _ranked(delta @ Bm, order)  # (B, H, K)
         return {"first_step": ranked[:, 0].pow(2).mean(0).sqrt().cpu().tolist(),
                 "chunk": ranked.pow(2).mean((0, 1)).sqrt().cpu().tolist()}
 
