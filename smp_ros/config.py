@@ -176,6 +176,11 @@ class ExpertConfig:
     # (model.gate.coefficient_gate), so each expert spends its capacity where it carries the action
     # (docs/POLICY.md, "Coefficient loss weight"; the measurement in docs/RESULTS.md 2h).
     loss_weight: str = "uniform"
+    # Each expert also reads its own coordinate of the measured configuration, b_i(s)^T q_t divided like
+    # its target (SMPPolicy.expert_anchor), as a second input channel, so that it can start its chunk
+    # where the arms are as the dense policy does from q_t in its state. Not in the paper: off by default
+    # (docs/POLICY.md, "Expert anchor"; the ablation in docs/RESULTS.md).
+    anchor: bool = False
 
     def __post_init__(self) -> None:
         w = "model.expert"

@@ -2,6 +2,7 @@
 stacked layers (training form and inference form) equal PyTorch's reference layers with each expert's
 weights, and the network's two forms agree."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,3 +130,57 @@ def test_per_expert_diffusion_steps_and_shapes():
     assert out.shape == x.shape
     emb = sinusoidal_embedding(torch.tensor([0, 7]), 8)
     assert emb.shape == (2, 8) and torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def _anchored_pair():
+    """An anchored network and a plain one with the same weights everywhere but the anchor channel's
+    taps of the first layer (its convolution and its 1x1 skip), which the plain one does not have."""
+    torch.manual_seed(3)
+    anchored = StackedUnet1D(K, 1, 12, (8, 16), kernel_size=5, n_groups=4, step_embed_dim=8, input_asinh=True,
+                             anchor=True).double()
+    plain = _unet()
+    first = anchored.down[0][0]
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            q = dict(anchored.named_parameters())[name]
+            if q.shape == p.shape:
+                p.copy_(q)
+            else:  # the first layer: input channel 0 is x, channel 1 the anchor
+                assert q.shape[2] == p.shape[2] + 1 and name.startswith("down.0.0."), name
+                p.copy_(q[:, :, :1])
+    return anchored, plain, first
+
+
+def test_the_anchor_is_one_more_input_channel_constant_over_the_horizon():
+    """With the anchor channel's weights zeroed the anchored network is the plain one (whatever the
+    anchor); with them, moving an expert's anchor moves that expert's output and no other's, and the
+    inference form agrees with the training form in double precision."""
+    anchored, plain, first = _anchored_pair()
+    M, H = 3, 8
+    active = torch.tensor([5, 0, 2])
+    x = torch.randn(M, 3, 1, H, dtype=torch.float64)
+    tau, state = torch.tensor([3, 50, 99]), torch.randn(M, 12, dtype=torch.float64)
+    anchor = 4 * torch.randn(M, 3, dtype=torch.float64)
+    out = anchored(x, tau, state, active, anchor)
+    torch.testing.assert_close(anchored.run(x, tau, state, anchored.gather(active), anchor), out, atol=1e-12, rtol=0)
+    moved = anchor.clone()
+    moved[:, 1] += 1.0
+    changed = (anchored(x, tau, state, active, moved) - out).abs().amax((0, 2, 3))
+    assert changed[1] > 1e-3 and changed[0] == 0 and changed[2] == 0
+    with torch.no_grad():
+        first.block1.conv.weight[:, :, 1:].zero_()
+        first.skip.weight[:, :, 1:].zero_()
+    torch.testing.assert_close(anchored(x, tau, state, active, anchor), plain(x, tau, state, active),
+                               atol=1e-12, rtol=0)
+
+
+def test_the_anchor_is_required_exactly_when_the_network_reads_one():
+    anchored, plain, _ = _anchored_pair()
+    x, tau, state, active = torch.randn(2, 2, 1, 8).double(), torch.tensor([1, 2]), torch.randn(2, 12).double(), \
+        torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"anchor is on.*\(M, E\) = \(2, 2\), got None"):
+        anchored(x, tau, state, active)
+    with pytest.raises(ValueError, match=r"got \(2, 3\)"):
+        anchored.run(x, tau, state, anchored.gather(active), torch.zeros(2, 3).double())
+    with pytest.raises(ValueError, match="reads no anchor"):
+        plain(x, tau, state, active, torch.zeros(2, 2).double())

@@ -341,7 +341,7 @@ def test_sampling_decodes_what_training_encodes():
     p.route = lambda s_: posterior
     sched = p.scheduler
 
-    def oracle(x, tau, s_, weights):  # the eps that makes DDIM's clean-sample estimate exactly x0
+    def oracle(x, tau, s_, weights, anchor=None):  # the eps that makes DDIM's clean-sample estimate exactly x0
         ab = sched.alphas_cumprod[tau].reshape(-1, 1, 1, 1)
         return (x - ab.sqrt() * x0[:, weights.experts]) / (1 - ab).sqrt()
 
@@ -383,3 +383,55 @@ def test_relative_actions_are_offsets_from_the_newest_joint_positions(policy):
 def test_action_frame_is_checked():
     with pytest.raises(ValueError, match="model.action_frame"):
         _cfg(action_frame="delta")
+
+
+def test_expert_anchor_is_each_experts_coordinate_of_the_measured_configuration():
+    """Against a per-sample, per-expert loop: c_i = b_i(s) . clip(normalize(q_t)) / (E[g_i | s] + eps) /
+    z_scale, with the router's Dirichlet mean from torch.distributions; and a chunk that holds q_t
+    (under the router coefficient gate, where the target is divided by the same gate) has the anchor
+    as its diffusion target at every step."""
+    import numpy as np
+
+    cfg = _cfg(expert__anchor=True, gate__coefficient_gate="router", action_frame="absolute")
+    p = _policy(cfg)
+    p.z_scale.fill_(0.37)
+    p._z_scale_fitted = True
+    B = 5
+    qpos = torch.randn(B, cfg.obs_steps, D) * 0.6
+    qpos[0, -1, 3] = 2.4  # outside the actions' range [-1, 1]: held at the bound
+    with torch.no_grad():
+        s = p.encode({"qpos": qpos, "task": torch.arange(B) % 4})
+        Bm, beta = p.skill_basis(s), p.gates.router(s)
+        got = p.expert_anchor(qpos, Bm, p.route(s))
+    g_bar = torch.distributions.Dirichlet(beta.double()).mean.numpy()
+    q = np.clip(qpos[:, -1].double().numpy(), -1.5, 1.5)  # STATS: actions in [-1, 1] -> identity
+    want = np.zeros((B, cfg.num_experts))
+    for n in range(B):
+        for i in range(cfg.num_experts):
+            want[n, i] = sum(Bm[n, d, i].item() * q[n, d] for d in range(D)) / (g_bar[n, i] + cfg.z_eps) / 0.37
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, atol=1e-5)
+
+    hold = qpos[:, -1:, :].expand(B, cfg.horizon, D).clamp(-1.5, 1.5)
+    a = p.chunk_target(hold, qpos)
+    target = p.coefficient_target(a, Bm, torch.full((B, cfg.num_experts), 0.5), beta) / 0.37  # E_q[g] unused
+    torch.testing.assert_close(target, got.unsqueeze(1).expand_as(target), atol=1e-5, rtol=1e-5)
+    assert p.expert_anchor(qpos, Bm, p.route(s)) is not None and \
+        _policy(_cfg()).expert_anchor(qpos, Bm, p.route(s)) is None
+
+
+def test_an_anchored_policy_trains_and_its_sampled_chunk_depends_on_the_anchor():
+    cfg = _cfg(expert__anchor=True)
+    p = _policy(cfg)
+    batch = _low_rank_batch(cfg)
+    first, last = _train(p, batch, steps=30)
+    assert last < first
+    obs = {"qpos": batch["qpos"][:, 0], "task": batch["task"]}
+    out = p.predict_action(obs, generator=torch.Generator().manual_seed(0), active=[0, 2])
+    assert torch.isfinite(out.action).all()
+    # The same sampling with the anchor channel's weights zeroed differs: the anchor is read.
+    first = p.experts.down[0][0]
+    with torch.no_grad():
+        first.block1.conv.weight[:, :, 1:].zero_()
+        first.skip.weight[:, :, 1:].zero_()
+    blind = p.predict_action(obs, generator=torch.Generator().manual_seed(0), active=[0, 2])
+    assert (blind.action - out.action).abs().max() > 1e-4

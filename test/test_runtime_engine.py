@@ -248,3 +248,38 @@ def test_warmup_observation_has_the_configured_camera_frame_size():
     assert default.example_observation()["images"].shape[3:5] == tuple(policy.cfg.encoder.image_size)
     with pytest.raises(ConfigError, match="runtime.camera_size"):
         RuntimeConfig(camera_size=(0, 64))
+
+
+@pytest.fixture(scope="module")
+def anchored_dir(tmp_path_factory):
+    torch.manual_seed(3)
+    cfg = preset("tiny")
+    cfg.model.expert.anchor = True
+    policy = build_policy(cfg.model)
+    policy.set_normalizer(_stats())
+    policy.z_scale.fill_(1.7)
+    return save_model(policy, cfg, tmp_path_factory.mktemp("tiny_smp_anchor"))
+
+
+def test_an_anchored_model_infers_as_its_policy_and_exports(anchored_dir):
+    """model.expert.anchor: the engine's denoising loop hands each active expert its anchor, as
+    predict_action does; the exported expert module takes it as a fifth input."""
+    engine = InferenceEngine(anchored_dir, RuntimeConfig(backend="eager", device="cpu", threads=1))
+    assert engine.cfg.expert.anchor
+    for seed, active in ((0, None), (1, [2, 0])):
+        obs = _obs(engine, seed)
+        result = engine.infer(obs, seed=seed, active=active)
+        np.testing.assert_array_equal(result.action, _reference(engine, obs, seed, active).action[0].numpy())
+    errors = check_export(engine.policy, (2,), torch.device("cpu"))
+    assert max(errors.values()) <= 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_engine_of_an_anchored_model_matches_eager(anchored_dir):
+    eager_engine = InferenceEngine(anchored_dir, RuntimeConfig(backend="eager", device="cpu", threads=1))
+    engine = InferenceEngine(anchored_dir, RuntimeConfig(backend="compiled", device="cpu", threads=1), max_active=2)
+    assert engine.backend_name == "compiled"
+    for seed, active in ((0, [1, 3]), (4, [0, 2])):
+        obs = _obs(eager_engine, seed)
+        got, want = engine.infer(obs, seed=seed, active=active), eager_engine.infer(obs, seed=seed, active=active)
+        np.testing.assert_allclose(got.action, want.action, atol=FP32_ATOL, rtol=0)

@@ -254,20 +254,24 @@ class GatheredExperts(NamedTuple):
 class StackedUnet1D(nn.Module):
     """K conditional 1-D UNets with stacked weights.
 
-    forward(x (M, E, C, T), tau (M,) or (M, E), state (M, d_s), experts (E,) long) -> (M, E, C, T):
-    the training form. ``run(x, tau, state, gather(experts))``: the inference form, same signature
+    forward(x (M, E, C, T), tau (M,) or (M, E), state (M, d_s), experts (E,) long[, anchor (M, E)])
+    -> (M, E, C, T): the training form. ``run(x, tau, state, gather(experts))``: the inference form, same signature
     and result to fp32 rounding; a sampling loop over one active set gathers once and calls ``run``.
     """
 
     def __init__(self, num_experts: int, channels: int, state_dim: int, down_dims: tuple[int, ...],
-                 kernel_size: int, n_groups: int, step_embed_dim: int, input_asinh: bool = False) -> None:
+                 kernel_size: int, n_groups: int, step_embed_dim: int, input_asinh: bool = False,
+                 anchor: bool = False) -> None:
         super().__init__()
         K = num_experts
         self.num_experts, self.step_embed_dim, self.input_asinh = K, step_embed_dim, input_asinh
+        # anchor: each expert also reads one number per sample, constant over the horizon, as a second
+        # input channel (SMPPolicy.expert_anchor: its own coordinate of the measured configuration).
+        self.anchor = anchor
         self.step_fc1 = StackedLinear(K, step_embed_dim, 4 * step_embed_dim)
         self.step_fc2 = StackedLinear(K, 4 * step_embed_dim, step_embed_dim)
         cond_dim = step_embed_dim + state_dim
-        dims = [channels, *down_dims]
+        dims = [channels + int(anchor), *down_dims]
         in_out = list(zip(dims[:-1], dims[1:]))
         res = lambda a, b: ResidualBlock(K, a, b, cond_dim, kernel_size, n_groups)  # noqa: E731
         self.down = nn.ModuleList()
@@ -306,18 +310,31 @@ class StackedUnet1D(nn.Module):
             tau = tau.unsqueeze(1).expand(M, E)
         return sinusoidal_embedding(tau, self.step_embed_dim).to(dtype)  # (M, E, dsed)
 
+    def _input(self, x: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """The first layer's input in the training layout (M, E, C (+1), T): x, and the anchor (M, E)
+        repeated over the horizon as one more channel when the network reads one. asinh is the identity
+        near 0 and logarithmic far out: it keeps the first convolution well scaled when a coefficient
+        target is large (small E_q[g_i], see policy.py), without changing what the expert predicts."""
+        squash = torch.asinh if self.input_asinh else (lambda t: t)
+        if not self.anchor:
+            if anchor is not None:
+                raise ValueError("StackedUnet1D: this network reads no anchor (model.expert.anchor is off)")
+            return squash(x)
+        M, E, _, T = x.shape
+        if anchor is None or anchor.shape != (M, E):
+            raise ValueError(f"StackedUnet1D: model.expert.anchor is on, so every call needs the anchor (M, E) = "
+                             f"{(M, E)}, got {None if anchor is None else tuple(anchor.shape)}")
+        return squash(torch.cat([x, anchor.to(x.dtype)[:, :, None, None].expand(M, E, 1, T)], dim=2))
+
     def forward(self, x: torch.Tensor, tau: torch.Tensor, state: torch.Tensor,
-                experts: torch.Tensor) -> torch.Tensor:
+                experts: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Training form: grouped convolutions over (M, E, C, T), every layer gathering its experts."""
         self._count(experts)
         M, E = x.shape[:2]
         emb = self._step_embedding(tau, M, E, x.dtype)
         emb = self.step_fc2(F.mish(self.step_fc1(emb, experts)), experts)
         cond = torch.cat([emb, state.unsqueeze(1).expand(M, E, state.shape[-1])], dim=-1)  # (M, E, cond_dim)
-        # asinh is the identity near 0 and logarithmic far out: it keeps the first convolution well
-        # scaled when a coefficient target is large (small E_q[g_i], see policy.py), without changing
-        # what the expert is asked to predict.
-        h = torch.asinh(x) if self.input_asinh else x
+        h = self._input(x, anchor)
         skips = []
         for block1, block2, down in self.down:
             h = block2(block1(h, cond, experts), cond, experts)
@@ -351,7 +368,8 @@ class StackedUnet1D(nn.Module):
             up=tuple(level(blocks) for blocks in self.up),
             final=(self.final_block.gather(experts), self.final_proj.gather(experts)))
 
-    def run(self, x: torch.Tensor, tau: torch.Tensor, state: torch.Tensor, w: GatheredExperts) -> torch.Tensor:
+    def run(self, x: torch.Tensor, tau: torch.Tensor, state: torch.Tensor, w: GatheredExperts,
+            anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Inference form on weights from ``gather``: x (M, E, C, T) with E = len(w.experts) -> (M, E, C, T).
 
         The same network as ``forward`` written for small batches: activations (E, M, T, C) so that every
@@ -364,7 +382,7 @@ class StackedUnet1D(nn.Module):
         cond = torch.cat([emb, state.unsqueeze(0).expand(E, M, state.shape[-1])], dim=-1)  # (E, M, cond_dim)
         film_all = torch.bmm(F.mish(cond), w.film[0]) + w.film[1]  # (E, M, sum 2*C_out)
         films = iter([film_all[..., a:b] for a, b in self._film_slices])
-        h = (torch.asinh(x) if self.input_asinh else x).permute(1, 0, 3, 2)  # (E, M, T, C)
+        h = self._input(x, anchor).permute(1, 0, 3, 2)  # (E, M, T, C)
         skips = []
         for (block1, block2, down), (w1, w2, w_down) in zip(self.down, w.down):
             h = block2.run(block1.run(h, next(films), w1), next(films), w2)

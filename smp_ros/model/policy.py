@@ -61,7 +61,7 @@ class Stages:
     encode: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]  # obs -> s (B, d_s)
     route: Callable[[torch.Tensor], torch.Tensor] | None  # s -> g_bar (B, K); SMP only
     basis: Callable[[torch.Tensor], torch.Tensor] | None  # s -> B(s) (B, D, K); SMP only
-    denoise: Callable[..., torch.Tensor]  # (x (B, E, C, H) noise, s, experts (E,)) -> x_0, pure tensor ops
+    denoise: Callable[..., torch.Tensor]  # (x (B, E, C, H) noise, s, experts (E,), anchor (B, E) or None) -> x_0
 
 
 class StageClock:
@@ -263,7 +263,7 @@ class SMPPolicy(_PolicyBase):
         self.gates = DirichletGates(cfg)
         e = cfg.expert
         self.experts = StackedUnet1D(cfg.num_experts, 1, cfg.encoder.state_dim, e.down_dims, e.kernel_size,
-                                     e.n_groups, e.step_embed_dim, input_asinh=True)
+                                     e.n_groups, e.step_embed_dim, input_asinh=True, anchor=e.anchor)
         # x = z / z_scale is what the experts diffuse (docs/POLICY.md, "Scale of the diffusion variable").
         # 0 = not fitted yet; persistent, so it travels with the weights. Model files written before it
         # existed diffused z unscaled and load with 1 (checkpoint.py).
@@ -298,7 +298,9 @@ class SMPPolicy(_PolicyBase):
         x0 = (z_sg / self.z_scale).transpose(1, 2).unsqueeze(2)  # (N, K, 1, H): expert i's own sequence
         noise = torch.randn_like(x0)
         tau = self.scheduler.sample_timesteps(x0.shape[:2], x0.device)  # (N, K): each expert its own tau
-        pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device))
+        anchor = self.expert_anchor(obs[keys.QPOS], Bm, dirichlet_mean(beta_router))  # (N, K) or None
+        pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device),
+                            anchor)
         coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((2, 3))  # (N, K), eq. 36 per expert
         if cfg.expert.loss_weight == "gate":  # K sg(g_i): the weights sum to K, as the uniform sum's do
             coeff = coeff * (cfg.num_experts * self.coefficient_gate(E_g, beta_router).detach())
@@ -324,6 +326,35 @@ class SMPPolicy(_PolicyBase):
         """The gate g of ``coefficient_target`` (N, K): E_q[g] or the router's sg(E[g | s])."""
         return dirichlet_mean(beta_router).detach() if self.cfg.gate.coefficient_gate == "router" else E_g
 
+    # Where a normalized configuration may lie for the anchor: the action normalizer maps the data's
+    # range to [-1, 1]; a measured joint outside it (or on a dimension the demonstrations never moved,
+    # which is only centred) is held at this bound so that it cannot saturate the experts' input.
+    ANCHOR_BOUND = 1.5
+
+    def expert_anchor(self, qpos: torch.Tensor, Bm: torch.Tensor, g_bar: torch.Tensor) -> torch.Tensor | None:
+        """model.expert.anchor: each expert's own coordinate of the measured configuration, an input that
+        lets it start its chunk where the arms are (docs/POLICY.md, "Expert anchor"); None when off.
+
+        qpos (N, T_o, D) raw, Bm = B(s) (N, D, K), g_bar = E[g | s] from the router (N, K) -> (N, K):
+        c_i = b_i(s)^T q~_t / (g_bar_i + eps) / z_scale, with q~_t the newest configuration as the model's
+        chunk would hold it (normalized like the actions, in the model's action frame, bounded by
+        ANCHOR_BOUND): the same projection and division as the target z_i = b_i^T a / (g_i + eps) of
+        eq. 34, so an expert whose chunk holds still is asked for x_0 = c_i. Divided by the router's gate,
+        not the posterior's (which reads the demonstrated chunk and is unknown at inference), and with
+        no gradient (an input, like sg(B) in the target)."""
+        if not self.cfg.expert.anchor:
+            return None
+        with torch.no_grad():
+            q = qpos[..., -1:, :].float()
+            hold = self.chunk_target(q, qpos)[..., 0, :].clamp(-self.ANCHOR_BOUND, self.ANCHOR_BOUND)  # (N, D)
+            c = (hold.unsqueeze(1) @ Bm.detach().float()).squeeze(1) / (g_bar.detach().float() + self.cfg.z_eps)
+            return self.coefficients_to_x(c)
+
+    def coefficients_to_x(self, z: torch.Tensor) -> torch.Tensor:
+        """Skill coefficients -> the experts' diffusion variable x = z / z_scale (the inverse of
+        ``coefficients``; 1 before the scale is fitted)."""
+        return z / torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
+
     # ---- inference (Algorithm 2) ------------------------------------------------------------------
 
     def stages(self) -> Stages:
@@ -345,7 +376,9 @@ class SMPPolicy(_PolicyBase):
             Bm = stages.basis(s)  # (B, D, K)  eq. 12-16
         with clock.stage("denoise"):
             x = self.initial_noise(s.shape[0], generator)[:, experts]  # (B, E, 1, H)
-            x = stages.denoise(x, s, experts)  # DDIM over z_S only (eq. 36)
+            anchor = self.expert_anchor(obs[keys.QPOS], Bm, g_bar)
+            anchor = None if anchor is None else anchor[:, experts]  # (B, E)
+            x = stages.denoise(x, s, experts, anchor)  # DDIM over z_S only (eq. 36)
         with clock.stage("decode"):
             z = self.scatter_coefficients(x, mask, experts)  # (B, H, K)
             action = self.absolute_chunk(self.decode(Bm, g_bar, z), obs[keys.QPOS])  # a = B (g_bar ⊙ z) (eq. 1)
@@ -374,15 +407,17 @@ class SMPPolicy(_PolicyBase):
         return torch.randn((batch_size, self.cfg.num_experts, 1, self.cfg.horizon), generator=generator,
                            device=self.device)
 
-    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor,
+                        anchor: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM over the chosen experts only: x (B, E, 1, H) noise, experts (E,) -> x_0 (B, E, 1, H), the
-        diffusion variable (z = z_scale * x_0, see ``coefficients``).
+        diffusion variable (z = z_scale * x_0, see ``coefficients``); ``anchor`` (B, E) the chosen experts'
+        columns of ``expert_anchor`` when model.expert.anchor is on.
         Pure tensor ops over the precomputed schedule (capturable). The experts' weights are gathered
         once, before the loop: the set is the same at every step."""
         Bn = x.shape[0]
         weights = self.experts.gather(experts)
         for i in range(self.scheduler.num_inference_steps):
-            eps = self.experts.run(x, self.scheduler.timesteps[i].expand(Bn), s, weights)
+            eps = self.experts.run(x, self.scheduler.timesteps[i].expand(Bn), s, weights, anchor)
             x = self.scheduler.step(i, x, eps)
         return x
 
@@ -482,15 +517,17 @@ class DensePolicy(_PolicyBase):
         with clock.stage("denoise"):
             x = torch.randn((Bn, 1, self.cfg.action_dim, self.cfg.horizon), generator=generator,
                             device=self.device)  # (B, 1, D, H)
-            x = stages.denoise(x, s, experts)
+            x = stages.denoise(x, s, experts, None)
         with clock.stage("decode"):
             action = self.absolute_chunk(self.normalizer.unnormalize("action", x[:, 0].transpose(1, 2)),
                                          obs[keys.QPOS])  # (B, H, D)
         ones = s.new_ones(Bn, 1)
         return PolicyOutput(action, ones, ones.bool(), ones[:, 0], experts=experts)
 
-    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """DDIM over the dense UNet: x (B, 1, D, H) noise -> x_0; ``experts`` is always the one network."""
+    def denoise_experts(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor,
+                        anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM over the dense UNet: x (B, 1, D, H) noise -> x_0; ``experts`` is always the one network
+        (``anchor`` is SMP's; the dense policy reads q_t in its state only)."""
         weights = self.unet.gather(self.unet.all_experts(s.device))  # the inference form, as SMP's experts
         for i in range(self.scheduler.num_inference_steps):
             x = self.scheduler.step(i, x, self.unet.run(x, self.scheduler.timesteps[i].expand(x.shape[0]), s,

@@ -92,22 +92,26 @@ def configure_cpu_threads(threads: int) -> int:
 class _GraphedLoop:
     """The denoising loop for one |S| captured in a CUDA graph, with its static buffers."""
 
-    def __init__(self, run_loop: Any, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> None:
-        self.x, self.s, self.experts = x.clone(), s.clone(), experts.clone()
+    def __init__(self, run_loop: Any, *inputs: torch.Tensor | None) -> None:
+        # Static buffers of the loop's inputs (x, s, experts, anchor or None), refilled before each replay.
+        self.inputs = tuple(None if t is None else t.clone() for t in inputs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels / autotuning outside the capture
             for _ in range(2):
-                run_loop(self.x, self.s, self.experts)
+                run_loop(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = run_loop(self.x, self.s, self.experts)
+            self.out = run_loop(*self.inputs)
 
-    def __call__(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.s.copy_(s)
-        self.experts.copy_(experts)
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        for buffer, t in zip(self.inputs, inputs):
+            if (buffer is None) != (t is None):
+                raise ValueError("captured denoising loop: an input was None at capture and is not now, or "
+                                 "the other way round")
+            if buffer is not None:
+                buffer.copy_(t)
         self.graph.replay()
         return self.out
 
@@ -281,22 +285,25 @@ class InferenceEngine:
         buf.copy_(src)
         return buf.to(self.device, non_blocking=True)
 
-    def _loop(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor,
+              anchor: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM over the precomputed schedule; pure tensor ops, no host reads (capturable). The active
         experts' weights are gathered once per call, inside the loop function, so a CUDA graph
         re-gathers from its static index buffer at every replay."""
         eps_net = self.backend.eps(experts.shape[0])
         weights = self.backend.gather(experts)
         step = self.policy.scheduler.step
+        extra = () if anchor is None else (anchor,)  # model.expert.anchor: one more network input
         for i in range(self._steps):
-            x = step(i, x, eps_net(x, self._tau[i], s, weights))
+            x = step(i, x, eps_net(x, self._tau[i], s, weights, *extra))
         return x
 
-    def _denoise(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, s: torch.Tensor, experts: torch.Tensor,
+                 anchor: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.backend.cuda_graphs and self.device.type == "cuda"):
-            return self._loop(x, s, experts)
+            return self._loop(x, s, experts, anchor)
         n = experts.shape[0]
         graph = self._graphs.get(n)
         if graph is None:
-            graph = self._graphs[n] = _GraphedLoop(self._loop, x, s, experts)
-        return graph(x, s, experts)
+            graph = self._graphs[n] = _GraphedLoop(self._loop, x, s, experts, anchor)
+        return graph(x, s, experts, anchor)

@@ -30,7 +30,7 @@ def check_export(policy: SMPPolicy, sizes: tuple[int, ...], device: torch.device
     cfg = policy.cfg
     errors = {}
     for n in sizes:
-        inputs = example_inputs(cfg.encoder.state_dim, cfg.horizon, n, 1, device)
+        inputs = example_inputs(cfg.encoder.state_dim, cfg.horizon, n, 1, device, anchor=cfg.expert.anchor)
         program = export_program(net, inputs)
         with torch.inference_mode():
             errors[n] = float((program.module()(*inputs) - net(*inputs)).abs().max())

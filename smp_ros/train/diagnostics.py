@@ -406,7 +406,8 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
         out["router_gates_target_coefficients"] = decoded(policy.route(s), z_target)
         every = torch.arange(m.num_experts, device=s.device)
         x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
-        z = policy.scatter_coefficients(policy.denoise_experts(x, s, every),
+        anchor = policy.expert_anchor(batch["qpos"], Bm, policy.route(s))
+        z = policy.scatter_coefficients(policy.denoise_experts(x, s, every, anchor),
                                         torch.ones_like(E_g, dtype=torch.bool), every)  # (B, H, K)
         out["target_gates_sampled_coefficients"] = decoded(policy.coefficient_gate(E_g, beta_router), z)
     return out
@@ -444,7 +445,8 @@ def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[i
     x_target = policy.coefficient_target(a, Bm, E_g, beta_router).float() / scale  # (B, H, K)
     every = torch.arange(m.num_experts, device=s.device)
     x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
-    x_sampled = policy.denoise_experts(x, s, every)[:, :, 0].transpose(1, 2).float()  # (B, H, K)
+    anchor = policy.expert_anchor(batch["qpos"], Bm, policy.route(s))
+    x_sampled = policy.denoise_experts(x, s, every, anchor)[:, :, 0].transpose(1, 2).float()  # (B, H, K)
     order = policy.route(s).float().argsort(-1, descending=True)  # (B, K): experts by router gate
 
     def by_rank(t: torch.Tensor) -> list[float]:  # (B, H, K) -> RMS per rank

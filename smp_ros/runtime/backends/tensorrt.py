@@ -10,8 +10,8 @@ converter. Router, selection (data-dependent), the basis QR (no TensorRT convert
 Pipeline, per |S| = E (``export_engines``):
 
 1. ``export_program``: ``torch.export.export`` of the fp32 expert network (``StackedUnet1D``) with
-   the example inputs of ``example_inputs`` (x (1, E, 1, H), tau (1,), s (1, d_s), experts (E,)),
-   all static. The program is exported in fp32 because the network's step embedding is computed
+   the example inputs of ``example_inputs`` (x (1, E, 1, H), tau (1,), s (1, d_s), experts (E,),
+   and the anchors (1, E) of a model.expert.anchor model), all static. The program is exported in fp32 because the network's step embedding is computed
    in fp32 by design; fp16 is TensorRT's job.
 2. ``torch_tensorrt.dynamo.compile`` of that program with explicit typing; for fp16 with
    Torch-TensorRT's rule-based autocast (``enable_autocast``, ``low_precision_type``), which
@@ -47,13 +47,16 @@ def engine_path(model_dir: Path, n_active: int, precision: str) -> Path:
 
 
 def example_inputs(state_dim: int, horizon: int, n_active: int, channels: int,
-                   device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Static example inputs of the expert network for |S| = n_active (the export / engine signature)."""
+                   device: torch.device, anchor: bool = False) -> tuple[torch.Tensor, ...]:
+    """Static example inputs of the expert network for |S| = n_active (the export / engine signature);
+    with ``anchor`` (model.expert.anchor) the experts' anchors (1, E) as a fifth input."""
     gen = torch.Generator(device="cpu").manual_seed(n_active)
     x = torch.randn(1, n_active, channels, horizon, generator=gen).to(device)  # (1, E, C, H)
     tau = torch.tensor([10], dtype=torch.long, device=device)  # (1,)
     s = torch.randn(1, state_dim, generator=gen).to(device)  # (1, d_s)
     experts = torch.arange(n_active, dtype=torch.long, device=device)  # (E,)
+    if anchor:
+        return x, tau, s, experts, torch.randn(1, n_active, generator=gen).to(device)
     return x, tau, s, experts
 
 
@@ -116,7 +119,7 @@ def export_engines(policy: nn.Module, model_dir: Path, sizes: tuple[int, ...], p
     low_precision = {"enable_autocast": True, "low_precision_type": torch.float16} if precision == "fp16" else {}
     out = []
     for n in sizes:
-        inputs = example_inputs(cfg.encoder.state_dim, cfg.horizon, n, 1, device)
+        inputs = example_inputs(cfg.encoder.state_dim, cfg.horizon, n, 1, device, anchor=cfg.expert.anchor)
         program = export_program(net, inputs)
         trt_module = torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), device=device,
                                                    use_explicit_typing=True, min_block_size=1, **low_precision)
