@@ -386,7 +386,7 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
         policy.set_normalizer(normalizer_stats(cache, m))
         if isinstance(policy, SMPPolicy) and m.basis.kind == "pca":
             actions = frame_actions(cache, m.horizon, m.offset_dims) if m.offset_dims else cache.action
-            policy.fit_pca_basis(torch.from_numpy(np.asarray(actions)))
+            policy.fit_pca_basis(torch.from_numpy(np.array(actions)))
     policy.to(device).train()
     configure_for_training(policy, tcfg)
     if isinstance(policy, SMPPolicy) and init_policy is None:
