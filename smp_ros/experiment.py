@@ -221,7 +221,7 @@ def run_experiment(spec: ExperimentSpec) -> dict:
         for method in spec.methods:
             for task in spec.tasks:
                 rows[method].append(_evaluate(spec, base, method, seed, task, models[(resolve(method)[0], seed)]))
-    report = {"label": spec.label, "preset": spec.preset, "tau_m": base.model.selection.tau_m, "config": str(spec.config) if spec.config else None,
+    report = {"label": spec.label, "preset": spec.preset, "tau_m": base.model.selection.tau_m, "k": base.model.selection.k, "config": str(spec.config) if spec.config else None,
               "steps": base.train.steps, "seeds": spec.seeds, "episodes_per_task_per_seed": spec.episodes,
               "eval_seeds": [spec.eval_seed, spec.eval_seed + spec.episodes - 1], "backend": spec.backend,
               "episode_steps": spec.episode_steps or SimConfig().episode_steps, "tasks": list(spec.tasks),
@@ -272,9 +272,11 @@ def print_report(report: dict) -> None:
               f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
 
 
-def plot_selection_sweep(report: dict, out: Path) -> None:
+def plot_selection_sweep(report: dict, out: Path) -> dict[str, list[tuple]]:
     """Success, mean |S| and latency against the selection rule (the paper's Fig. 9) from a report
-    holding smp (tau_m of the config), tau<x>, all_experts and top<k> / topk methods."""
+    holding smp (tau_m of the config), tau<x>, all_experts and top<k> / topk methods; writes the PNG
+    ``out`` and returns its points, {"coverage": [(tau_m, success, ci95, mean |S|, latency s)],
+    "top_k": [(k, ...)]}, sorted. Other methods (dp, ablations with their own weights) are left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -294,7 +296,7 @@ def plot_selection_sweep(report: dict, out: Path) -> None:
         elif name.startswith("top") and name != "topk":
             top.append((int(name[3:]), *point))
         elif name == "topk":
-            top.append((4, *point))
+            top.append((report.get("k", 4), *point))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for rows, label, marker in ((sorted(cov), "coverage tau_m", "o"), (sorted(top), "fixed top-k", "s")):
         if not rows:
@@ -315,6 +317,7 @@ def plot_selection_sweep(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return {"coverage": sorted(cov), "top_k": sorted(top)}
 
 
 GATE_CURVES = ("gate_entropy", "mean_active", "mean_active_uncapped", "flip_rate", "phase_nmi", "max_gate")
@@ -352,6 +355,7 @@ def gate_curves(runs: dict[str, Path], out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return {"coverage": sorted(cov), "top_k": sorted(top)}
     _atomic_json(out.with_suffix(".json"), data)
     return data
 
@@ -375,6 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="direct", choices=("direct", "piper"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--label", default="", help="free text stored in the report (budget, machine)")
+    parser.add_argument("--sweep-plot", type=Path, default=None, metavar="PNG",
+                        help="also plot success, mean |S| and latency against tau_m and top-k (the paper's Fig. 9) "
+                             "from the methods smp, tau<x>, all_experts, top<k>, topk of the report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,4 +413,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print_report(report)
     print(f"wrote {spec.out}")
+    if args.sweep_plot is not None:
+        plot_selection_sweep(report, args.sweep_plot)
+        print(f"wrote {args.sweep_plot}")
     return 0

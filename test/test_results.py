@@ -59,3 +59,22 @@ def test_experiment_summaries_use_the_shared_names():
     assert "success" not in overall and "progress" not in overall
     assert report["tasks"]["pen_cap"][MEAN_PROGRESS] == 0.75
     assert overall["success_task_mean"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_selection_sweep_plots_the_coverage_and_top_k_points_of_a_report(tmp_path):
+    """The Fig. 9 plot takes smp (at the report's tau_m), tau<x>, all_experts (tau_m = 1) on the coverage
+    axis and top<k>, topk (at k) on the top-k axis, from an experiment report on disk, and nothing else."""
+    import matplotlib.image
+
+    report = json.loads(OLD_EXPERIMENT_REPORT.read_text())
+    points = experiment.plot_selection_sweep(report, tmp_path / "sweep.png")
+    m = report["methods"]
+    assert [p[0] for p in points["coverage"]] == [0.95, 0.99, 1.0]
+    assert [p[0] for p in points["top_k"]] == [2, 4]
+    for x, name in ((0.95, "smp"), (0.99, "tau0.99"), (1.0, "all_experts")):
+        point = next(p for p in points["coverage"] if p[0] == x)
+        assert point[1] == summary_value(m[name]["overall"], SUCCESS_RATE)
+        assert point[3] == m[name]["overall"]["mean_active"]
+    assert next(p for p in points["top_k"] if p[0] == 2)[1] == summary_value(m["top2"]["overall"], SUCCESS_RATE)
+    image = matplotlib.image.imread(tmp_path / "sweep.png")
+    assert image.shape[0] > 200 and image.shape[1] > 600
