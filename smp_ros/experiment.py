@@ -355,7 +355,6 @@ def gate_curves(runs: dict[str, Path], out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"coverage": sorted(cov), "top_k": sorted(top)}
     _atomic_json(out.with_suffix(".json"), data)
     return data
 
