@@ -78,3 +78,25 @@ def test_selection_sweep_plots_the_coverage_and_top_k_points_of_a_report(tmp_pat
     assert next(p for p in points["top_k"] if p[0] == 2)[1] == summary_value(m["top2"]["overall"], SUCCESS_RATE)
     image = matplotlib.image.imread(tmp_path / "sweep.png")
     assert image.shape[0] > 200 and image.shape[1] > 600
+
+
+def test_gate_curves_plot_and_write_the_held_out_metrics_of_real_training_logs(tmp_path):
+    """--gate-curves on the shipped model's validation log (a real val.jsonl): the PNG and the JSON beside it,
+    whose series are the log's own rows; a run without a log is refused by name."""
+    import matplotlib.image
+
+    log = Path(__file__).resolve().parents[1] / "docs" / "results" / "shipped" / "val.jsonl"
+    state = tmp_path / "smp.train"
+    state.mkdir()
+    (state / "val.jsonl").write_text(log.read_text())
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+    data = experiment.gate_curves({"shipped": state}, tmp_path / "curves.png")
+    written = json.loads((tmp_path / "curves.json").read_text())
+    assert written == json.loads(json.dumps(data))
+    assert written["shipped"]["step"] == [r["step"] for r in rows]
+    assert written["shipped"]["mean_active"] == [r["gates"]["mean_active"] for r in rows]
+    assert written["shipped"]["val_coeff"] == [r["coeff"] for r in rows]
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[1] > 1000
+    from smp_ros.config import ConfigError
+    with pytest.raises(ConfigError, match="--gate-curves missing: no .*val.jsonl"):
+        experiment.gate_curves({"missing": tmp_path / "nowhere"}, tmp_path / "x.png")
