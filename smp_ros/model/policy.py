@@ -298,7 +298,7 @@ class SMPPolicy(_PolicyBase):
         x0 = (z_sg / self.z_scale).transpose(1, 2).unsqueeze(2)  # (N, K, 1, H): expert i's own sequence
         noise = torch.randn_like(x0)
         tau = self.scheduler.sample_timesteps(x0.shape[:2], x0.device)  # (N, K): each expert its own tau
-        anchor = self.expert_anchor(obs[keys.QPOS], Bm, dirichlet_mean(beta_router))  # (N, K) or None
+        anchor = self.expert_anchor(obs[keys.QPOS], Bm, dirichlet_mean(beta_router)) if cfg.expert.anchor else None
         pred = self.experts(self.scheduler.add_noise(x0, noise, tau), tau, s, self.experts.all_experts(s.device),
                             anchor)
         coeff = (pred - self.scheduler.training_target(x0, noise)).pow(2).sum((2, 3))  # (N, K), eq. 36 per expert
@@ -347,13 +347,12 @@ class SMPPolicy(_PolicyBase):
         with torch.no_grad():
             q = qpos[..., -1:, :].float()
             hold = self.chunk_target(q, qpos)[..., 0, :].clamp(-self.ANCHOR_BOUND, self.ANCHOR_BOUND)  # (N, D)
-            c = (hold.unsqueeze(1) @ Bm.detach().float()).squeeze(1) / (g_bar.detach().float() + self.cfg.z_eps)
-            return self.coefficients_to_x(c)
+            c = (hold.unsqueeze(1) @ Bm.float()).squeeze(1) / (g_bar.float() + self.cfg.z_eps)
+            return c / self._diffusion_scale()
 
-    def coefficients_to_x(self, z: torch.Tensor) -> torch.Tensor:
-        """Skill coefficients -> the experts' diffusion variable x = z / z_scale (the inverse of
-        ``coefficients``; 1 before the scale is fitted)."""
-        return z / torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
+    def _diffusion_scale(self) -> torch.Tensor:
+        """z_scale, or 1 for an untrained policy (scale not fitted). Pure tensor ops: no host read."""
+        return torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
 
     # ---- inference (Algorithm 2) ------------------------------------------------------------------
 
@@ -432,7 +431,7 @@ class SMPPolicy(_PolicyBase):
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The experts' denoised diffusion variable -> the skill coefficients z = z_scale * x (any shape).
         An untrained policy (scale not fitted) uses 1. Pure tensor ops: no host read, capturable."""
-        return x * torch.where(self.z_scale > 0, self.z_scale, torch.ones_like(self.z_scale))
+        return x * self._diffusion_scale()
 
     def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized, in the model's action frame:

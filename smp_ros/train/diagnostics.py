@@ -403,10 +403,11 @@ def horizon_error(policy: Any, cache: DatasetCache, episodes: list[int], windows
         E_g = dirichlet_mean(policy.gates.posterior(s, a)).float()  # E_q[g | s, a]
         beta_router = policy.gates.router(s)
         z_target = policy.coefficient_target(a, Bm, E_g, beta_router)  # (B, H, K), eq. 34
-        out["router_gates_target_coefficients"] = decoded(policy.route(s), z_target)
+        g_bar = policy.route(s)
+        out["router_gates_target_coefficients"] = decoded(g_bar, z_target)
         every = torch.arange(m.num_experts, device=s.device)
         x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
-        anchor = policy.expert_anchor(batch["qpos"], Bm, policy.route(s))
+        anchor = policy.expert_anchor(batch["qpos"], Bm, g_bar)
         z = policy.scatter_coefficients(policy.denoise_experts(x, s, every, anchor),
                                         torch.ones_like(E_g, dtype=torch.bool), every)  # (B, H, K)
         out["target_gates_sampled_coefficients"] = decoded(policy.coefficient_gate(E_g, beta_router), z)
@@ -445,9 +446,10 @@ def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[i
     x_target = policy.coefficient_target(a, Bm, E_g, beta_router).float() / scale  # (B, H, K)
     every = torch.arange(m.num_experts, device=s.device)
     x = policy.initial_noise(s.shape[0], torch.Generator(policy.device).manual_seed(seed))
-    anchor = policy.expert_anchor(batch["qpos"], Bm, policy.route(s))
-    x_sampled = policy.denoise_experts(x, s, every, anchor)[:, :, 0].transpose(1, 2).float()  # (B, H, K)
-    order = policy.route(s).float().argsort(-1, descending=True)  # (B, K): experts by router gate
+    g_bar = policy.route(s)
+    x_sampled = policy.denoise_experts(x, s, every, policy.expert_anchor(batch["qpos"], Bm, g_bar))
+    x_sampled = x_sampled[:, :, 0].transpose(1, 2).float()  # (B, H, K)
+    order = g_bar.float().argsort(-1, descending=True)  # (B, K): experts by router gate
 
     def by_rank(t: torch.Tensor) -> list[float]:  # (B, H, K) -> RMS per rank
         return _ranked(t, order).pow(2).mean((0, 1)).sqrt().cpu().tolist()
@@ -456,7 +458,7 @@ def coefficient_error_by_rank(policy: Any, cache: DatasetCache, episodes: list[i
         return torch.gather(t, 1, order).mean(0).cpu().tolist()
 
     error = x_sampled - x_target
-    return {"router_gate": mean_by_rank(policy.route(s).float()), "target_gate": mean_by_rank(gate),
+    return {"router_gate": mean_by_rank(g_bar.float()), "target_gate": mean_by_rank(gate),
             "projection_rms": by_rank(a.float() @ Bm), "target_x_rms": by_rank(x_target),
             "sampled_x_error_rms": by_rank(error),
             "contribution_error_rms": by_rank(gate.unsqueeze(1) * scale * error)}
