@@ -223,6 +223,11 @@ class SelectionConfig:
     tau_m: float = 0.95
     k: int = 4  # cap on |S| (coverage) or exact |S| (topk)
     mass: str = "quadratic"  # m_i = g_i^2 (SMP) or "linear" m_i = g_i (Table 7 ablation)
+    # What an expert outside the active set contributes to a = B (g ⊙ z): "zero" (Algorithm 2 as written:
+    # its coefficient is 0) or "hold": its direction keeps the measured configuration, g_i z_i = b_i^T q~_t,
+    # so that a dropped expert means "no motion along b_i", as a zero coefficient does in a motion action
+    # frame. docs/POLICY.md, "Inactive experts".
+    inactive: str = "zero"
 
     def __post_init__(self) -> None:
         w = "model.selection"
@@ -230,6 +235,7 @@ class SelectionConfig:
         _require(0.0 < self.tau_m <= 1.0, f"{w}.tau_m", f"expected in (0, 1], got {self.tau_m}")
         _require(self.k >= 1, f"{w}.k", f"expected >= 1, got {self.k}")
         _require(self.mass in ("quadratic", "linear"), f"{w}.mass", f"expected 'quadratic' or 'linear', got {self.mass!r}")
+        _require(self.inactive in ("zero", "hold"), f"{w}.inactive", f"expected 'zero' or 'hold', got {self.inactive!r}")
 
 
 @dataclass

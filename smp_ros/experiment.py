@@ -20,6 +20,8 @@ demonstrations (checked against their ``smp_episode.json``). Methods (the paper'
     all_experts   every expert active (tau_m = 1, k = K; inference only)
     tau<x>        coverage at tau_m = x with the cap at K, e.g. tau0.99 (inference only; Fig. 9)
     top<k>        a fixed top-k set, e.g. top2 (inference only; Fig. 9)
+    <m>_hold      any of the above whose weights are SMP's, with the dropped experts holding the measured
+                  configuration (model.selection.inactive = hold), e.g. smp_hold, tau0.99_hold
 
 Resumable: trained models live in WORKDIR/models/<method>_s<seed> (training resumes from its state
 file, see train/trainer.py) and every (method, seed, task) evaluation in WORKDIR/eval/*.json; a rerun of
@@ -58,9 +60,18 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
+HOLD_SUFFIX = "_hold"
+
+
 def resolve(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """METHODS entry of ``method``; also ``tau<x>`` (coverage at tau_m = x, the cap at K) and ``top<k>``
-    (a fixed top-k set) on SMP's weights, for the Fig. 9 sweeps."""
+    (a fixed top-k set) on SMP's weights, for the Fig. 9 sweeps; ``<method>_hold`` the same with
+    model.selection.inactive = hold."""
+    if method.endswith(HOLD_SUFFIX) and method != HOLD_SUFFIX:
+        weights, changes, overrides = resolve(method[:-len(HOLD_SUFFIX)])
+        if weights == "dp":
+            raise ConfigError(f"--methods: {method!r}: Diffusion Policy has no experts to hold")
+        return weights, changes, {**overrides, "model.selection.inactive": "hold"}
     if method in METHODS:
         return METHODS[method]
     try:
@@ -74,8 +85,8 @@ def resolve(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
                 return "smp", {}, {"model.selection.mode": "topk", "model.selection.k": k}
     except ValueError:
         pass
-    raise ConfigError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1) "
-                     "or top<k>")
+    raise ConfigError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1), "
+                     "top<k>, or one of these + _hold")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -435,3 +435,58 @@ def test_an_anchored_policy_trains_and_its_sampled_chunk_depends_on_the_anchor()
         first.skip.weight[:, :, 1:].zero_()
     blind = p.predict_action(obs, generator=torch.Generator().manual_seed(0), active=[0, 2])
     assert (blind.action - out.action).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("frame", ["absolute", "relative"])
+def test_dropped_experts_hold_the_measured_configuration_along_their_directions(frame):
+    """model.selection.inactive = "hold", K = D = 14 (B(s) a rotation of R^14): for each sample, the chunk's
+    coordinates along the basis, recovered by least squares (torch.linalg.lstsq, not the basis' transpose),
+    are along every active direction those of the same weights and noise under "zero" (Algorithm 2 as
+    written), and along every dropped one those of r: the measured joint positions on the arm joints the
+    demonstrations move (an offset of 0 in the relative frame), the "zero" chunk itself on the grippers and
+    on a joint whose demonstrated range is below HOLD_MIN_RANGE (joint 10 here)."""
+    import numpy as np
+
+    stats = {k: {"min": list(v["min"]), "max": list(v["max"])} for k, v in STATS.items()}
+    stats["action"]["min"][10], stats["action"]["max"][10] = 0.0, 0.004  # 4 mrad: not held
+    base = _policy(_cfg(num_experts=14, action_frame=frame)).eval()
+    hold = _policy(_cfg(num_experts=14, action_frame=frame, selection__inactive="hold")).eval()
+    hold.load_state_dict(base.state_dict())
+    base.set_normalizer(stats), hold.set_normalizer(stats)
+    B = 3
+    obs = {"qpos": torch.randn(B, base.cfg.obs_steps, D) * 0.5, "task": torch.arange(B) % 4}
+    obs["qpos"][1, -1, 4] = 2.4  # outside the actions' range [-1, 1]: held at the bound, 1.5
+    active = torch.zeros(B, 14, dtype=torch.bool)
+    active[0, [2]] = True
+    active[1, [0, 5, 9]] = True
+    active[2, [1, 3, 4, 7, 13]] = True
+    zero_out = base.predict_action(obs, generator=torch.Generator().manual_seed(1), active=active)
+    hold_out = hold.predict_action(obs, generator=torch.Generator().manual_seed(1), active=active)
+    with torch.no_grad():
+        Bm = base.skill_basis(base.encode(obs)).double()  # (B, D, K)
+    moved = [i for i in range(D) if i not in (6, 10, 13)]
+    for n in range(B):
+        def coords(chunk):  # (H, D) in the model's frame -> (H, K): solve B c = a for every h
+            return torch.linalg.lstsq(Bm[n], chunk.double().T).solution.T
+
+        frame_zero = base.chunk_target(zero_out.action[n:n + 1], obs["qpos"][n:n + 1])[0].double()
+        frame_hold = hold.chunk_target(hold_out.action[n:n + 1], obs["qpos"][n:n + 1])[0]
+        q = obs["qpos"][n, -1].double().clamp(-1.5, 1.5)  # the normalization is the identity on these joints
+        r = frame_zero.clone()
+        r[:, moved] = 0.0 if frame == "relative" else q[moved]
+        c_zero, c_hold, c_r = coords(frame_zero), coords(frame_hold), coords(r)
+        on = active[n].numpy()
+        np.testing.assert_allclose(c_hold[:, on].numpy(), c_zero[:, on].numpy(), atol=5e-5)
+        np.testing.assert_allclose(c_hold[:, ~on].numpy(), c_r[:, ~on].numpy(), atol=5e-5)
+        np.testing.assert_allclose(c_zero[:, ~on].numpy(), 0.0, atol=1e-5)
+    # With every expert active the two settings decode the same chunk.
+    every = torch.ones(B, 14, dtype=torch.bool)
+    torch.testing.assert_close(hold.predict_action(obs, generator=torch.Generator().manual_seed(1), active=every).action,
+                               base.predict_action(obs, generator=torch.Generator().manual_seed(1), active=every).action)
+
+
+def test_inactive_is_checked():
+    from smp_ros.config import SelectionConfig
+
+    with pytest.raises(ValueError, match="model.selection.inactive"):
+        SelectionConfig(inactive="mean")

@@ -125,6 +125,13 @@ def test_experiment_runner_end_to_end_and_resume(bags, tmp_path):
     assert resolve("top2")[2] == {"model.selection.mode": "topk", "model.selection.k": 2}
     with pytest.raises(ValueError, match="unknown 'bogus'"):
         resolve("bogus")
+    assert resolve("tau0.99_hold") == ("smp", {}, {"model.selection.tau_m": 0.99, "model.selection.k": None,
+                                                   "model.selection.inactive": "hold"})
+    assert resolve("no_sticky_hold")[:2] == ("no_sticky", {"model.gate.sticky": False})
+    with pytest.raises(ValueError, match="no experts to hold"):
+        resolve("dp_hold")
+    with pytest.raises(ValueError, match="unknown '_hold'"):
+        resolve("_hold")
 
     work = tmp_path / "work"
     spec = ExperimentSpec(data=[str(bags)], workdir=work, out=tmp_path / "report.json",

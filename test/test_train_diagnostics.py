@@ -202,6 +202,11 @@ def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_pa
     saved = json.loads((tmp_path / "h" / "horizon_error.json").read_text())["horizon_error_rad"]
     assert set(saved) == {"demo_motion", "sampled"} and len(saved["sampled"]) == m.horizon
     assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root)]) == 2  # needs SMP
+    # --set takes the runtime overrides of `smp-ros eval` and refuses a shape setting.
+    assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root), "--horizon-error",
+                     "--out", str(tmp_path / "h2"), "--set", "model.scheduler.inference_steps=3"]) == 0
+    assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root), "--horizon-error",
+                     "--set", "model.horizon=4"]) == 2
 
 
 def _every_window(policy, cache):

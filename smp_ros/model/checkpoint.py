@@ -37,6 +37,7 @@ HASHED = (WEIGHTS, CONFIG, NORMALIZER)
 # Absent from the weights of models trained before the diffusion variable was scaled (policy.py).
 LEGACY_Z_SCALE_KEY = "z_scale"
 RUNTIME_OVERRIDES = ("model.selection.mode", "model.selection.tau_m", "model.selection.k", "model.selection.mass",
+                     "model.selection.inactive",
                      "model.scheduler.inference_steps", "model.scheduler.clip_sample")
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from smp_ros.config import ModelConfig, SelectionConfig
+from smp_ros.config import ARM_JOINT_INDICES, ModelConfig, SelectionConfig
 from smp_ros.model import batch as keys
 from smp_ros.model.basis import SkillBasis
 from smp_ros.model.encoder import ObservationEncoder
@@ -326,10 +326,15 @@ class SMPPolicy(_PolicyBase):
         """The gate g of ``coefficient_target`` (N, K): E_q[g] or the router's sg(E[g | s])."""
         return dirichlet_mean(beta_router).detach() if self.cfg.gate.coefficient_gate == "router" else E_g
 
-    # Where a normalized configuration may lie for the anchor: the action normalizer maps the data's
-    # range to [-1, 1]; a measured joint outside it (or on a dimension the demonstrations never moved,
-    # which is only centred) is held at this bound so that it cannot saturate the experts' input.
-    ANCHOR_BOUND = 1.5
+    # Where a normalized measured configuration may lie for the anchor and the hold of the dropped experts:
+    # the action normalizer maps the data's range to [-1, 1]; a measured joint outside it is held at this
+    # bound, so that it cannot saturate the experts' input, nor, on a dimension the demonstrations hardly
+    # moved (a range of 1e-4 rad scales a 1e-3 rad sag to 20), leak through the projections of the hold
+    # onto the other joints.
+    HOLD_BOUND = 1.5
+    # An arm joint whose demonstrated actions span less than this (rad; offsets in the relative frame) is
+    # not held at its measured value by model.selection.inactive = "hold" (see ``inactive_hold``).
+    HOLD_MIN_RANGE = 0.01
 
     def expert_anchor(self, qpos: torch.Tensor, Bm: torch.Tensor, g_bar: torch.Tensor) -> torch.Tensor | None:
         """model.expert.anchor: each expert's own coordinate of the measured configuration, an input that
@@ -338,7 +343,7 @@ class SMPPolicy(_PolicyBase):
         qpos (N, T_o, D) raw, Bm = B(s) (N, D, K), g_bar = E[g | s] from the router (N, K) -> (N, K):
         c_i = b_i(s)^T q~_t / (g_bar_i + eps) / z_scale, with q~_t the newest configuration as the model's
         chunk would hold it (normalized like the actions, in the model's action frame, bounded by
-        ANCHOR_BOUND): the same projection and division as the target z_i = b_i^T a / (g_i + eps) of
+        HOLD_BOUND): the same projection and division as the target z_i = b_i^T a / (g_i + eps) of
         eq. 34, so an expert whose chunk holds still is asked for x_0 = c_i. Divided by the router's gate,
         not the posterior's (which reads the demonstrated chunk and is unknown at inference), and with
         no gradient (an input, like sg(B) in the target)."""
@@ -346,7 +351,7 @@ class SMPPolicy(_PolicyBase):
             return None
         with torch.no_grad():
             q = qpos[..., -1:, :].float()
-            hold = self.chunk_target(q, qpos)[..., 0, :].clamp(-self.ANCHOR_BOUND, self.ANCHOR_BOUND)  # (N, D)
+            hold = self.chunk_target(q, qpos)[..., 0, :].clamp(-self.HOLD_BOUND, self.HOLD_BOUND)  # (N, D)
             c = (hold.unsqueeze(1) @ Bm.float()).squeeze(1) / (g_bar.float() + self.cfg.z_eps)
             return c / self._diffusion_scale()
 
@@ -380,7 +385,8 @@ class SMPPolicy(_PolicyBase):
             x = stages.denoise(x, s, experts, anchor)  # DDIM over z_S only (eq. 36)
         with clock.stage("decode"):
             z = self.scatter_coefficients(x, mask, experts)  # (B, H, K)
-            action = self.absolute_chunk(self.decode(Bm, g_bar, z), obs[keys.QPOS])  # a = B (g_bar ⊙ z) (eq. 1)
+            held = self.inactive_hold(obs[keys.QPOS], Bm, g_bar, z, mask)
+            action = self.absolute_chunk(self.decode(Bm, g_bar, z, held), obs[keys.QPOS])  # a = B (g_bar ⊙ z) (eq. 1)
         return PolicyOutput(action, g_bar, mask, coverage, experts=experts)
 
     def route(self, s: torch.Tensor) -> torch.Tensor:
@@ -433,11 +439,44 @@ class SMPPolicy(_PolicyBase):
         An untrained policy (scale not fitted) uses 1. Pure tensor ops: no host read, capturable."""
         return x * self._diffusion_scale()
 
-    def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor,
+               held: torch.Tensor | None = None) -> torch.Tensor:
         """Stage 5: a = B (g_bar ⊙ z_h) for every h, un-normalized, in the model's action frame:
-        (B, D, K), (B, K), (B, H, K) -> (B, H, D)."""
-        a = (g_bar.unsqueeze(1) * z) @ Bm.transpose(-1, -2)  # (B, H, D)
-        return self.normalizer.unnormalize("action", a)
+        (B, D, K), (B, K), (B, H, K) -> (B, H, D). ``held`` (B, H, K), from ``inactive_hold``, is added to
+        the gated coefficients (it is 0 on the active experts, whose z it does not touch)."""
+        w = g_bar.unsqueeze(1) * z  # (B, H, K)
+        if held is not None:
+            w = w + held.to(w.dtype)
+        return self.normalizer.unnormalize("action", w @ Bm.transpose(-1, -2))  # (B, H, D)
+
+    def inactive_hold(self, qpos: torch.Tensor, Bm: torch.Tensor, g_bar: torch.Tensor, z: torch.Tensor,
+                      active: torch.Tensor) -> torch.Tensor | None:
+        """model.selection.inactive = "hold" (docs/POLICY.md, "Inactive experts"): the gated coefficients
+        the experts outside the active set contribute instead of 0; None for "zero" (Algorithm 2 as
+        written). qpos (B, T_o, D) raw, Bm = B(s) (B, D, K), g_bar (B, K), z (B, H, K) zero off the active
+        set, active (B, K) bool -> (B, H, K): b_i(s)^T r_h off the active set and 0 on it.
+
+        r_h is the configuration to hold, in the model's normalized frame: on the arm joints the
+        demonstrations move (an action range of at least HOLD_MIN_RANGE) the newest measured q_t (bounded
+        by HOLD_BOUND); elsewhere the active experts' own chunk u_h = B (g_bar ⊙ z_h), because a gripper's
+        measured width is not its command (it stops on the object it closes on) and a joint the
+        demonstrations never moved is scaled by a tiny range, and a measured value there would reach the
+        other joints through the projections. The decoded chunk then keeps the active experts' component
+        along their own directions and, along every dropped direction, r's: no motion along b_i, which is
+        what a zero coefficient means when the actions are motions (the paper's end-effector primitives),
+        and not, as here by default, absolute joint targets, where it moves the arms towards the
+        normalizer's centre."""
+        if self.selection.inactive != "hold":
+            return None
+        span = self.normalizer.action_max - self.normalizer.action_min  # (D,) raw units of the model's frame
+        held = torch.zeros_like(span, dtype=torch.bool)
+        held[list(ARM_JOINT_INDICES)] = True
+        held &= span >= self.HOLD_MIN_RANGE
+        q = qpos[..., -1:, :].float()
+        measured = self.chunk_target(q, qpos).clamp(-self.HOLD_BOUND, self.HOLD_BOUND)  # (B, 1, D)
+        own = (g_bar.unsqueeze(1) * z).float() @ Bm.float().transpose(-1, -2)  # (B, H, D): u_h
+        r = torch.where(held, measured, own)
+        return (r @ Bm.float()) * (~active).unsqueeze(1)
 
     @torch.no_grad()
     def fit_z_scale(self, batch: Mapping[str, torch.Tensor]) -> float:

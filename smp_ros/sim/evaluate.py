@@ -397,7 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "real-time loop plans from; docs/RESULTS.md, section 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "
-                             "model.selection.tau_m / k / mode / mass, model.scheduler.inference_steps")
+                             "model.selection.tau_m / k / mode / mass / inactive, model.scheduler.inference_steps")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache directory (default DATA/.smp_cache)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--tau-m", type=float, default=None, help="coverage threshold (default: the model's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="load-time runtime override of the model, repeatable, as `smp-ros eval --set` "
+                             "(e.g. model.selection.inactive=hold)")
     parser.add_argument("--horizon-error", action="store_true",
                         help="only the per chunk step joint error (diagnostics.horizon_error) on 512 windows of the "
                              "episodes, for an SMP or a Diffusion Policy model, and for SMP each expert's coefficient "
@@ -45,13 +48,16 @@ def run(args: argparse.Namespace) -> int:
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError, load_model
     from smp_ros.model.policy import SMPPolicy
+    from smp_ros.sim.evaluate import parse_overrides
     from smp_ros.train.diagnostics import (coefficient_error_by_rank, error_along_basis_by_rank, horizon_error,
                                            run_diagnostics)
     from smp_ros.train.trainer import data_config_for, state_dir
 
     try:
-        overrides = {"model.selection.tau_m": args.tau_m} if args.tau_m is not None else None
-        policy, cfg = load_model(args.model, overrides=overrides, map_location=args.device)
+        overrides = parse_overrides(args.set)
+        if args.tau_m is not None:
+            overrides["model.selection.tau_m"] = args.tau_m
+        policy, cfg = load_model(args.model, overrides=overrides or None, map_location=args.device)
         if not isinstance(policy, SMPPolicy) and not args.horizon_error:
             raise ConfigError(f"{args.model}: diagnostics need an SMP model, got model.policy = {cfg.model.policy!r}")
         if args.reference is not None and not (args.horizon_error and isinstance(policy, SMPPolicy)):
