@@ -47,3 +47,24 @@ def test_the_cli_applies_runtime_overrides(model_dir, tmp_path, monkeypatch, cap
 def test_a_directory_that_is_not_a_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         make_policy(str(tmp_path), world=None)
+
+
+def test_the_harness_loop_takes_its_replanning_rate_from_set(model_dir, capsys):
+    """runtime.policy_rate_hz = 5 on a 20 Hz model: a plan every 4 control steps instead of every 2."""
+    from smp_ros.config import ConfigError
+
+    cfg = SimConfig(episode_steps=12, image_size=(32, 32))
+    assert cfg.control_rate_hz == 20
+    plans = {}
+    for rate in (10.0, 5.0):
+        report = evaluate(str(model_dir), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
+                          overrides={"runtime.policy_rate_hz": rate})
+        assert report["overrides"] == {"runtime.policy_rate_hz": rate}
+        plans[rate] = report["tasks"]["handover"]["episodes"][0]["inferences"]
+    assert plans == {10.0: 6, 5.0: 3}
+    with pytest.raises(ConfigError, match="runtime.command_rate_hz"):
+        evaluate(str(model_dir), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
+                 overrides={"runtime.command_rate_hz": 5.0})
+    with pytest.raises(ConfigError, match="policy_rate_hz"):
+        evaluate(str(model_dir), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
+                 overrides={"runtime.policy_rate_hz": -1.0})

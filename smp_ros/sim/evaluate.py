@@ -172,6 +172,28 @@ class _FeedbackHook:
         return self.arms.feedback_horizon()
 
 
+# runtime.* keys `--set` may change for a learned policy in the harness: how often it re-plans and how
+# consecutive chunks are joined (the other runtime settings concern the ROS nodes, not this loop).
+HARNESS_RUNTIME_KEYS = ("runtime.policy_rate_hz", "runtime.chunk_blend", "runtime.ensemble_decay",
+                        "runtime.blend_window_s")
+
+
+def harness_runtime(overrides: dict | None, **fixed) -> tuple[RuntimeConfig, dict | None]:
+    """Split ``overrides`` into the harness's RuntimeConfig (``fixed`` fields plus the runtime.* keys of
+    HARNESS_RUNTIME_KEYS, validated by RuntimeConfig) and the rest (the model's load-time overrides)."""
+    overrides = dict(overrides or {})
+    runtime = {}
+    for key in [k for k in overrides if k.startswith("runtime.")]:
+        if key not in HARNESS_RUNTIME_KEYS:
+            raise ConfigError(f"--set {key}: the harness takes only {', '.join(HARNESS_RUNTIME_KEYS)} of runtime.*")
+        runtime[key.split(".", 1)[1]] = overrides.pop(key)
+    try:
+        cfg = RuntimeConfig(**fixed, **runtime)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--set runtime.*: {exc}") from exc
+    return cfg, overrides or None
+
+
 def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, inference_threads: int = 1,
                 overrides: dict | None = None):
     if spec == "scripted":
@@ -182,9 +204,9 @@ def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, in
     from smp_ros.runtime.closed_loop import make_learned_policy
     # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
     # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
-    return make_learned_policy(spec, world, RuntimeConfig(backend=inference_backend, threads=inference_threads,
-                                                          camera_size=tuple(world.cfg.image_size)),
-                               overrides=overrides)
+    runtime, overrides = harness_runtime(overrides, backend=inference_backend, threads=inference_threads,
+                                         camera_size=tuple(world.cfg.image_size))
+    return make_learned_policy(spec, world, runtime, overrides=overrides)
 
 
 class DelayedObservations:
@@ -397,7 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "real-time loop plans from; docs/RESULTS.md, section 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="load-time runtime override of a learned policy, repeatable: "
-                             "model.selection.tau_m / k / mode / mass / inactive, model.scheduler.inference_steps")
+                             "model.selection.tau_m / k / mode / mass / inactive, model.scheduler.inference_steps, "
+                             "and the harness loop's runtime.policy_rate_hz / chunk_blend / ensemble_decay / "
+                             "blend_window_s")
 
 
 def run(args: argparse.Namespace) -> int:
