@@ -768,3 +768,14 @@ def preset(name: str) -> SMPConfig:
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (values read as YAML: 0.99, 8, topk) into a load-time overrides mapping."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.selection.tau_m=0.99")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from smp_ros.config import ARMS, REFERENCE_BACKEND, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig
+from smp_ros.config import (ARMS, REFERENCE_BACKEND, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig,
+                            parse_overrides)
 from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE
@@ -388,19 +389,6 @@ def print_table(report: dict) -> None:
         for e in r["episodes"]:
             if e.get("error"):
                 print(f"{task} seed {e['seed']}: {e['error']}")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs (values read as YAML: 0.99, 8, topk) into a load-time overrides mapping."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.selection.tau_m=0.99")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,13 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smp_ros.config import ConfigError
+    from smp_ros.config import ConfigError, parse_overrides
     from smp_ros.data.cache import prepare_cache
     from smp_ros.data.dataset import split_episodes
     from smp_ros.data.errors import DataError
     from smp_ros.model.checkpoint import CheckpointError, load_model
     from smp_ros.model.policy import SMPPolicy
-    from smp_ros.sim.evaluate import parse_overrides
     from smp_ros.train.diagnostics import (coefficient_error_by_rank, error_along_basis_by_rank, horizon_error,
                                            run_diagnostics)
     from smp_ros.train.trainer import data_config_for, state_dir
