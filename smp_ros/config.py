@@ -224,9 +224,9 @@ class SelectionConfig:
     k: int = 4  # cap on |S| (coverage) or exact |S| (topk)
     mass: str = "quadratic"  # m_i = g_i^2 (SMP) or "linear" m_i = g_i (Table 7 ablation)
     # What an expert outside the active set contributes to a = B (g ⊙ z): "zero" (Algorithm 2 as written:
-    # its coefficient is 0) or "hold": its direction keeps the measured configuration, g_i z_i = b_i^T q~_t,
-    # so that a dropped expert means "no motion along b_i", as a zero coefficient does in a motion action
-    # frame. docs/POLICY.md, "Inactive experts".
+    # its coefficient is 0) or "hold": its direction keeps the measured arm joints (g_i z_i = b_i^T r, see
+    # SMPPolicy.inactive_hold), so that a dropped expert means "no motion along b_i", as a zero coefficient
+    # does in a motion action frame. docs/POLICY.md, "Inactive experts".
     inactive: str = "zero"
 
     def __post_init__(self) -> None:

@@ -350,10 +350,16 @@ class SMPPolicy(_PolicyBase):
         if not self.cfg.expert.anchor:
             return None
         with torch.no_grad():
-            q = qpos[..., -1:, :].float()
-            hold = self.chunk_target(q, qpos)[..., 0, :].clamp(-self.HOLD_BOUND, self.HOLD_BOUND)  # (N, D)
+            hold = self.measured_configuration(qpos)  # (N, D)
             c = (hold.unsqueeze(1) @ Bm.float()).squeeze(1) / (g_bar.float() + self.cfg.z_eps)
             return c / self._diffusion_scale()
+
+    def measured_configuration(self, qpos: torch.Tensor) -> torch.Tensor:
+        """qpos (N, T_o, D) raw -> (N, D): the newest measured configuration as the model's chunk would hold
+        it (normalized like the actions, in the model's action frame), bounded by HOLD_BOUND. What the
+        expert anchor projects and what the dropped experts hold."""
+        q = qpos[..., -1:, :].float()
+        return self.chunk_target(q, qpos)[..., 0, :].clamp(-self.HOLD_BOUND, self.HOLD_BOUND)
 
     def _diffusion_scale(self) -> torch.Tensor:
         """z_scale, or 1 for an untrained policy (scale not fitted). Pure tensor ops: no host read."""
@@ -472,10 +478,8 @@ class SMPPolicy(_PolicyBase):
         held = torch.zeros_like(span, dtype=torch.bool)
         held[list(ARM_JOINT_INDICES)] = True
         held &= span >= self.HOLD_MIN_RANGE
-        q = qpos[..., -1:, :].float()
-        measured = self.chunk_target(q, qpos).clamp(-self.HOLD_BOUND, self.HOLD_BOUND)  # (B, 1, D)
         own = (g_bar.unsqueeze(1) * z).float() @ Bm.float().transpose(-1, -2)  # (B, H, D): u_h
-        r = torch.where(held, measured, own)
+        r = torch.where(held, self.measured_configuration(qpos).unsqueeze(1), own)
         return (r @ Bm.float()) * (~active).unsqueeze(1)
 
     @torch.no_grad()
