@@ -205,6 +205,10 @@ def test_horizon_error_against_hand_built_windows_and_a_full_basis(setup, tmp_pa
     # --set takes the runtime overrides of `smp-ros eval` and refuses a shape setting.
     assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root), "--horizon-error",
                      "--out", str(tmp_path / "h2"), "--set", "model.scheduler.inference_steps=3"]) == 0
+    three_steps = json.loads((tmp_path / "h2" / "horizon_error.json").read_text())
+    assert three_steps["overrides"] == {"model.scheduler.inference_steps": 3}
+    assert saved["demo_motion"] == three_steps["horizon_error_rad"]["demo_motion"]  # same windows
+    assert saved["sampled"] != three_steps["horizon_error_rad"]["sampled"]  # another sampler, other chunks
     assert cli.main(["diagnose", "--model", str(tmp_path / "dp"), "--data", str(cache.root), "--horizon-error",
                      "--set", "model.horizon=4"]) == 2
 

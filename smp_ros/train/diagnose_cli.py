@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or state_dir(Path(args.model)) / "diagnostics"
         if args.horizon_error:
             policy.eval()
-            result = {"model": str(args.model), "episodes": len(episodes),
+            result = {"model": str(args.model), "episodes": len(episodes), "overrides": overrides,
                       "horizon_error_rad": horizon_error(policy, cache, episodes)}
             if isinstance(policy, SMPPolicy):
                 result["coefficient_error_by_gate_rank"] = coefficient_error_by_rank(policy, cache, episodes)
