@@ -8,10 +8,10 @@ Nothing is trained.
 
 The parameters are those of ``config/bimanual.yaml`` except where the model runs: on a CPU shared
 with the simulator's Python threads, the model runs in an inference worker process with one thread
-(the file's in-process settings are for a GPU). It plans at ``--policy-rate`` = 10 Hz, the rate the
-model was evaluated at in the harness (a new chunk every 2 control steps; at 4 Hz the shipped model
-solved fewer episodes), with an ``--inference-deadline`` of 0.3 s (each chunk covers 0.8 s; a CPU
-inference takes 40-70 ms at the median). The derived file is written next to the results.
+(the file's in-process settings are for a GPU). It plans at ``--policy-rate`` = 5 Hz, the shipped model's
+rate (a new chunk every 4 control steps; in the harness it solved more than at 10 Hz, docs/RESULTS.md 3h),
+with an ``--inference-deadline`` of 0.3 s (each chunk covers 0.8 s; a CPU inference takes 40-70 ms at the
+median). The derived file is written next to the results.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (eager starts at once; compiled spends minutes compiling on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results and gate traces go")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first episode (unseen in training)")
-    parser.add_argument("--policy-rate", type=float, default=10.0, help="inference rate, Hz")
+    parser.add_argument("--policy-rate", type=float, default=5.0, help="inference rate, Hz")
     parser.add_argument("--inference-deadline", type=float, default=0.3,
                         help="seconds; a later chunk is discarded and the arms hold")
 
