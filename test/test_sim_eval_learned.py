@@ -49,7 +49,7 @@ def test_a_directory_that_is_not_a_model_is_named(tmp_path):
         make_policy(str(tmp_path), world=None)
 
 
-def test_the_harness_loop_takes_its_replanning_rate_from_set(model_dir, capsys):
+def test_the_harness_loop_takes_its_replanning_rate_from_the_model_or_set(model_dir, tmp_path, capsys):
     """runtime.policy_rate_hz = 5 on a 20 Hz model: a plan every 4 control steps instead of every 2."""
     from smp_ros.config import ConfigError
 
@@ -62,6 +62,15 @@ def test_the_harness_loop_takes_its_replanning_rate_from_set(model_dir, capsys):
         assert report["overrides"] == {"runtime.policy_rate_hz": rate}
         plans[rate] = report["tasks"]["handover"]["episodes"][0]["inferences"]
     assert plans == {10.0: 6, 5.0: 3}
+    # Without --set the loop re-plans at the model's own runtime.policy_rate_hz (the shipped model's 5 Hz).
+    from smp_ros.model.checkpoint import load_model, save_model
+    policy, model_cfg = load_model(model_dir, overrides={"runtime.policy_rate_hz": 5.0})
+    save_model(policy, model_cfg, tmp_path / "five_hz")
+    own = evaluate(str(tmp_path / "five_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct")
+    assert own["tasks"]["handover"]["episodes"][0]["inferences"] == 3
+    faster = evaluate(str(tmp_path / "five_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
+                      overrides={"runtime.policy_rate_hz": 10.0})
+    assert faster["tasks"]["handover"]["episodes"][0]["inferences"] == 6
     with pytest.raises(ConfigError, match="runtime.command_rate_hz"):
         evaluate(str(model_dir), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
                  overrides={"runtime.command_rate_hz": 5.0})

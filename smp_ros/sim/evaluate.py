@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from smp_ros.config import (ARMS, REFERENCE_BACKEND, TASKS, ConfigError, RuntimeConfig, SafetyConfig, SimConfig,
-                            parse_overrides)
+                            SMPConfig, parse_overrides)
 from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE
@@ -173,17 +173,22 @@ class _FeedbackHook:
         return self.arms.feedback_horizon()
 
 
-# runtime.* keys `--set` may change for a learned policy in the harness: how often it re-plans and how
-# consecutive chunks are joined (the other runtime settings concern the ROS nodes, not this loop).
+# runtime.* keys the harness takes from a learned policy's own config and `--set` may change: how often it
+# re-plans and how consecutive chunks are joined (the other runtime settings concern the ROS nodes, not this loop).
 HARNESS_RUNTIME_KEYS = ("runtime.policy_rate_hz", "runtime.chunk_blend", "runtime.ensemble_decay",
                         "runtime.blend_window_s")
 
 
-def harness_runtime(overrides: dict | None, **fixed) -> tuple[RuntimeConfig, dict | None]:
+def harness_runtime(overrides: dict | None, model_runtime: RuntimeConfig | None = None,
+                    **fixed) -> tuple[RuntimeConfig, dict | None]:
     """Split ``overrides`` into the harness's RuntimeConfig (``fixed`` fields plus the runtime.* keys of
-    HARNESS_RUNTIME_KEYS, validated by RuntimeConfig) and the rest (the model's load-time overrides)."""
+    HARNESS_RUNTIME_KEYS, validated by RuntimeConfig) and the rest (the model's load-time overrides).
+    The HARNESS_RUNTIME_KEYS not overridden come from ``model_runtime`` (the model's own runtime section,
+    e.g. the shipped model's re-plan rate) when given, else from RuntimeConfig's defaults."""
     overrides = dict(overrides or {})
     runtime = {}
+    if model_runtime is not None:
+        runtime = {key.split(".", 1)[1]: getattr(model_runtime, key.split(".", 1)[1]) for key in HARNESS_RUNTIME_KEYS}
     for key in [k for k in overrides if k.startswith("runtime.")]:
         if key not in HARNESS_RUNTIME_KEYS:
             raise ConfigError(f"--set {key}: the harness takes only {', '.join(HARNESS_RUNTIME_KEYS)} of runtime.*")
@@ -205,8 +210,9 @@ def make_policy(spec: str, world, inference_backend: str = REFERENCE_BACKEND, in
     from smp_ros.runtime.closed_loop import make_learned_policy
     # The simulator runs in this process: a single inference thread avoids OpenMP threads stalling
     # at every barrier while the simulator holds a core (tens of times slower on 2 cores).
-    runtime, overrides = harness_runtime(overrides, backend=inference_backend, threads=inference_threads,
-                                         camera_size=tuple(world.cfg.image_size))
+    model_runtime = SMPConfig.from_yaml(Path(spec) / "config.yaml").runtime
+    runtime, overrides = harness_runtime(overrides, model_runtime, backend=inference_backend,
+                                         threads=inference_threads, camera_size=tuple(world.cfg.image_size))
     return make_learned_policy(spec, world, runtime, overrides=overrides)
 
 
@@ -409,7 +415,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load-time runtime override of a learned policy, repeatable: "
                              "model.selection.tau_m / k / mode / mass / inactive, model.scheduler.inference_steps, "
                              "and the harness loop's runtime.policy_rate_hz / chunk_blend / ensemble_decay / "
-                             "blend_window_s")
+                             "blend_window_s (default: the model's own)")
 
 
 def run(args: argparse.Namespace) -> int:
