@@ -72,7 +72,7 @@ def test_the_shipped_model_runs_one_episode(tmp_path):
         pytest.fail(f"the shipped model is missing: {demo.SHIPPED_MODEL}")
     assert demo.run(argparse.Namespace(
         model=demo.SHIPPED_MODEL, config=demo.DEFAULT_CONFIG, episodes=1, task="handover", backend="eager",
-        out=tmp_path, seed=100, policy_rate=10.0, inference_deadline=0.3)) == 0
+        out=tmp_path, seed=100, policy_rate=5.0, inference_deadline=0.3)) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["overall"]["episodes"] == 1
     assert 1 <= results["tasks"]["handover"]["mean_active"] <= 4  # the adaptive set, cap k = 4
