@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from smp_ros.runtime import process_exit
 
     process_exit.prepare()
+    # Ctrl-C raises KeyboardInterrupt (status 130 below) until a command's framework takes SIGINT over,
+    # also when an earlier command in this process left SIGINT ignored or deferred (ros_util.run does).
+    process_exit.catch_interrupts()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
