@@ -188,7 +188,8 @@ def harness_runtime(overrides: dict | None, model_runtime: RuntimeConfig | None 
     overrides = dict(overrides or {})
     runtime = {}
     if model_runtime is not None:
-        runtime = {key.split(".", 1)[1]: getattr(model_runtime, key.split(".", 1)[1]) for key in HARNESS_RUNTIME_KEYS}
+        fields = (key.split(".", 1)[1] for key in HARNESS_RUNTIME_KEYS)
+        runtime = {field: getattr(model_runtime, field) for field in fields}
     for key in [k for k in overrides if k.startswith("runtime.")]:
         if key not in HARNESS_RUNTIME_KEYS:
             raise ConfigError(f"--set {key}: the harness takes only {', '.join(HARNESS_RUNTIME_KEYS)} of runtime.*")
