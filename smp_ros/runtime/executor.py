@@ -30,7 +30,7 @@ and the caller holds the measured pose.
 Default: ``splice``. In ``executor_bench`` (BENCHMARKS.md) both blends cut the largest per-tick
 step and the jerk of plain switching by one to two orders of magnitude; the ensemble is smoother
 still, but it follows a changed plan in ~0.6 s against ~0.15 s for the splice, and a closed-loop
-policy that reacts half a second late to what it sees defeats the point of re-planning at 10 Hz.
+policy that reacts half a second late to what it sees defeats the point of re-planning several times a second.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Three clocks of work, decoupled so a slow inference never stalls the command str
   observation into the :class:`ObservationHistory` at the model's control rate and turns the current
   action chunk into one safe 14-D command (the loop's :class:`CommandStage`: executor + safety
   filter, once per command);
-- an inference thread, at the policy rate (10 Hz), plans a chunk from the T_o most recent
+- an inference thread, at the policy rate (``policy_rate_hz``, 5 Hz by default), plans a chunk from the T_o most recent
   synchronized observations (:func:`plan_chunk`, the loop's one engine call) and submits it.
 
 Synchronization: the reference time of an observation is the newest camera frame (the slowest
