@@ -62,15 +62,18 @@ def test_the_harness_loop_takes_its_replanning_rate_from_the_model_or_set(model_
         assert report["overrides"] == {"runtime.policy_rate_hz": rate}
         plans[rate] = report["tasks"]["handover"]["episodes"][0]["inferences"]
     assert plans == {10.0: 6, 5.0: 3}
-    # Without --set the loop re-plans at the model's own runtime.policy_rate_hz (the shipped model's 5 Hz).
+    # Without --set the loop re-plans at the model's own runtime.policy_rate_hz, here 10 Hz, which is not
+    # RuntimeConfig's default (5 Hz): a harness that ignored the model's config would plan 3 times, not 6.
+    from smp_ros.config import RuntimeConfig
     from smp_ros.model.checkpoint import load_model, save_model
-    policy, model_cfg = load_model(model_dir, overrides={"runtime.policy_rate_hz": 5.0})
-    save_model(policy, model_cfg, tmp_path / "five_hz")
-    own = evaluate(str(tmp_path / "five_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct")
-    assert own["tasks"]["handover"]["episodes"][0]["inferences"] == 3
-    faster = evaluate(str(tmp_path / "five_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
-                      overrides={"runtime.policy_rate_hz": 10.0})
-    assert faster["tasks"]["handover"]["episodes"][0]["inferences"] == 6
+    assert RuntimeConfig().policy_rate_hz != 10.0
+    policy, model_cfg = load_model(model_dir, overrides={"runtime.policy_rate_hz": 10.0})
+    save_model(policy, model_cfg, tmp_path / "ten_hz")
+    own = evaluate(str(tmp_path / "ten_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct")
+    assert own["tasks"]["handover"]["episodes"][0]["inferences"] == 6
+    slower = evaluate(str(tmp_path / "ten_hz"), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
+                      overrides={"runtime.policy_rate_hz": 5.0})
+    assert slower["tasks"]["handover"]["episodes"][0]["inferences"] == 3
     with pytest.raises(ConfigError, match="runtime.command_rate_hz"):
         evaluate(str(model_dir), ["handover"], episodes=1, seed=5, cfg=cfg, backend="direct",
                  overrides={"runtime.command_rate_hz": 5.0})
