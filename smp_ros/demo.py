@@ -8,10 +8,11 @@ Nothing is trained.
 
 The parameters are those of ``config/bimanual.yaml`` except where the model runs: on a CPU shared
 with the simulator's Python threads, the model runs in an inference worker process with one thread
-(the file's in-process settings are for a GPU). It plans at ``--policy-rate`` = 5 Hz, the shipped model's
-rate (a new chunk every 4 control steps; in the harness it solved more than at 10 Hz, docs/RESULTS.md 3h),
-with an ``--inference-deadline`` of 0.3 s (each chunk covers 0.8 s; a CPU inference takes 40-70 ms at the
-median). The derived file is written next to the results.
+(the file's in-process settings are for a GPU). It plans at the model's own re-plan rate (its config.yaml's
+``runtime.policy_rate_hz``, the rate it was evaluated at: 5 Hz for the shipped model, a new chunk every 4
+control steps; in the harness it solved more than at 10 Hz, docs/RESULTS.md 3h) unless ``--policy-rate`` says
+otherwise, with an ``--inference-deadline`` of 0.3 s (each chunk covers 0.8 s; a CPU inference takes 40-70 ms
+at the median). The derived file is written next to the results.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (eager starts at once; compiled spends minutes compiling on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results and gate traces go")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first episode (unseen in training)")
-    parser.add_argument("--policy-rate", type=float, default=5.0, help="inference rate, Hz")
+    parser.add_argument("--policy-rate", type=float, default=None,
+                        help="inference rate, Hz (default: the model's runtime.policy_rate_hz)")
     parser.add_argument("--inference-deadline", type=float, default=0.3,
                         help="seconds; a later chunk is discarded and the arms hold")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model: {args.model} is not a model directory (no manifest.json); "
                           "train one with `smp-ros train` (see README)")
     results_path = args.out / "results.json"
-    config = write_demo_params(args.config, args.out / "bimanual_demo.yaml", args.policy_rate, args.inference_deadline)
+    config = demo_params(args)
     results_path.unlink(missing_ok=True)  # an old run's results must not pass for this one's
     status = bringup.bringup(bringup.Options(
         config=str(config), sim=True, model=str(args.model), backend=args.backend, task=args.task,
@@ -69,6 +71,20 @@ def run(args: argparse.Namespace) -> int:
         for path in traces:
             print(f"gate trace: {path}")
     return 0
+
+
+def demo_params(args: argparse.Namespace) -> Path:
+    """The parameters file the demo runs: ``--config`` with the policy's timing of the module docstring."""
+    policy_rate = args.policy_rate if args.policy_rate is not None else model_policy_rate(args.model)
+    return write_demo_params(args.config, args.out / "bimanual_demo.yaml", policy_rate, args.inference_deadline)
+
+
+def model_policy_rate(model: Path) -> float:
+    """The re-plan rate a model directory was saved with (its config.yaml's runtime.policy_rate_hz)."""
+    from smp_ros.config import SMPConfig
+    from smp_ros.model.checkpoint import CONFIG
+
+    return float(SMPConfig.from_yaml(model / CONFIG).runtime.policy_rate_hz)
 
 
 def write_demo_params(source: Path, target: Path, policy_rate_hz: float, deadline_s: float) -> Path:

@@ -31,6 +31,29 @@ def test_demo_params_reject_non_positive_timing(tmp_path, rate, deadline):
         demo.write_demo_params(demo.DEFAULT_CONFIG, tmp_path / "demo.yaml", rate, deadline)
 
 
+def test_the_demo_plans_at_the_models_own_rate_unless_told(tmp_path):
+    import shutil
+
+    import yaml
+
+    model = tmp_path / "model"
+    shutil.copytree(demo.SHIPPED_MODEL, model, ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
+    saved = yaml.safe_load((model / "config.yaml").read_text())
+    assert saved["runtime"]["policy_rate_hz"] == 5.0  # the shipped model's
+    saved["runtime"]["policy_rate_hz"] = 10.0  # a model evaluated at another rate
+    (model / "config.yaml").write_text(yaml.safe_dump(saved))
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+
+    def planned_rate(*argv):
+        args = parser.parse_args(["--model", str(model), "--out", str(tmp_path / "out"), *argv])
+        return load_yaml_mapping(demo.demo_params(args))[POLICY_NODE]["ros__parameters"]["policy_rate_hz"]
+
+    assert planned_rate() == 10.0
+    assert planned_rate("--policy-rate", "4") == 4.0
+    assert planned_rate("--model", str(demo.SHIPPED_MODEL)) == 5.0
+
+
 def test_a_missing_model_is_named(tmp_path):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)

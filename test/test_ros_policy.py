@@ -18,6 +18,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 import rclpy  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
@@ -480,6 +481,18 @@ def test_missed_inference_deadline_holds(ros, tiny_model, capfd):
     finally:
         robot.close()
         graph.close()
+
+
+def test_a_rate_other_than_the_models_is_warned_about(ros, tiny_model, capfd):
+    # The tiny model is saved with runtime.policy_rate_hz = 5 Hz.
+    for rate, warned in ((10.0, True), (5.0, False)):
+        policy = PolicyNode(parameter_overrides=policy_params(tiny_model, policy_rate_hz=rate, autostart=False))
+        try:
+            assert policy.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            log = capfd.readouterr().err
+            assert ("parameter policy_rate_hz = 10 Hz" in log and "runtime.policy_rate_hz = 5 Hz" in log) == warned
+        finally:
+            policy.destroy_node()
 
 
 def test_bad_parameters_are_named(ros):

@@ -36,6 +36,9 @@ and logs, and reports in policy_status, why. Also:
   topic delivers good input again (``smp_ros.nodes.ros_util`` callback guard);
 - any exception in a callback is contained the same way (counted, logged rate-limited, a hold).
 
+Re-plan rate: ``policy_rate_hz`` is the node's parameter; when it differs from the model's own
+``runtime.policy_rate_hz`` (the rate the model was evaluated at) configure warns, naming both.
+
 Logging: one line per change of hold cause (numbers such as ages do not make a new cause), plus a
 summary every ``HOLD_SUMMARY_S`` while holding; never one per command tick.
 """
@@ -179,6 +182,12 @@ class PolicyNode(GuardedNode, LifecycleNode):
             # inference, as ingest fitted every recorded frame; the engine therefore receives (and
             # warms up for) frames of data.image_size.
             trained = SMPConfig.from_yaml(Path(model) / CONFIG)
+            if abs(trained.runtime.policy_rate_hz - self.runtime.policy_rate_hz) > 1e-9:
+                # The parameter wins (it may be deliberate), but a model is measured at its own rate.
+                self.get_logger().warning(
+                    f"parameter policy_rate_hz = {self.runtime.policy_rate_hz:g} Hz, but {self.p['model']} was "
+                    f"saved with runtime.policy_rate_hz = {trained.runtime.policy_rate_hz:g} Hz (the rate it was "
+                    f"trained and evaluated at); running at {self.runtime.policy_rate_hz:g} Hz")
             engine_runtime = self.runtime
             self.image_fit = None
             if trained.model.encoder.mode == "vision":
