@@ -96,7 +96,8 @@ class ParamsFile:
 _RUNTIME_HELP = {
     "backend": f"inference backend: {' | '.join(BACKENDS)}",
     "device": f"inference device: {' | '.join(DEVICES)}",
-    "policy_rate_hz": "inference calls per second (a new action chunk each call)",
+    "policy_rate_hz": ("inference calls per second (a new action chunk each call); the policy node warns when it "
+                       "differs from the model's own runtime.policy_rate_hz, the rate the model was evaluated at"),
     "command_rate_hz": "joint commands published per second to each arm",
     "command_clock": "what paces the commands: thread (the node's own, on its clock) | executor (a ROS timer)",
     "command_priority": "SCHED_FIFO priority 1-99 of the command clock thread (Linux, needs the right); 0 = default",
