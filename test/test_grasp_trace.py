@@ -48,3 +48,4 @@ def test_the_scripted_demonstrator_holds_the_cup_promptly(tmp_path):
     grip = np.array(episode["left_gripper_target"])
     # The weld engages only once the left gripper target has closed (< 0.03 m) on the cup.
     assert grip[episode["first_hold"]] < 0.03 and grip[:episode["first_contact"]].min() > 0.03
+    assert episode["inference_calls"] == []  # the scripted demonstrator has no router

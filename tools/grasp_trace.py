@@ -3,7 +3,8 @@
 Runs a policy in the closed-loop harness on pour_beans (the `smp-ros eval` path: the same world,
 policy loading, backend and rendering) and records at every control step the left gripper target the
 arm received, the task's progress and whether the cup is held (the task's grasp weld, which engages
-when the left gripper closes on the cup). Each episode is then put in one class:
+when the left gripper closes on the cup); for a learned policy also each inference call's active set
+and router gates. Each episode is then put in one class:
 
 - success;
 - cup never held: the gripper never closed on the cup;
@@ -62,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         weld = world.task.weld
         for seed in range(args.seed, args.seed + args.episodes):
             rows: list[tuple[float, float, int]] = []
+            calls: list[dict] = []  # a learned policy's inference calls: control step, active set S, router gates
 
             def on_step(k, obs, action, sent, arms):
                 rows.append((float(sent[6]), float(world.progress()), int(world.data.eq_active[weld])))
+                step = getattr(policy, "last_step", None)
+                if step is not None and step.inferred and step.result is not None:
+                    calls.append({"step": k, "active": list(step.result.active),
+                                  "gate": np.round(step.result.gate.astype(float), 4).tolist()})
 
             result = run_episode(world, policy, seed, backend=args.backend, render=True, on_step=on_step)
             grip, progress, held = (np.array(c) for c in zip(*rows))
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                               "first_contact": int(np.argmax(progress >= 0.2)) if (progress >= 0.2).any() else None,
                               "first_hold": int(np.argmax(held)) if held.any() else None,
                               "left_gripper_target": grip.round(4).tolist(), "progress_trace": progress.tolist(),
-                              "cup_held": held.tolist()}
+                              "cup_held": held.tolist(), "inference_calls": calls}
             print(f"seed {seed}: {episodes[seed]['class']} (progress {result.progress:.1f}, first contact "
                   f"{episodes[seed]['first_contact']}, first hold {episodes[seed]['first_hold']})", flush=True)
     classes: dict[str, list[int]] = {}
