@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from smp_ros.config import TASKS, ConfigError, SMPConfig, SimConfig
-from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value
+from smp_ros.results import HARNESS_BACKEND_NOTE, MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value
 
 # method -> (method whose trained weights it uses, config changes for training, load-time overrides)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -281,6 +281,8 @@ def print_report(report: dict) -> None:
         print(f"{method:<13}{success:>8.2f}{ci:>15}{progress:>9.2f}{o.get('mean_active', float('nan')):>6.2f}"
               f"{o.get('flip_rate', float('nan')):>7.3f}{1e3 * o.get('latency_p50_s', float('nan')):>8.1f}"
               f"{o['parameters']['total'] / 1e6:>7.2f}M{o['parameters']['active'] / 1e6:>7.2f}M")
+    if "backend" in report:
+        print(f"harness backend: {report['backend']} ({HARNESS_BACKEND_NOTE})")
 
 
 def plot_selection_sweep(report: dict, out: Path) -> dict[str, list[tuple]]:
@@ -386,7 +388,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML overlay on the preset, for every method")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--episode-steps", type=int, default=None, help="control steps per evaluation episode")
-    parser.add_argument("--backend", default="direct", choices=("direct", "piper"))
+    parser.add_argument("--backend", default="direct", choices=("direct", "piper"),
+                        help="harness backend of the evaluations (direct, the default here; `smp-ros eval` defaults "
+                             "to piper): compare only reports of one backend")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--label", default="", help="free text stored in the report (budget, machine)")
     parser.add_argument("--sweep-plot", type=Path, default=None, metavar="PNG",

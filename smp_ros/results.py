@@ -42,3 +42,8 @@ def summary_value(summary: dict[str, Any], key: str, where: str = "results") -> 
         return summary[old]
     expected = f"'{key}'" + (f" (or the older '{old}')" if old else "")
     raise KeyError(f"{where}: no {expected} among {sorted(summary)}")
+
+
+# The harness's two arm backends rank policies differently (docs/RESULTS.md 3i): compare only within one.
+HARNESS_BACKEND_NOTE = ("piper: targets through piper_sdk and the emulated firmware; direct: applied to the "
+                        "simulated arms; success rates from the two backends are not comparable")

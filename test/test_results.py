@@ -100,3 +100,15 @@ def test_gate_curves_plot_and_write_the_held_out_metrics_of_real_training_logs(t
     from smp_ros.config import ConfigError
     with pytest.raises(ConfigError, match="--gate-curves missing: no .*val.jsonl"):
         experiment.gate_curves({"missing": tmp_path / "nowhere"}, tmp_path / "x.png")
+
+
+def test_both_tables_name_the_harness_backend_they_ran_on(capsys):
+    # The two backends rank policies differently: a table that hides which one it ran on invites a
+    # comparison across them (docs/RESULTS.md 3i).
+    from smp_ros.sim.evaluate import print_table
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    experiment.print_report(json.loads(OLD_EXPERIMENT_REPORT.read_text()))
+    assert "harness backend: direct (" in capsys.readouterr().out.splitlines()[-1]
+    print_table(json.loads((results / "dp_vision_5hz" / "rate10_seeds300.json").read_text()))
+    assert "harness backend: piper (" in capsys.readouterr().out.splitlines()[-1]

@@ -29,10 +29,11 @@ from smp_ros.config import (ARMS, REFERENCE_BACKEND, TASKS, ConfigError, Runtime
                             SMPConfig, parse_overrides)
 from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
-from smp_ros.results import MEAN_PROGRESS, SUCCESS_RATE
+from smp_ros.results import HARNESS_BACKEND_NOTE, MEAN_PROGRESS, SUCCESS_RATE
 from smp_ros.runtime.observation import Observation
 
 BACKENDS = ("piper", "direct")
+
 
 
 @dataclass
@@ -392,6 +393,7 @@ def print_table(report: dict) -> None:
         print(f"{task:<14}{r['success_rate']:>9.2f}{r['mean_progress']:>10.2f}{active:>10}"
               f"{r['mean_episode_wall_s']:>11.2f}")
     print(f"{'all':<14}{report['success_rate']:>9.2f}{report['mean_progress']:>10.2f}")
+    print(f"harness backend: {report['backend']} ({HARNESS_BACKEND_NOTE})")
     for task, r in report["tasks"].items():
         for e in r["episodes"]:
             if e.get("error"):
@@ -404,7 +406,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--backend", default="piper", choices=BACKENDS)
+    parser.add_argument("--backend", default="piper", choices=BACKENDS,
+                        help="harness backend (piper: through piper_sdk and the emulated firmware, as on the robot; "
+                             "direct: targets applied to the simulated arms); compare policies on one backend")
     parser.add_argument("--no-render", action="store_true",
                         help="skip cameras (the scripted policy, or a model without cameras: the object-pose track)")
     parser.add_argument("--inference-backend", default=REFERENCE_BACKEND, choices=INFERENCE_BACKENDS,
