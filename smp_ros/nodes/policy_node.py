@@ -187,7 +187,7 @@ class PolicyNode(GuardedNode, LifecycleNode):
                 self.get_logger().warning(
                     f"parameter policy_rate_hz = {self.runtime.policy_rate_hz:g} Hz, but {self.p['model']} was "
                     f"saved with runtime.policy_rate_hz = {trained.runtime.policy_rate_hz:g} Hz (the rate it was "
-                    f"trained and evaluated at); running at {self.runtime.policy_rate_hz:g} Hz")
+                    f"evaluated at); running at {self.runtime.policy_rate_hz:g} Hz")
             engine_runtime = self.runtime
             self.image_fit = None
             if trained.model.encoder.mode == "vision":
