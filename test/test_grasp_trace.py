@@ -49,3 +49,9 @@ def test_the_scripted_demonstrator_holds_the_cup_promptly(tmp_path):
     # The weld engages only once the left gripper target has closed (< 0.03 m) on the cup.
     assert grip[episode["first_hold"]] < 0.03 and grip[:episode["first_contact"]].min() > 0.03
     assert episode["inference_calls"] == []  # the scripted demonstrator has no router
+
+
+def test_a_missing_model_is_named_and_nothing_is_written(tmp_path, capsys):
+    out = tmp_path / "trace.json"
+    assert grasp_trace.main(["--policy", str(tmp_path / "nowhere"), "--episodes", "1", "--out", str(out)]) == 2
+    assert "nowhere" in capsys.readouterr().err and not out.exists()

@@ -28,11 +28,16 @@ import numpy as np
 
 TASK = "pour_beans"
 LATE_STEPS = 20  # 1 s at 20 Hz; the scripted demonstrations close 0.5 s after reaching the cup
+CONTACT_PROGRESS = 0.2  # pour_beans' first of five stages: the left gripper touches the cup
+
+
+def first_step(mask: np.ndarray) -> int | None:
+    """The first control step where ``mask`` holds, or None."""
+    return int(np.argmax(mask)) if mask.any() else None
 
 
 def classify(success: bool, progress: np.ndarray, held: np.ndarray) -> str:
-    contact = int(np.argmax(progress >= 0.2)) if (progress >= 0.2).any() else None
-    first_hold = int(np.argmax(held)) if held.any() else None
+    contact, first_hold = first_step(progress >= CONTACT_PROGRESS), first_step(held.astype(bool))
     if success:
         return "success"
     if first_hold is None:
@@ -43,19 +48,30 @@ def classify(success: bool, progress: np.ndarray, held: np.ndarray) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smp_ros.config import SimConfig, parse_overrides
-    from smp_ros.sim.evaluate import BACKENDS, make_policy, run_episode
-    from smp_ros.sim.world import BimanualWorld
+    from smp_ros.config import ConfigError, parse_overrides
+    from smp_ros.sim.evaluate import BACKENDS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", required=True, help="model directory")
+    parser.add_argument("--policy", required=True, help="a model directory, or 'scripted'")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--backend", default="piper", choices=BACKENDS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as `smp-ros eval --set`")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.set) or None
+    if args.episodes < 1:
+        parser.error(f"--episodes: expected >= 1, got {args.episodes}")
+    try:
+        return _trace(args, parse_overrides(args.set) or None)
+    except ConfigError as exc:
+        print(f"grasp_trace: {exc}", file=sys.stderr)
+        return 2
+
+
+def _trace(args: argparse.Namespace, overrides: dict | None) -> int:
+    from smp_ros.config import SimConfig
+    from smp_ros.sim.evaluate import make_policy, run_episode
+    from smp_ros.sim.world import BimanualWorld
 
     episodes = {}
     with BimanualWorld(SimConfig(), TASK, args.seed) as world:
@@ -76,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             grip, progress, held = (np.array(c) for c in zip(*rows))
             episodes[seed] = {"success": bool(result.success), "progress": float(result.progress),
                               "class": classify(result.success, progress, held),
-                              "first_contact": int(np.argmax(progress >= 0.2)) if (progress >= 0.2).any() else None,
-                              "first_hold": int(np.argmax(held)) if held.any() else None,
+                              "first_contact": first_step(progress >= CONTACT_PROGRESS),
+                              "first_hold": first_step(held.astype(bool)),
                               "left_gripper_target": grip.round(4).tolist(), "progress_trace": progress.tolist(),
                               "cup_held": held.tolist(), "inference_calls": calls}
             print(f"seed {seed}: {episodes[seed]['class']} (progress {result.progress:.1f}, first contact "

@@ -35,7 +35,6 @@ from smp_ros.runtime.observation import Observation
 BACKENDS = ("piper", "direct")
 
 
-
 @dataclass
 class EpisodeResult:
     task: str
