@@ -72,6 +72,10 @@ class EncoderConfig:
     cameras: tuple[str, ...] = CAMERAS
     image_size: tuple[int, int] = (96, 96)  # (height, width) fed to the ResNet after resize/crop
     crop_ratio: float = 0.9  # random crop at training, centre crop at inference (Diffusion Policy)
+    # Region of interest per camera, cut from the frame before the resize to image_size: camera ->
+    # (top, left, height, width) as fractions of the frame. A camera not named keeps its whole frame.
+    # Spends the image_size pixels on the workspace (e.g. the table under a fixed overhead camera).
+    camera_regions: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     group_norm_groups: int = 16  # BatchNorm -> GroupNorm(C // 16 groups) as Diffusion Policy does
     backbone_width: int = 64  # ResNet-18 stage widths (w, 2w, 4w, 8w); 64 is torchvision's resnet18,
     #                           smaller widths keep the CPU demo model small; features are 8w wide
@@ -94,6 +98,13 @@ class EncoderConfig:
         _require(len(self.image_size) == 2 and min(self.image_size) >= 32, f"{w}.image_size",
                  f"expected (height, width) >= 32 px, got {self.image_size}")
         _require(0.5 <= self.crop_ratio <= 1.0, f"{w}.crop_ratio", f"expected 0.5..1.0, got {self.crop_ratio}")
+        for cam, region in self.camera_regions.items():
+            _require(cam in self.cameras, f"{w}.camera_regions.{cam}", f"not one of model.encoder.cameras {self.cameras}")
+            _require(len(region) == 4, f"{w}.camera_regions.{cam}", f"expected (top, left, height, width), got {region}")
+            top, left, height, width = region
+            _require(height > 0 and width > 0 and top >= 0 and left >= 0 and top + height <= 1 + 1e-9
+                     and left + width <= 1 + 1e-9, f"{w}.camera_regions.{cam}",
+                     f"expected fractions of the frame with top + height <= 1, left + width <= 1, got {region}")
         for name in ("group_norm_groups", "backbone_width", "proprio_dim", "proprio_hidden",
                      "num_tasks", "task_embed_dim", "state_dim", "object_hidden"):
             _require(getattr(self, name) >= 1, f"{w}.{name}", f"expected a positive integer, got {getattr(self, name)}")
@@ -537,6 +548,17 @@ class SMPConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        # A frame that reaches the encoder at exactly image_size is taken as already cut to its region and
+        # resized (the training cache's frames, model.encoder.to_model_input), so a region needs the
+        # recorded and rendered frames to be of another size.
+        enc = self.model.encoder
+        if enc.camera_regions:
+            for where, size in (("data.image_size", self.data.image_size), ("sim.image_size", self.sim.image_size)):
+                _require(tuple(size) != tuple(enc.image_size), where,
+                         f"model.encoder.camera_regions needs frames of another size than model.encoder.image_size "
+                         f"{tuple(enc.image_size)}, got {tuple(size)}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

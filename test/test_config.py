@@ -60,3 +60,18 @@ def test_direct_construction_validates():
         ExpertConfig(down_dims=(12, 24), n_groups=8)
     with pytest.raises(ConfigError, match="model.selection.k"):
         ModelConfig(num_experts=2)
+
+
+def test_camera_regions_are_checked():
+    base = preset("sim").to_dict()
+    good = SMPConfig.from_dict(base).with_overrides({"model.encoder.camera_regions": {"cam_high": [0.3, 0.1, 0.4, 0.8]}})
+    assert good.model.encoder.camera_regions == {"cam_high": (0.3, 0.1, 0.4, 0.8)}
+    for regions, field in (({"cam_right_wrist": [0, 0, 1, 1]}, "camera_regions.cam_right_wrist"),  # not a camera read
+                           ({"cam_high": [0.5, 0, 0.6, 1]}, "camera_regions.cam_high"),  # past the frame's edge
+                           ({"cam_high": [0, 0, 1]}, "camera_regions.cam_high")):
+        with pytest.raises(ConfigError, match=field):
+            SMPConfig.from_dict(base).with_overrides({"model.encoder.camera_regions": regions})
+    # Frames recorded at the model's own size would be taken as already cut: refused.
+    with pytest.raises(ConfigError, match="data.image_size"):
+        SMPConfig.from_dict(base).with_overrides({"model.encoder.camera_regions": {"cam_high": [0, 0, 1, 1]},
+                                                  "data.image_size": [64, 64]})

@@ -130,6 +130,12 @@ def test_frames_at_the_model_size_are_the_encoders_resize_rounded(cache):
     exact = to_model_input(stored, (32, 32))  # what the encoder computes from the stored frames
     assert (to_model_input(small, (32, 32)) - exact).abs().max() <= 0.5 / 255 + 1e-6
     assert cache.images_at("cam_high", tuple(cache.index["image_size"])) is cache.images["cam_high"]
+    # With a region of interest: kept in a file of its own, equal to the encoder's cut and resize of the stored
+    # frames (and not to the whole-frame copy above).
+    region = (0.25, 0.125, 0.5, 0.75)
+    cut = torch.from_numpy(np.array(cache.images_at("cam_high", (32, 32), region)))
+    assert (to_model_input(cut, (32, 32)) - to_model_input(stored, (32, 32), region)).abs().max() <= 0.5 / 255 + 1e-6
+    assert len(list(cache.root.glob("images_cam_high_32x32*.u8"))) == 2
     old_terms, _ = _loss_and_grads(_policy(cache), _batch(cache))
     new_terms, _ = _loss_and_grads(_policy(cache, distinct=True), _batch(cache, model_size=True))
     torch.testing.assert_close(new_terms["loss"], old_terms["loss"], rtol=1e-3, atol=0)

@@ -106,17 +106,23 @@ class DatasetCache:
         self.objects = (np.memmap(root / "objects.f32", dtype=np.float32, mode="r", shape=(n, self.object_slots * 7))
                         if self.object_slots else None)
 
-    def images_at(self, camera: str, size: tuple[int, int] | None) -> np.ndarray:
-        """Frames of ``camera`` at ``size`` (height, width): the stored ones when the size matches, otherwise
-        a copy resized once with the encoder's own resize (``model.encoder.to_model_input``), rounded to
-        uint8 and kept beside the cache as ``images_<cam>_<h>x<w>.u8``. Training reads these so that a step
-        does not resize every frame again; they differ from resizing on the fly by the rounding, at most
-        0.5 / 255 per pixel."""
+    def images_at(self, camera: str, size: tuple[int, int] | None,
+                  region: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        """Frames of ``camera`` at ``size`` (height, width), its ``region`` of interest cut first (fractions
+        of the frame, ``model.encoder.camera_regions``): the stored ones when the size matches and there is
+        no region, otherwise a copy fitted once with the encoder's own fitting (``model.encoder.to_model_input``),
+        rounded to uint8 and kept beside the cache as ``images_<cam>_<h>x<w>[_<region>].u8``. Training reads
+        these so that a step does not fit every frame again; they differ from fitting on the fly by the
+        rounding, at most 0.5 / 255 per pixel."""
         h, w = self.index["image_size"]
-        if size is None or tuple(size) == (h, w):
+        if size is None or (tuple(size) == (h, w) and region is None):
             return self.images[camera]
+        if tuple(size) == (h, w):
+            raise ValueError(f"{self.root}: a region of {camera} needs a model image size other than the cache's "
+                             f"{(h, w)} (a frame at the model's size is taken as already cut)")
         sh, sw = int(size[0]), int(size[1])
-        path = self.root / f"images_{camera}_{sh}x{sw}.u8"
+        tag = "" if region is None else "_r" + "-".join(f"{v:.4f}" for v in region)
+        path = self.root / f"images_{camera}_{sh}x{sw}{tag}.u8"
         n = self.num_steps
         if not path.is_file() or path.stat().st_size != n * sh * sw * 3:
             import torch
@@ -125,7 +131,7 @@ class DatasetCache:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # then renamed: a reader sees all or nothing
             with open(tmp, "wb") as f:
                 for i in range(0, n, 256):
-                    x = to_model_input(torch.from_numpy(np.array(self.images[camera][i:i + 256])), (sh, sw))
+                    x = to_model_input(torch.from_numpy(np.array(self.images[camera][i:i + 256])), (sh, sw), region)
                     f.write((x * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
                             .contiguous().numpy().tobytes())
             os.replace(tmp, path)

@@ -28,9 +28,9 @@ class SegmentDataset:
 
     def __init__(self, cache: DatasetCache, episodes: list[int], obs_steps: int, horizon: int,
                  segment_length: int = 1, cameras: tuple[str, ...] = (), image_size: tuple[int, int] | None = None,
-                 *, objects: bool = False):
-        """``image_size``: read frames resized once to this size (``DatasetCache.images_at``); None: as stored.
-        ``objects``: also return the tracked object poses."""
+                 *, objects: bool = False, regions: dict[str, tuple[float, float, float, float]] | None = None):
+        """``image_size``: read frames fitted once to this size (``DatasetCache.images_at``), each camera's
+        region of ``regions`` cut first; None: as stored. ``objects``: also return the tracked object poses."""
         missing = [c for c in cameras if c not in cache.cameras]
         if missing:
             raise ValueError(f"{cache.root}: cameras {missing} not in the cache (has {list(cache.cameras)}); "
@@ -41,7 +41,9 @@ class SegmentDataset:
         self.objects = objects
         self.cache, self.obs_steps, self.horizon, self.segment_length = cache, obs_steps, horizon, segment_length
         self.cameras = tuple(cameras)
-        self.images = {c: cache.images_at(c, image_size) for c in self.cameras}
+        regions = regions or {}
+        self.images = {c: cache.images_at(c, image_size, regions.get(c) if image_size else None)
+                       for c in self.cameras}
         self.episode_ids = [e for e in episodes if cache.episodes[e].length >= segment_length]
         starts, ep_start, ep_end, task = [], [], [], []
         for e in self.episode_ids:

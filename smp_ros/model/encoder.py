@@ -12,8 +12,8 @@ by GroupNorm(C // 16 groups, C) as Diffusion Policy does, because BatchNorm stat
 under the small, correlated batches of behaviour cloning and under EMA weights), global-average
 pooled to 8w features (w = backbone_width; 512 for the torchvision resnet18 width 64).
 Preprocessing happens here so that every caller gets it right: uint8 (.., H, W, 3) -> float [0, 1],
-resize to image_size, then a crop of crop_ratio x image_size, random per image in training and
-centred in eval mode.
+the camera's region of interest cut (``camera_regions``, when it has one), resize to image_size, then a
+crop of crop_ratio x image_size, random per image in training and centred in eval mode.
 Lowdim mode: joint positions and task only (fast CPU experiments).
 Object poses (``object_slots`` > 0, either mode): the tracked objects' poses (model/objects.py layout,
 normalized by the policy) through their own MLP per step: the state track, joint states + object
@@ -40,11 +40,21 @@ from smp_ros.config import ModelConfig
 from smp_ros.model.basis import mlp
 
 
-def to_model_input(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, h, w) in [0, 1] at ``size`` (antialiased bilinear when the size
-    differs). The one resize every path uses: the encoder's preprocessing and the frames that training
-    keeps at the model's size (``DatasetCache.images_at``)."""
+def to_model_input(images: torch.Tensor, size: tuple[int, int],
+                   region: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, h, w) in [0, 1] at ``size``: the camera's region of interest
+    (top, left, height, width as fractions of the frame; ``model.encoder.camera_regions``) cut first, then
+    an antialiased bilinear resize. A frame already at ``size`` is taken as fitted (cut and resized before,
+    as the frames training keeps at the model's size) and only converted. The one fitting every path uses:
+    the encoder's preprocessing and ``DatasetCache.images_at``."""
     x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if region is not None:
+        H, W = x.shape[-2:]
+        top, left = round(region[0] * H), round(region[1] * W)
+        height, width = max(1, round(region[2] * H)), max(1, round(region[3] * W))
+        x = x[:, :, top:min(H, top + height), left:min(W, left + width)]
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -115,9 +125,10 @@ class ObservationEncoder(nn.Module):
         h, w = self.cfg.image_size
         return max(1, round(h * self.cfg.crop_ratio)), max(1, round(w * self.cfg.crop_ratio))
 
-    def preprocess(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> float (N, 3, h_c, w_c) in [0, 1], resized and cropped."""
-        x = to_model_input(images, self.cfg.image_size)  # (N, 3, H, W)
+    def preprocess(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                   camera: str | None = None) -> torch.Tensor:
+        """uint8 (N, H, W, 3) of ``camera`` -> float (N, 3, h_c, w_c) in [0, 1]: its region cut, resized, cropped."""
+        x = to_model_input(images, self.cfg.image_size, self.cfg.camera_regions.get(camera))  # (N, 3, H, W)
         H, W = self.cfg.image_size
         ch, cw = self.crop_size()
         if not self.training:
@@ -152,10 +163,10 @@ class ObservationEncoder(nn.Module):
                                  f"{tuple(images.shape)}")
             for c, name in enumerate(self.cfg.cameras):
                 if frame_index is None:
-                    x = self.preprocess(images[:, :, c].reshape(N * T, *images.shape[-3:]))  # (N*T_o, 3, h, w)
+                    x = self.preprocess(images[:, :, c].reshape(N * T, *images.shape[-3:]), camera=name)  # (N*T_o, 3, h, w)
                     feats.append(self.backbones[name](self._layout(x)).reshape(N, T, -1))  # (N, T_o, 8w)
                 else:
-                    x = self.preprocess(images[:, c])  # (M, 3, h, w)
+                    x = self.preprocess(images[:, c], camera=name)  # (M, 3, h, w)
                     feats.append(self.backbones[name](self._layout(x))[frame_index])  # (N, T_o, 8w)
         per_step = torch.cat(feats, dim=-1).flatten(1)  # (N, T_o * per_step)
         return self.fuse(torch.cat([per_step, self.task_embed(task)], dim=-1))

@@ -306,7 +306,7 @@ class _Run:
         cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
         size = m.encoder.image_size if self.tcfg.model_size_frames and cams else None
         data = SegmentDataset(cache, list(range(len(cache.episodes))), m.obs_steps, m.horizon, segment_length, cams,
-                              size, objects=m.encoder.object_slots > 0)
+                              size, objects=m.encoder.object_slots > 0, regions=m.encoder.camera_regions)
         self.batches = StepBatches(data, batch_size, self.tcfg.seed)
         torch.manual_seed(self.tcfg.seed)
         self.policy = build_policy(m)

@@ -369,8 +369,11 @@ def train(cfg: SMPConfig, req: TrainRequest) -> TrainResult:
                              f"{m.encoder.num_tasks}")
     size = m.encoder.image_size if tcfg.model_size_frames and cams else None
     objs = m.encoder.object_slots > 0
-    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size, objects=objs)
-    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size, objects=objs)
+    regions = m.encoder.camera_regions
+    train_set = SegmentDataset(cache, train_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size,
+                               objects=objs, regions=regions)
+    val_set = SegmentDataset(cache, val_eps, m.obs_steps, m.horizon, tcfg.segment_length, cams, size,
+                             objects=objs, regions=regions)
     if len(train_set) == 0:
         raise TrainError(f"{cache.root}: no training segments; every training episode is shorter than "
                          f"train.segment_length = {tcfg.segment_length} steps")
