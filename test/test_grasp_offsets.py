@@ -44,6 +44,7 @@ def test_the_scripted_expert_closes_on_each_cube(tmp_path):
     for side in ("left", "right"):
         fit = report["summary"]["fits"][side]
         assert fit["n"] == 3 and fit["x"]["slope"] == pytest.approx(1, abs=0.05)
+        assert fit["closes_away"] == 0 and fit["never_closes"] == 0
         for e in report["episodes"].values():
             # The scripted expert descends onto the cube's centre before it closes (grasp point 2 mm above it).
             assert np.abs(e["arms"][side]["offset_m"][:2]).max() < 0.003

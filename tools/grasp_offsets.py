@@ -4,7 +4,8 @@ Runs a policy in the closed-loop harness (the `smp-ros eval` path: the same worl
 and rendering) on one task, and at the first control step where an arm's gripper target falls below
 CLOSING (the arm starts to close) records the arm's tool position and the position of the object that arm
 grasps in the scripted demonstrations. Over the episodes it then fits, per arm and world axis, the tool
-position against the object position: a slope near 1 means the arm follows where the object is (it
+position against the object position (closings within NEAR of the object in x-y; the others are counted
+as closing away from it): a slope near 1 means the arm follows where the object is (it
 localises it), near 0 that it goes to about the same place whatever the object's position. The mean
 absolute offset is given beside it; the scripted expert (``--policy scripted``) is the reference, because
 some grasp points are not at the object's origin (handover's shaft, pour_beans' bowl tab).
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 CLOSING = 0.03  # m: a gripper target below this is closing (the grippers open to 0.07, the objects are 0.014-0.04)
+NEAR = 0.05  # m: a closing farther than this from the object (in x-y) is not an attempt on it and is not fitted
 # The object each arm grasps first, per task (the scripted experts' plans, smp_ros/sim/scripted.py).
 GRASPED = {
     "pen_cap": {"left": "pen", "right": "cap"},
@@ -52,6 +54,28 @@ def localisation(tool: np.ndarray, obj: np.ndarray) -> dict:
             else None
         out[axis] = {"slope": slope, "mean_abs_offset_m": float(np.mean(np.abs(tool[:, i] - obj[:, i])))}
     return out
+
+
+def fit_arms(episodes: dict, grasped: dict[str, str]) -> dict:
+    """Per arm: the localisation fit over the closings near its object, and the closings away / missing.
+    Prints the table."""
+    fits = {}
+    print(f"\n{'arm':6s} {'object':10s} {'n':>3s} {'x slope':>8s} {'x |off| cm':>10s} {'y slope':>8s} {'y |off| cm':>10s} "
+          f"{'away':>5s} {'never':>5s}")
+    for side, body in grasped.items():
+        closed = [e["arms"][side] for e in episodes.values() if e["arms"][side] is not None]
+        near = [c for c in closed if np.hypot(*c["offset_m"][:2]) <= NEAR]
+        counts = {"never_closes": len(episodes) - len(closed), "closes_away": len(closed) - len(near)}
+        if not near:
+            fits[side] = {"object": body, "n": 0, **counts}
+            print(f"{side:6s} {body:10s}   0  (no closing near the object)")
+            continue
+        fit = localisation(np.array([c["tool"] for c in near]), np.array([c["object"] for c in near]))
+        fits[side] = {"object": body, **fit, **counts}
+        cells = [f"{fit[a]['slope']:8.2f}" if fit[a]["slope"] is not None else f"{'-':>8s}" for a in "xy"]
+        print(f"{side:6s} {body:10s} {fit['n']:3d} {cells[0]} {100 * fit['x']['mean_abs_offset_m']:10.1f} "
+              f"{cells[1]} {100 * fit['y']['mean_abs_offset_m']:10.1f} {counts['closes_away']:5d} {counts['never_closes']:5d}")
+    return fits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,21 +131,10 @@ def _run(args: argparse.Namespace, overrides: dict | None) -> int:
                 outcome = "success" if result.success else f"stage {record['stage']}"
                 print(f"seed {seed} ({outcome}): {side} {where}", flush=True)
             episodes[seed] = record
-    fits = {}
-    print(f"\n{'arm':6s} {'object':10s} {'n':>3s} {'x slope':>8s} {'x |off| cm':>10s} {'y slope':>8s} {'y |off| cm':>10s}")
-    for side, body in grasped.items():
-        closed = [e["arms"][side] for e in episodes.values() if e["arms"][side] is not None]
-        if not closed:
-            fits[side] = {"n": 0}
-            print(f"{side:6s} {body:10s}   0  (never closes)")
-            continue
-        fit = localisation(np.array([c["tool"] for c in closed]), np.array([c["object"] for c in closed]))
-        fits[side] = {"object": body, **fit}
-        cells = [f"{fit[a]['slope']:8.2f}" if fit[a]["slope"] is not None else f"{'-':>8s}" for a in "xy"]
-        print(f"{side:6s} {body:10s} {fit['n']:3d} {cells[0]} {100 * fit['x']['mean_abs_offset_m']:10.1f} "
-              f"{cells[1]} {100 * fit['y']['mean_abs_offset_m']:10.1f}")
+    fits = fit_arms(episodes, grasped)
     summary = {"policy": args.policy, "task": args.task, "backend": args.backend, "overrides": overrides or {},
-               "seeds": [args.seed, args.seed + args.episodes - 1], "closing_threshold_m": CLOSING, "fits": fits}
+               "seeds": [args.seed, args.seed + args.episodes - 1], "closing_threshold_m": CLOSING, "near_m": NEAR,
+               "fits": fits}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "episodes": episodes}, indent=1))
     return 0
