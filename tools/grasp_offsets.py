@@ -3,7 +3,8 @@
 Runs a policy in the closed-loop harness (the `smp-ros eval` path: the same world, policy loading, backend
 and rendering) on one task, and at the first control step where an arm's gripper target falls below
 CLOSING (the arm starts to close) records the arm's tool position and the position of the object that arm
-grasps in the scripted demonstrations. Over the episodes it then fits, per arm and world axis, the tool
+grasps in the scripted demonstrations (its grasp point: the object's origin, or the tab / shaft where the plan
+grasps those). Over the episodes it then fits, per arm and world axis, the tool
 position against the object position (closings within NEAR of the object in x-y; the others are counted
 as closing away from it): a slope near 1 means the arm follows where the object is (it
 localises it), near 0 that it goes to about the same place whatever the object's position. The mean
@@ -27,12 +28,13 @@ import numpy as np
 
 CLOSING = 0.03  # m: a gripper target below this is closing (the grippers open to 0.07, the objects are 0.014-0.04)
 NEAR = 0.05  # m: a closing farther than this from the object (in x-y) is not an attempt on it and is not fitted
-# The object each arm grasps first, per task (the scripted experts' plans, smp_ros/sim/scripted.py).
+# The object each arm grasps first and the point on it the scripted plans grasp (object frame, m; the middle of
+# the range where a plan varies it per episode): smp_ros/sim/scripted.py.
 GRASPED = {
-    "pen_cap": {"left": "pen", "right": "cap"},
-    "cups_in_bowl": {"left": "cup_left", "right": "cup_right"},
-    "handover": {"left": "tool", "right": "tool"},
-    "pour_beans": {"left": "cup", "right": "bowl"},
+    "pen_cap": {"left": ("pen", (0.0, 0.0275, 0.0)), "right": ("cap", (0.0, -0.006, 0.0))},
+    "cups_in_bowl": {"left": ("cup_left", (0.0, 0.0, 0.0)), "right": ("cup_right", (0.0, 0.0, 0.0))},
+    "handover": {"left": ("tool", (0.0, 0.0, 0.0)), "right": ("tool", (0.0, -0.10, 0.0))},
+    "pour_beans": {"left": ("cup", (0.0, 0.0, 0.0)), "right": ("bowl", (0.0, -0.086, 0.0))},  # the bowl's tab
 }
 ARM_GRIPPER = {"left": 6, "right": 13}  # index of each arm's gripper in the (14,) command
 
@@ -56,13 +58,13 @@ def localisation(tool: np.ndarray, obj: np.ndarray) -> dict:
     return out
 
 
-def fit_arms(episodes: dict, grasped: dict[str, str]) -> dict:
+def fit_arms(episodes: dict, grasped: dict[str, tuple]) -> dict:
     """Per arm: the localisation fit over the closings near its object, and the closings away / missing.
     Prints the table."""
     fits = {}
     print(f"\n{'arm':6s} {'object':10s} {'n':>3s} {'x slope':>8s} {'x |off| cm':>10s} {'y slope':>8s} {'y |off| cm':>10s} "
           f"{'away':>5s} {'never':>5s}")
-    for side, body in grasped.items():
+    for side, (body, _) in grasped.items():
         closed = [e["arms"][side] for e in episodes.values() if e["arms"][side] is not None]
         near = [c for c in closed if np.hypot(*c["offset_m"][:2]) <= NEAR]
         counts = {"never_closes": len(episodes) - len(closed), "closes_away": len(closed) - len(near)}
@@ -70,7 +72,7 @@ def fit_arms(episodes: dict, grasped: dict[str, str]) -> dict:
             fits[side] = {"object": body, "n": 0, **counts}
             print(f"{side:6s} {body:10s}   0  (no closing near the object)")
             continue
-        fit = localisation(np.array([c["tool"] for c in near]), np.array([c["object"] for c in near]))
+        fit = localisation(np.array([c["tool"] for c in near]), np.array([c["grasp_point"] for c in near]))
         fits[side] = {"object": body, **fit, **counts}
         cells = [f"{fit[a]['slope']:8.2f}" if fit[a]["slope"] is not None else f"{'-':>8s}" for a in "xy"]
         print(f"{side:6s} {body:10s} {fit['n']:3d} {cells[0]} {100 * fit['x']['mean_abs_offset_m']:10.1f} "
@@ -110,13 +112,14 @@ def _run(args: argparse.Namespace, overrides: dict | None) -> int:
     with BimanualWorld(SimConfig(), args.task, args.seed) as world:
         policy = make_policy(args.policy, world, overrides=overrides)
         for seed in range(args.seed, args.seed + args.episodes):
-            trace = {side: {"gripper": [], "tool": [], "object": []} for side in grasped}
+            trace = {side: {"gripper": [], "tool": [], "grasp_point": []} for side in grasped}
 
             def on_step(k, obs, action, sent, arms):
-                for side, body in grasped.items():
+                for side, (body, point) in grasped.items():
+                    d = world.data.body(body)
                     trace[side]["gripper"].append(float(sent[ARM_GRIPPER[side]]))
                     trace[side]["tool"].append(world.arms[side].tool_pose()[:3, 3].tolist())
-                    trace[side]["object"].append(world.data.body(body).xpos.tolist())
+                    trace[side]["grasp_point"].append((d.xpos + d.xmat.reshape(3, 3) @ np.array(point)).tolist())
 
             result = run_episode(world, policy, seed, backend=args.backend, render=args.policy != "scripted",
                                  on_step=on_step)
@@ -124,10 +127,10 @@ def _run(args: argparse.Namespace, overrides: dict | None) -> int:
             for side, t in trace.items():
                 k = first_close(np.array(t["gripper"]))
                 record["arms"][side] = None if k is None else {
-                    "step": k, "tool": t["tool"][k], "object": t["object"][k],
-                    "offset_m": (np.array(t["tool"][k]) - np.array(t["object"][k])).round(4).tolist()}
+                    "step": k, "tool": t["tool"][k], "grasp_point": t["grasp_point"][k],
+                    "offset_m": (np.array(t["tool"][k]) - np.array(t["grasp_point"][k])).round(4).tolist()}
                 where = "never closes" if k is None else \
-                    "closes at step {step}, tool - {obj} = {offset_m} m".format(obj=grasped[side], **record["arms"][side])
+                    "closes at step {step}, tool - {obj} = {offset_m} m".format(obj=grasped[side][0], **record["arms"][side])
                 outcome = "success" if result.success else f"stage {record['stage']}"
                 print(f"seed {seed} ({outcome}): {side} {where}", flush=True)
             episodes[seed] = record
