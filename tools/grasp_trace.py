@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -48,24 +47,9 @@ def classify(success: bool, progress: np.ndarray, held: np.ndarray) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smp_ros.config import ConfigError, parse_overrides
-    from smp_ros.sim.evaluate import BACKENDS
+    from smp_ros.sim.evaluate import run_trace_tool
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", required=True, help="a model directory, or 'scripted'")
-    parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--backend", default="piper", choices=BACKENDS)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as `smp-ros eval --set`")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error(f"--episodes: expected >= 1, got {args.episodes}")
-    try:
-        return _trace(args, parse_overrides(args.set) or None)
-    except ConfigError as exc:
-        print(f"grasp_trace: {exc}", file=sys.stderr)
-        return 2
+    return run_trace_tool("grasp_trace", __doc__, argv, _trace)
 
 
 def _trace(args: argparse.Namespace, overrides: dict | None) -> int:

@@ -422,6 +422,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "blend_window_s (default: the model's own)")
 
 
+def run_trace_tool(name: str, doc: str, argv: list[str] | None, body: Callable,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The command line of the per-step harness tools (tools/grasp_trace.py, tools/grasp_offsets.py): --policy,
+    --seed, --episodes, --backend, --set (as ``smp-ros eval``) and --out, plus what ``extra`` adds; then
+    ``body(args, overrides)``. A bad value or a missing model prints "NAME: ..." and returns 2."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--policy", required=True, help="a model directory, or 'scripted'")
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--backend", default="piper", choices=BACKENDS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as `smp-ros eval --set`")
+    parser.add_argument("--out", type=Path, required=True)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f"--episodes: expected >= 1, got {args.episodes}")
+    try:
+        return body(args, parse_overrides(args.set) or None)
+    except ConfigError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+
+
 def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ConfigError(f"--episodes: expected >= 1, got {args.episodes}")
