@@ -212,3 +212,78 @@ def test_cli_drops_failed_episodes_and_refuses_to_overwrite(tmp_path, capsys):
                  "--backend", "direct", "--episode-steps", "3"]) == 0
     assert not any(only.iterdir())  # 3 steps are too short to succeed: every episode is dropped
     assert "dropped 2 failed episode(s)" in capsys.readouterr().out
+
+
+class _Constant:
+    """An expert that always asks for the same targets: the noise alone moves the executed ones."""
+    phase = "hold"
+    arm_phases = {"left": "hold", "right": "hold"}
+
+    def __init__(self, target):
+        self.value = np.asarray(target, dtype=float)
+
+    def reset(self, task):
+        pass
+
+    def act(self, obs):
+        return self.value
+
+
+def test_execution_noise_is_the_ornstein_uhlenbeck_process_it_claims():
+    # Independent reference: the OU process dn = -n/tau dt + sigma sqrt(2/tau) dW has stationary
+    # standard deviation sigma and autocorrelation exp(-lag/tau), whatever the step used to simulate it.
+    noise, dt = demos.ActionNoise(sigma_rad=0.05, tau_s=0.4), 0.05
+    target = np.linspace(-0.5, 0.5, 14)
+    runs = []
+    for seed in range(40):
+        noisy = demos.NoisyExecution(_Constant(target), noise, dt, seed)
+        noisy.reset("pen_cap")
+        steps = np.array([noisy.act(None) for _ in range(400)])
+        np.testing.assert_array_equal(noisy.target, target)  # the label is the expert's own target
+        np.testing.assert_array_equal(steps[:, [6, 13]], np.tile(target[[6, 13]], (400, 1)))  # grippers: none
+        runs.append(steps[:, demos.NoisyExecution.JOINTS] - target[demos.NoisyExecution.JOINTS])
+    offsets = np.stack(runs)  # (seed, step, joint)
+    assert offsets.std() == pytest.approx(0.05, rel=0.05)
+    assert offsets[:, 0].std() == pytest.approx(0.05, rel=0.2)  # stationary from the first step
+    for lag in (1, 4, 8):
+        corr = np.mean(offsets[:, :-lag] * offsets[:, lag:]) / np.mean(offsets ** 2)
+        assert corr == pytest.approx(np.exp(-lag * dt / 0.4), abs=0.03)
+    again = demos.NoisyExecution(_Constant(target), noise, dt, 1)
+    again.reset("pen_cap")
+    joints = demos.NoisyExecution.JOINTS
+    np.testing.assert_array_equal(again.act(None)[joints] - target[joints], runs[1][0])  # seeded per episode
+    assert not np.allclose(runs[0][0], runs[1][0])
+
+
+def test_noisy_demonstration_records_the_experts_targets_while_the_arms_wander(tmp_path):
+    steps = 30  # 1.5 s of the first approach: no contact, so the expert's plan cannot depend on the noise
+    cfg = replace(SimConfig(), episode_steps=steps)
+    recorded = {}
+    for sigma in (0.0, 0.03):
+        bag = tmp_path / f"sigma_{sigma}"
+        with world_mod.BimanualWorld(cfg, "pen_cap", seed=5) as world:
+            demos.record_episode(world, 5, bag, backend="direct", render=False, start_ns=START_NS,
+                                 noise=demos.ActionNoise(sigma_rad=sigma))
+        msgs, _ = read_all(bag)
+        recorded[sigma] = ({t: np.array([m[3].position for m in msgs[t]]) for t in JOINT_TOPICS + CMD_TOPICS},
+                           json.loads((bag / "smp_episode.json").read_text()))
+    (clean, clean_info), (noisy, noisy_info) = recorded[0.0], recorded[0.03]
+    assert clean_info["action_noise"]["sigma_rad"] == 0.0 and noisy_info["action_noise"] == {"sigma_rad": 0.03,
+                                                                                           "tau_s": 0.5}
+    for cmd, states in zip(CMD_TOPICS, JOINT_TOPICS):
+        np.testing.assert_allclose(noisy[cmd], clean[cmd], atol=1e-9)  # the labels: the expert's targets
+        n = min(len(clean[states]), len(noisy[states]))
+        apart = noisy[states][n // 4:n, :6] - clean[states][n // 4:n, :6]
+        assert 0.01 < apart.std() < 0.06  # the arms executed the offsets (sigma 0.03, through the servo lag)
+    assert np.ptp(clean["/left/joint_cmd"][:, :6], axis=0).max() > 0.05  # the left arm's approach has begun
+
+
+def test_cli_refuses_bad_noise_naming_the_option(tmp_path, capsys):
+    from smp_ros.cli import main
+    base = ["sim-demos", "--task", "pen_cap", "--episodes", "1", "--out", str(tmp_path / "d"), "--backend", "direct",
+            "--episode-steps", "2", "--no-render"]
+    assert main(base + ["--action-noise", "-0.1"]) == 2
+    assert "--action-noise" in capsys.readouterr().err
+    assert main(base + ["--action-noise", "0.02", "--noise-tau-s", "0"]) == 2
+    assert "--noise-tau-s" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -10,6 +10,15 @@ them back through piper_sdk from the emulated arms), and the task name once at t
 bag's files, ``smp_episode.json`` holds the seed, success, progress and per-step phase labels (for
 diagnostics; training never reads it).
 
+With ``--action-noise SIGMA`` the arms execute the expert's joint targets plus a slowly varying offset
+(per joint, an Ornstein-Uhlenbeck process of stationary standard deviation SIGMA rad and correlation
+time ``--noise-tau-s``, the DART recipe of Laskey et al., 2017), while the command topics hold the
+expert's own targets. The cameras and joint states then show arms off the one path per phase, labelled
+with the motion that leads back onto it: what a learned policy meets in closed loop, where its own
+small errors move the arms off the demonstrated path. The grippers get no noise. The expert plans from
+its commanded poses and the objects, never from the arms' measured joints, so its targets are the
+same motion it would command without noise.
+
 An episode ends ``--settle-s`` after the task first succeeds, or after ``sim.episode_steps``
 control steps. With ``--only-success`` (the default) the bags of failed episodes are deleted after
 recording, so the output holds training-ready demonstrations only.
@@ -20,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +38,7 @@ from tqdm import tqdm
 from smp_ros.config import ARMS, TASKS, ConfigError, SimConfig
 from smp_ros.sim.evaluate import BACKENDS, EpisodeResult, run_episode
 from smp_ros.data.bag_format import STORAGES, verify_bag
+from smp_ros.sim import scene
 from smp_ros.sim.recorder import BagRecorder
 
 EPISODE_FILE = "smp_episode.json"
@@ -60,16 +70,80 @@ class _JointStateLog:
             self._last_stamp[side] = obs.stamp
 
 
+@dataclass(frozen=True)
+class ActionNoise:
+    """Noise added to the executed joint targets: per joint an Ornstein-Uhlenbeck offset with stationary
+    standard deviation ``sigma_rad`` and correlation time ``tau_s`` (``sigma_rad = 0``: none)."""
+
+    sigma_rad: float = 0.0
+    tau_s: float = 0.5
+
+    def __post_init__(self):
+        if not (np.isfinite(self.sigma_rad) and 0.0 <= self.sigma_rad <= 0.3):
+            raise ConfigError(f"--action-noise: expected a joint offset in [0, 0.3] rad, got {self.sigma_rad}")
+        if not (np.isfinite(self.tau_s) and self.tau_s > 0.0):
+            raise ConfigError(f"--noise-tau-s: expected a correlation time > 0 s, got {self.tau_s}")
+
+
+class NoisyExecution:
+    """Wraps an expert: ``act`` returns its targets plus the noise of ``ActionNoise`` on the 12 joints;
+    ``target`` keeps the expert's own (14,) targets of the last step, the demonstration's label.
+
+    The offset starts from its stationary distribution (the arms leave the start pose at once) and
+    follows the exact discretisation of dn = -n/tau dt + sigma sqrt(2/tau) dW at the control period."""
+
+    JOINTS = np.r_[0:6, 7:13]
+
+    def __init__(self, expert, noise: ActionNoise, dt: float, seed: int):
+        self.expert, self.noise, self.dt, self.seed = expert, noise, dt, seed
+        self.decay = float(np.exp(-dt / noise.tau_s))
+        self.target = np.zeros(14)
+        self.offset = np.zeros(len(self.JOINTS))
+
+    @property
+    def phase(self) -> str:
+        return self.expert.phase
+
+    @property
+    def arm_phases(self) -> dict[str, str]:
+        return self.expert.arm_phases
+
+    def reset(self, task: str) -> None:
+        self.expert.reset(task)
+        self.rng = np.random.default_rng([self.seed, 11])
+        self.offset = self.noise.sigma_rad * self.rng.standard_normal(len(self.JOINTS))
+
+    def act(self, obs) -> np.ndarray:
+        self.target = np.asarray(self.expert.act(obs), dtype=float)
+        executed = self.target.copy()
+        executed[self.JOINTS] += self.offset
+        self.offset = (self.decay * self.offset + self.noise.sigma_rad * np.sqrt(1.0 - self.decay ** 2)
+                       * self.rng.standard_normal(len(self.JOINTS)))
+        return executed
+
+
+def _within_limits(world, action: np.ndarray) -> np.ndarray:
+    """``action`` clipped to each arm's joint limits and gripper stroke, as the arms clip what they get."""
+    out = np.array(action, dtype=float)
+    for k, side in enumerate(ARMS):
+        out[7 * k:7 * k + 6] = np.clip(out[7 * k:7 * k + 6], *world.arms[side].limits)
+        out[7 * k + 6] = float(np.clip(out[7 * k + 6], 0.0, scene.GRIPPER_MAX))
+    return out
+
+
 def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper", storage: str = "mcap",
-                   settle_s: float = 1.0, start_ns: int | None = None, render: bool = True) -> EpisodeResult:
+                   settle_s: float = 1.0, start_ns: int | None = None, render: bool = True,
+                   noise: ActionNoise = ActionNoise()) -> EpisodeResult:
     """Run the scripted expert for one episode of ``world`` and write it as the bag directory ``bag``.
 
     Object poses go on their topic at the camera rate (one message per control step, stamped with the
-    frame time); ``render=False`` records no camera topics (state-only demonstrations)."""
+    frame time); ``render=False`` records no camera topics (state-only demonstrations). With ``noise``
+    the arms execute noisy targets and the command topics hold the expert's (see the module's text)."""
     from smp_ros.sim.scripted import ScriptedExpert
 
     cfg = world.cfg
     expert = ScriptedExpert(world)
+    policy = NoisyExecution(expert, noise, 1.0 / cfg.control_rate_hz, seed) if noise.sigma_rad > 0 else expert
     arm_phases: dict[str, list[str]] = {side: [] for side in ARMS}
     bag = Path(bag)
     cameras = cfg.cameras if render else ()
@@ -85,12 +159,13 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
                 rec.image(cam, obs.time, img)
             rec.object_poses(obs.time, list(obs.objects), np.stack(list(obs.objects.values())))
             stages.append(world.stage())
+            command = sent if policy is expert else _within_limits(world, policy.target)
             for i, side in enumerate(ARMS):
-                rec.joint_cmd(side, obs.time, sent[7 * i:7 * i + 7])
+                rec.joint_cmd(side, obs.time, command[7 * i:7 * i + 7])
             for side, name in expert.arm_phases.items():
                 arm_phases[side].append(name)
 
-        result = run_episode(world, expert, seed, backend=backend, render=render, on_step=on_step,
+        result = run_episode(world, policy, seed, backend=backend, render=render, on_step=on_step,
                              on_feedback=joint_states, settle_s=settle_s)
         start = rec.start_ns
     info = {
@@ -100,6 +175,7 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
         "physics_dt": cfg.physics_dt, "steps": result.steps, "max_steps": cfg.episode_steps,
         "sim_time_s": result.sim_time, "wall_time_s": result.wall_time, "start_time_ns": start,
         "cameras": list(cfg.cameras), "image_size": list(cfg.image_size),
+        "action_noise": {"sigma_rad": noise.sigma_rad, "tau_s": noise.tau_s},
         "phases": {"expert": result.phases, **arm_phases},
         # The task stage reached when each control step's observation was taken (0 .. n_stages): the
         # phase a step belongs to, for per-phase expert usage in the diagnostics.
@@ -111,7 +187,8 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
 
 def record(tasks, episodes: int, out: str | Path, *, seed: int = 0, cfg: SimConfig | None = None,
            backend: str = "piper", storage: str = "mcap", only_success: bool = True, settle_s: float = 1.0,
-           verify: bool = True, progress: bool = True, render: bool = True) -> dict:
+           verify: bool = True, progress: bool = True, render: bool = True,
+           noise: ActionNoise = ActionNoise()) -> dict:
     """Record ``episodes`` bags per task under ``out``; returns a summary (kept / dropped bags per task)."""
     from smp_ros.sim.world import BimanualWorld
 
@@ -134,7 +211,7 @@ def record(tasks, episodes: int, out: str | Path, *, seed: int = 0, cfg: SimConf
                 for task_seed in (s for t, s in planned if t == task):
                     bag = out / bag_name(task, task_seed)
                     result = record_episode(world, task_seed, bag, backend=backend, storage=storage,
-                                            settle_s=settle_s, render=render)
+                                            settle_s=settle_s, render=render, noise=noise)
                     if verify:
                         verify_bag(bag)
                     if result.success or not only_success:
@@ -165,6 +242,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-render", action="store_true",
                         help="record no camera topics (state-only demonstrations: joint states, object poses, "
                              "commands, task); much faster")
+    parser.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+                        help="rad: the arms execute the expert's joint targets plus a correlated offset of this "
+                             "standard deviation while the bags record the expert's targets (DART; default 0)")
+    parser.add_argument("--noise-tau-s", type=float, default=0.5,
+                        help="correlation time of the --action-noise offset, seconds (default 0.5)")
     parser.add_argument("--episode-steps", type=int, default=None,
                         help=f"control steps at most per episode (default: sim.episode_steps = "
                              f"{SimConfig().episode_steps})")
@@ -178,11 +260,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, episode_steps=args.episode_steps)
     if args.settle_s < 0:
         raise ConfigError(f"--settle-s: expected >= 0, got {args.settle_s}")
+    noise = ActionNoise(args.action_noise, args.noise_tau_s)
     tasks = TASKS if args.task == "all" else (args.task,)
     try:
         summary = record(tasks, args.episodes, args.out, seed=args.seed, cfg=cfg, backend=args.backend,
                          storage=args.storage, only_success=args.only_success, settle_s=args.settle_s,
-                         render=not args.no_render)
+                         render=not args.no_render, noise=noise)
     except FileExistsError as exc:
         raise ConfigError(str(exc)) from None
     print(f"{'task':<14}{'kept':>6}{'dropped':>9}")
