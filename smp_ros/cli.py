@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("smp_ros.sim.evaluate", "run a policy closed-loop against the simulated arms and report success"),
     "train": ("smp_ros.train.cli", "train a model from rosbag2 demonstrations or a dataset cache"),
     "experiment": ("smp_ros.experiment", "train and evaluate SMP, Diffusion Policy and the ablations alike (resumable)"),
+    "compare": ("smp_ros.compare", "two policies' eval results paired episode by episode: rates, Wilson intervals, exact McNemar"),
     "diagnose": ("smp_ros.train.diagnose_cli", "write gate traces and skill diagnostics for a model on data"),
     "bench": ("smp_ros.runtime.bench", "latency benchmark of the inference engine against the dense baseline"),
     "train-bench": ("smp_ros.train.bench", "training throughput of a preset, float32 against bf16 autocast"),

@@ -7,8 +7,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "smp_ros"
 
 # part -> parts of smp_ros it must never import. A part is a subpackage (model, data, ...) or a top-level
-# module (cli, demo, ...). Entry points (cli, demo, experiment, install) sit above everything.
-ENTRY_POINTS = {"cli", "demo", "experiment", "install"}
+# module (cli, demo, ...). Entry points (cli, compare, demo, experiment, install) sit above everything.
+ENTRY_POINTS = {"cli", "compare", "demo", "experiment", "install"}
 FORBIDDEN = {
     # topics (the default topic names) is a leaf every part may use, config included.
     "topics": {"config", "ros_params", "model", "data", "train", "runtime", "hardware", "sim", "nodes",
