@@ -36,9 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from smp_ros.config import ARMS, TASKS, ConfigError, SimConfig
-from smp_ros.sim.evaluate import BACKENDS, EpisodeResult, run_episode
+from smp_ros.sim.evaluate import BACKENDS, EpisodeResult, run_episode, within_limits
 from smp_ros.data.bag_format import STORAGES, verify_bag
-from smp_ros.sim import scene
 from smp_ros.sim.recorder import BagRecorder
 
 EPISODE_FILE = "smp_episode.json"
@@ -95,7 +94,7 @@ class NoisyExecution:
     JOINTS = np.r_[0:6, 7:13]
 
     def __init__(self, expert, noise: ActionNoise, dt: float, seed: int):
-        self.expert, self.noise, self.dt, self.seed = expert, noise, dt, seed
+        self.expert, self.noise, self.seed = expert, noise, seed
         self.decay = float(np.exp(-dt / noise.tau_s))
         self.target = np.zeros(14)
         self.offset = np.zeros(len(self.JOINTS))
@@ -120,15 +119,6 @@ class NoisyExecution:
         self.offset = (self.decay * self.offset + self.noise.sigma_rad * np.sqrt(1.0 - self.decay ** 2)
                        * self.rng.standard_normal(len(self.JOINTS)))
         return executed
-
-
-def _within_limits(world, action: np.ndarray) -> np.ndarray:
-    """``action`` clipped to each arm's joint limits and gripper stroke, as the arms clip what they get."""
-    out = np.array(action, dtype=float)
-    for k, side in enumerate(ARMS):
-        out[7 * k:7 * k + 6] = np.clip(out[7 * k:7 * k + 6], *world.arms[side].limits)
-        out[7 * k + 6] = float(np.clip(out[7 * k + 6], 0.0, scene.GRIPPER_MAX))
-    return out
 
 
 def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper", storage: str = "mcap",
@@ -159,7 +149,7 @@ def record_episode(world, seed: int, bag: str | Path, *, backend: str = "piper",
                 rec.image(cam, obs.time, img)
             rec.object_poses(obs.time, list(obs.objects), np.stack(list(obs.objects.values())))
             stages.append(world.stage())
-            command = sent if policy is expert else _within_limits(world, policy.target)
+            command = sent if policy is expert else within_limits(world, policy.target)
             for i, side in enumerate(ARMS):
                 rec.joint_cmd(side, obs.time, command[7 * i:7 * i + 7])
             for side, name in expert.arm_phases.items():

@@ -31,6 +31,7 @@ from smp_ros.config import BACKENDS as INFERENCE_BACKENDS
 from smp_ros.hardware.arm import ArmObservation
 from smp_ros.results import HARNESS_BACKEND_NOTE, MEAN_PROGRESS, SUCCESS_RATE
 from smp_ros.runtime.observation import Observation
+from smp_ros.sim.scene import GRIPPER_MAX
 
 BACKENDS = ("piper", "direct")
 
@@ -49,6 +50,15 @@ class EpisodeResult:
     error: str = ""  # why the episode ended early and failed (the simulation went unstable), else ""
 
 
+def within_limits(world, action: np.ndarray) -> np.ndarray:
+    """A (14,) action clipped to each arm's joint limits and gripper stroke (what the simulated arms accept)."""
+    out = np.array(action, dtype=float)
+    for k, side in enumerate(ARMS):
+        out[7 * k:7 * k + 6] = np.clip(out[7 * k:7 * k + 6], *world.arms[side].limits)
+        out[7 * k + 6] = float(np.clip(out[7 * k + 6], 0.0, GRIPPER_MAX))
+    return out
+
+
 class DirectArms:
     """Setpoints straight into the plant (no CAN); readings straight from it."""
 
@@ -64,11 +74,9 @@ class DirectArms:
 
     def send(self, action: np.ndarray) -> np.ndarray:
         """Clip to the joint limits and gripper stroke, set the plant's setpoints; returns what was set."""
-        sent = np.array(action, dtype=float)
+        sent = within_limits(self.world, action)
         for k, side in enumerate(ARMS):
             arm = self.world.arms[side]
-            sent[7 * k:7 * k + 6] = np.clip(sent[7 * k:7 * k + 6], *arm.limits)
-            sent[7 * k + 6] = float(np.clip(sent[7 * k + 6], 0.0, 0.07))
             arm.set_joint_targets(sent[7 * k:7 * k + 6])
             arm.set_gripper_target(sent[7 * k + 6])
         return sent
