@@ -19,9 +19,8 @@ from math import comb
 from pathlib import Path
 
 from smp_ros.config import ConfigError
-from smp_ros.experiment import wilson_interval
 from smp_ros.report import Column, format_table, write_json
-from smp_ros.results import SUCCESS
+from smp_ros.results import SUCCESS, wilson_interval
 
 Key = tuple[int, str, int]  # (training seed group, task, episode seed)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -45,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from smp_ros.config import TASKS, ConfigError, SMPConfig, SimConfig
-from smp_ros.results import HARNESS_BACKEND_NOTE, MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value
+from smp_ros.results import (HARNESS_BACKEND_NOTE, MEAN_PROGRESS, SUCCESS_RATE, summarize, summary_value,
+                             wilson_interval)
 
 # method -> (method whose trained weights it uses, config changes for training, load-time overrides)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -87,16 +87,6 @@ def resolve(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         pass
     raise ConfigError(f"--methods: unknown {method!r}; expected one of {list(METHODS)}, tau<x> (0 < x <= 1), "
                      "top<k>, or one of these + _hold")
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion; (0, 1) for n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _set(plain: dict, dotted: str, value: Any) -> None:

@@ -8,11 +8,13 @@ Two levels, one name each, whichever command ran the episodes (``smp-ros eval``,
 
 Files written before the names agreed used ``progress`` for a summary's mean (bringup, demo,
 experiment) and ``success`` for a summary's rate (experiment); :func:`summary_value` still reads
-them. Imports nothing, so every part of the package may use it.
+them. :func:`wilson_interval` is the confidence interval every report gives a success rate. Imports nothing
+from the package, so every part of the package may use it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # One episode.
@@ -31,6 +33,16 @@ def summarize(episodes: list[dict[str, Any]]) -> dict[str, float]:
     n = max(len(episodes), 1)
     return {SUCCESS_RATE: sum(bool(e[SUCCESS]) for e in episodes) / n,
             MEAN_PROGRESS: sum(float(e[PROGRESS]) for e in episodes) / n}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion; (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summary_value(summary: dict[str, Any], key: str, where: str = "results") -> Any:

@@ -115,7 +115,8 @@ def test_closed_loop_refuses_observations_without_the_tracked_objects(bags, tmp_
 
 
 def test_experiment_runner_end_to_end_and_resume(bags, tmp_path):
-    from smp_ros.experiment import ExperimentSpec, method_config, run_experiment, wilson_interval
+    from smp_ros.experiment import ExperimentSpec, method_config, run_experiment
+    from smp_ros.results import wilson_interval
     from smp_ros.train.trainer import TrainRequest, load_config, train
 
     # Independent check of the interval: 0 of 10 -> [0, 0.278]; 5 of 10 -> [0.237, 0.763] (tabulated).

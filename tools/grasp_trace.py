@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _trace(args: argparse.Namespace, overrides: dict | None) -> int:
     from smp_ros.config import SimConfig
-    from smp_ros.sim.evaluate import make_policy, run_episode
+    from smp_ros.sim.evaluate import last_inference, make_policy, run_episode
     from smp_ros.sim.world import BimanualWorld
 
     episodes = {}
@@ -67,10 +67,10 @@ def _trace(args: argparse.Namespace, overrides: dict | None) -> int:
 
             def on_step(k, obs, action, sent, arms):
                 rows.append((float(sent[6]), float(world.progress()), int(world.data.eq_active[weld])))
-                step = getattr(policy, "last_step", None)
-                if step is not None and step.inferred and step.result is not None:
-                    calls.append({"step": k, "active": list(step.result.active),
-                                  "gate": np.round(step.result.gate.astype(float), 4).tolist()})
+                inference = last_inference(policy)
+                if inference is not None:
+                    calls.append({"step": k, "active": list(inference.active),
+                                  "gate": np.round(inference.gate.astype(float), 4).tolist()})
 
             result = run_episode(world, policy, seed, backend=args.backend, render=True, on_step=on_step)
             grip, progress, held = (np.array(c) for c in zip(*rows))

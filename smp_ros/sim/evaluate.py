@@ -310,6 +310,13 @@ def run_episode(world, policy, seed: int, *, backend: str = "piper", render: boo
                          world.time, time.perf_counter() - wall, phases, steps=len(phases), error=error)
 
 
+def last_inference(policy):
+    """The inference result behind ``policy``'s last command, or None when that command ran no inference
+    (a held or interpolated command, or a scripted policy)."""
+    step = getattr(policy, "last_step", None)
+    return step.result if step is not None and step.inferred else None
+
+
 class _InferenceLog:
     """Per episode, what a learned policy's inference calls chose: |S|, the argmax expert, latency."""
 
@@ -333,9 +340,9 @@ class _InferenceLog:
         self._previous = joints
         self.rate_limited.append(step is not None and "rate" in step.safety)
         self.driver_limited.append(bool(np.any(np.abs(np.r_[sent[0:6], sent[7:13]] - joints) > 1e-9)))
-        if step is None or not step.inferred or step.result is None:
+        r = last_inference(self.policy)
+        if r is None:
             return
-        r = step.result
         self.sizes.append(len(r.active))
         self.top.append(int(np.argmax(r.gate)))
         self.latency.append(float(r.timings["total"]))
