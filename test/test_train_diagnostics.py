@@ -106,7 +106,7 @@ def test_selection_energy_is_what_the_active_set_leaves_out_of_the_demonstrated_
     """Against an explicit reconstruction (no use of B's orthonormality): the demonstrated chunk a,
     its in-span part B B^T a, and the part the active set keeps, B (mask ⊙ B^T a)."""
     from smp_ros.data.dataset import WindowDataset, to_tensors
-    from smp_ros.train.diagnostics import selection_energy
+    from smp_ros.train.diagnostics import episode_trace, selection_energy
 
     _, cfg, cache, policy = setup
     m = cfg.model
@@ -133,8 +133,27 @@ def test_selection_energy_is_what_the_active_set_leaves_out_of_the_demonstrated_
         assert np.allclose(selection_mse, lost / (a.shape[1] * a.shape[2]), rtol=1e-4, atol=1e-7)
         assert np.allclose(dropped, lost / (in_span ** 2).sum((1, 2)), rtol=1e-4, atol=1e-6)
         assert (dropped >= 0).all() and (dropped <= 1 + 1e-6).all() and dropped.max() > 1e-3  # some left out
+        # the coverage rule applied to the demonstrated energy per direction instead of the gates
+        energy = (u ** 2).sum(1)
+        oracle = [next(j + 1 for j in range(energy.shape[1])
+                       if np.sort(energy[t])[::-1][:j + 1].sum() >= m.selection.tau_m * energy[t].sum() - 1e-9)
+                  for t in range(len(energy))]
+        trace = episode_trace(policy, cache, e)
+        np.testing.assert_array_equal(trace["energy_active"], oracle)
+        # the same on the chunk's motion (a minus its mean over h), and the share of the pose held over it
+        motion = a - a.mean(1, keepdims=True)
+        motion_energy = (np.einsum("thd,tdk->thk", motion, B) ** 2).sum(1)
+        motion_oracle = [next(j + 1 for j in range(motion_energy.shape[1])
+                              if np.sort(motion_energy[t])[::-1][:j + 1].sum()
+                              >= m.selection.tau_m * motion_energy[t].sum() - 1e-9) for t in range(len(a))]
+        np.testing.assert_array_equal(trace["motion_energy_active"], motion_oracle)
+        constant = np.array([a.shape[1] * (a[t].mean(0) ** 2).sum() / (a[t] ** 2).sum() for t in range(len(a))])
+        np.testing.assert_allclose(trace["constant_share"], constant, rtol=1e-4)
     result = run_diagnostics(policy, cache, [0, 1], tmp_path, plots=False)
     assert 0 <= result["summary"]["dropped_energy"] <= 1
+    assert 1 <= result["summary"]["mean_energy_active"] <= m.num_experts
+    assert 1 <= result["summary"]["mean_motion_energy_active"] <= m.num_experts
+    assert 0 < result["summary"]["mean_constant_share"] <= 1
     assert set(result["usage_per_task"]["pen_cap"]) >= {"dropped_energy", "selection_mse"}
 
 
@@ -331,3 +350,14 @@ def test_error_along_basis_by_rank_against_a_per_window_loop(setup, tmp_path):
     longer.set_normalizer(cache.stats)
     save_model(longer, other, tmp_path / "dp16")
     assert cli.main(argv[:-1] + [str(tmp_path / "dp16")]) == 2  # another horizon: a clear error, exit 2
+
+
+def test_energy_set_size_by_hand():
+    from smp_ros.train.diagnostics import energy_set_size
+
+    energy = np.array([[9.0, 1.0, 0.0, 0.0],    # 0.9 in one direction
+                       [1.0, 1.0, 1.0, 1.0],    # spread evenly
+                       [0.0, 0.0, 0.0, 0.0],    # nothing to cover: one direction
+                       [1.0, 3.0, 0.5, 0.5]])   # 0.6, 0.8, 0.9, 1.0 in order of size
+    np.testing.assert_array_equal(energy_set_size(energy, 0.9), [1, 4, 1, 3])
+    np.testing.assert_array_equal(energy_set_size(energy, 0.95), [2, 4, 1, 4])

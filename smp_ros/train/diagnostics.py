@@ -61,11 +61,18 @@ def episode_gates(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
 def episode_trace(policy: Any, cache: DatasetCache, episode: int, batch: int = 256,
                   energy: bool = True) -> dict[str, np.ndarray]:
     """One pass over the control steps of a cache episode: ``gates`` (T, K) router means, ``active`` (T, K)
-    bool active sets and, with ``energy``, ``dropped`` and ``selection_mse`` (T,) (``selection_energy``)."""
+    bool active sets and, with ``energy``, ``dropped`` and ``selection_mse`` (T,) (``selection_energy``) and
+    ``energy_active`` (T,): the size of the smallest set of basis directions that holds the share τ_m of the
+    demonstrated chunk's energy sum_h u_hi^2, the set the coverage rule would keep if its gates followed the
+    demonstration exactly (with z = u / g, g_i ∝ |u_i| minimises the reconstruction's variance term, and then
+    g_i^2 ∝ u_i^2: the coverage of ḡ^2 is a coverage of this energy); ``motion_energy_active`` (T,) the same
+    for the chunk's motion, a minus its mean over the chunk's steps; ``constant_share`` (T,) the share of the
+    chunk's energy sum_h |a_h|^2 that is its mean (H |mean_h a_h|^2), i.e. the pose held over the chunk."""
     m = policy.cfg
     cams = m.encoder.cameras if m.encoder.mode == "vision" else ()
     windows = WindowDataset(cache, [episode], m.obs_steps, m.horizon, cams, m.encoder.object_slots > 0)
-    parts: dict[str, list[np.ndarray]] = {"gates": [], "active": [], "dropped": [], "selection_mse": []}
+    parts: dict[str, list[np.ndarray]] = {"gates": [], "active": [], "dropped": [], "selection_mse": [],
+                                          "energy_active": [], "motion_energy_active": [], "constant_share": []}
     for lo in range(0, len(windows), batch):
         obs = {k: v.to(policy.device) for k, v in to_tensors(windows.batch(np.arange(lo, min(lo + batch, len(windows))))).items()}
         action = obs.pop("action")
@@ -80,7 +87,22 @@ def episode_trace(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
             left_out = (u2 * (~mask).unsqueeze(1)).sum((1, 2))
             parts["dropped"].append((left_out / u2.sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
             parts["selection_mse"].append((left_out / (a.shape[1] * a.shape[2])).cpu().numpy())
+            parts["energy_active"].append(energy_set_size(u2.sum(1).cpu().numpy(), m.selection.tau_m))
+            mean = a.mean(1, keepdim=True)
+            motion = ((a - mean) @ policy.skill_basis(s).float()).pow(2).sum(1)  # (b, K)
+            parts["motion_energy_active"].append(energy_set_size(motion.cpu().numpy(), m.selection.tau_m))
+            constant = mean.pow(2).sum((1, 2)) * a.shape[1]
+            parts["constant_share"].append((constant / a.pow(2).sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+def energy_set_size(energy: np.ndarray, tau: float) -> np.ndarray:
+    """Per row of ``energy`` (N, K) >= 0, the size of the smallest set of columns whose sum reaches ``tau``
+    times the row's total (the largest first); 1 for a row without energy."""
+    ordered = -np.sort(-energy, axis=1)
+    total = ordered.sum(1, keepdims=True)
+    share = np.where(total > 0, np.cumsum(ordered, axis=1) / np.where(total > 0, total, 1.0), 1.0)
+    return 1 + np.sum(share[:, :-1] < tau - 1e-9, axis=1)
 
 
 def read_phases(bag: str | Path, t0_ns: int) -> list[dict[str, Any]]:
@@ -126,11 +148,15 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
     K = policy.cfg.num_experts
     per_episode, all_flips, all_pairs, all_runs, all_sizes = [], 0, 0, [], []
     all_dropped, all_selection_mse = [], []
+    energy_keys = ("energy_active", "motion_energy_active", "constant_share")
+    energy_parts: dict[str, list[np.ndarray]] = {k: [] for k in energy_keys}
     usage: dict[str, dict[str, Any]] = {}
     for e in episodes:
         info = cache.episodes[e]
         trace = episode_trace(policy, cache, e)
         gates, active, dropped, selection_mse = (trace[k] for k in ("gates", "active", "dropped", "selection_mse"))
+        for k in energy_keys:
+            energy_parts[k].append(trace[k])
         top = gates.argmax(1)
         runs = segment_lengths(top)
         sizes = active.sum(1)
@@ -172,6 +198,9 @@ def run_diagnostics(policy: Any, cache: DatasetCache, episodes: list[int], out_d
         "mean_segment_steps": float(runs.mean()) if runs.size else 0.0,
         "mean_segment_s": float(runs.mean() / rate) if runs.size else 0.0,
         "mean_active": float(sizes.mean()) if sizes.size else 0.0,
+        # what the coverage rule would keep on the demonstrated chunk's energy and on its motion, and how much
+        # of that energy is the pose held over the chunk (episode_trace)
+        **{f"mean_{k}": float(np.concatenate(v).mean()) if v else 0.0 for k, v in energy_parts.items()},
         "tau_m": policy.cfg.selection.tau_m,
         "dropped_energy": float(np.concatenate(all_dropped).mean()) if all_dropped else 0.0,
         "selection_mse": float(np.concatenate(all_selection_mse).mean()) if all_selection_mse else 0.0,
