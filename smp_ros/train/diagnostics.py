@@ -83,13 +83,14 @@ def episode_trace(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
         parts["active"].append(mask.cpu().numpy())
         if energy:
             a = policy.chunk_target(action, obs["qpos"])  # (b, H, D), the model's action frame
-            u2 = (a @ policy.skill_basis(s).float()).pow(2)  # (b, H, K)
+            basis = policy.skill_basis(s).float()  # (b, D, K)
+            u2 = (a @ basis).pow(2)  # (b, H, K)
             left_out = (u2 * (~mask).unsqueeze(1)).sum((1, 2))
             parts["dropped"].append((left_out / u2.sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
             parts["selection_mse"].append((left_out / (a.shape[1] * a.shape[2])).cpu().numpy())
             parts["energy_active"].append(energy_set_size(u2.sum(1).cpu().numpy(), m.selection.tau_m))
             mean = a.mean(1, keepdim=True)
-            motion = ((a - mean) @ policy.skill_basis(s).float()).pow(2).sum(1)  # (b, K)
+            motion = ((a - mean) @ basis).pow(2).sum(1)  # (b, K)
             parts["motion_energy_active"].append(energy_set_size(motion.cpu().numpy(), m.selection.tau_m))
             constant = mean.pow(2).sum((1, 2)) * a.shape[1]
             parts["constant_share"].append((constant / a.pow(2).sum((1, 2)).clamp_min(1e-12)).cpu().numpy())
