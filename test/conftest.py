@@ -1,11 +1,23 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules, and one torch thread for every test.
 
-import pytest
-import torch
+The machines that run the tests are usually busy with other work, and OpenMP threads then stall on each
+other at every barrier (measured: test_train_diagnostics.py took 656 s with torch's default 2 threads beside
+three busy processes on 2 cores, 11 s with one). So one thread in this process and, through
+OMP_NUM_THREADS, in every process a test starts; a test that needs more sets them itself.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from smp_ros.config import ACTION_DIM, preset
 from smp_ros.model.checkpoint import save_model
 from smp_ros.model.policy import build_policy
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import torch
 from smp_ros.config import BasisConfig, preset
 from smp_ros.model.basis import SkillBasis, signed_qr
 
-torch.set_num_threads(1)
-
 
 def _cfg(kind="adaptive"):
     cfg = preset("tiny").model

@@ -10,7 +10,6 @@ from smp_ros.config import ConfigError, preset
 from smp_ros.model.checkpoint import CheckpointError, load_model, save_model
 from smp_ros.model.policy import SMPPolicy
 
-torch.set_num_threads(1)
 STATS = {"action": {"min": [-1.0 - 0.1 * i for i in range(14)], "max": [1.0 + 0.2 * i for i in range(14)]},
          "qpos": {"min": [-3.0] * 14, "max": [3.0] * 14}}
 
@@ -91,7 +90,6 @@ def test_runtime_overrides_allowed_shape_overrides_refused(saved):
         load_model(d, overrides={"model.num_experts": 2})
     with pytest.raises(ConfigError, match=r"model\.selection\.tau_m"):
         load_model(d, overrides={"model.selection.tau_m": 2.0})
-
 
 
 def _resign(d, name):

@@ -7,8 +7,6 @@ from torch import nn
 from smp_ros.config import preset
 from smp_ros.model.encoder import ObservationEncoder, ResNet18Backbone
 
-torch.set_num_threads(1)
-
 
 def test_width_64_is_torchvision_resnet18_with_groupnorm():
     ref = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(c // 16, c))

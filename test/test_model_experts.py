@@ -10,7 +10,6 @@ from torch import nn
 from smp_ros.model.experts import (StackedConv1d, StackedConvTranspose1d, StackedGroupNorm, StackedLinear,
                                    StackedUnet1D, sinusoidal_embedding)
 
-torch.set_num_threads(1)
 K = 8
 
 

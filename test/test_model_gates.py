@@ -9,8 +9,6 @@ from torch.distributions import Dirichlet, kl_divergence
 from smp_ros.config import GateConfig, preset
 from smp_ros.model.gates import DirichletGates, alpha0_at, dirichlet_kl, kappa_at, sharpen
 
-torch.set_num_threads(1)
-
 
 def test_dirichlet_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)

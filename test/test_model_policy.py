@@ -6,7 +6,6 @@ import torch
 from smp_ros.config import preset
 from smp_ros.model.policy import DensePolicy, SMPPolicy, build_policy
 
-torch.set_num_threads(1)
 D = 14
 STATS = {"action": {"min": [-1.0] * D, "max": [1.0] * D}, "qpos": {"min": [-3.0] * D, "max": [3.0] * D}}
 

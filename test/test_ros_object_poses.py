@@ -42,7 +42,6 @@ TOPIC = "/smp/object_poses"
 def pose_model(tmp_path_factory):
     """A tiny low-dimensional SMP that reads joint states + object poses + task."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     cfg = preset("tiny")
     cfg.model.horizon = 16  # chunks outlast slow inference on a busy machine
     cfg.model.encoder.object_slots = OBJECT_SLOTS

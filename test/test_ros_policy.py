@@ -42,7 +42,6 @@ NAMES = {arm: [f"{arm}_joint{i}" for i in range(1, 7)] + [f"{arm}_gripper"] for 
 def tiny_model(tmp_path_factory):
     """A tiny one-camera SMP, trained for a few dozen steps on actions near the home pose."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # the machine is shared; more threads only contend
     cfg = preset("tiny")
     cfg.model.horizon = 16  # 0.8 s of plan at 20 Hz: chunks outlast slow inference on a busy machine
     cfg.model.encoder = EncoderConfig(mode="vision", cameras=(CAMERA,), image_size=(32, 32), backbone_width=8,

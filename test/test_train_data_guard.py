@@ -36,7 +36,6 @@ def _req(bags, out, **kw):
 
 
 def test_new_bags_start_an_announced_new_run_and_unchanged_data_is_left_alone(tmp_path, cfg, capsys):
-    torch.set_num_threads(1)
     bags, out = tmp_path / "bags", tmp_path / "model"
     for i in range(3):
         _bag(bags, i)

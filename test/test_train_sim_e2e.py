@@ -15,7 +15,6 @@ from smp_ros.train.trainer import state_dir
 @pytest.mark.sim
 @pytest.mark.slow
 def test_sim_demos_train_diagnose(tmp_path):
-    torch.set_num_threads(1)
     demos = tmp_path / "demos"
     assert cli.main(["sim-demos", "--task", "pen_cap", "--episodes", "3", "--out", str(demos),
                      "--episode-steps", "40", "--no-only-success", "--backend", "direct"]) == 0

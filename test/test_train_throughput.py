@@ -41,15 +41,6 @@ def _cfg():
     return dataclasses.replace(base, model=model, data=data)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tests time nothing; one thread keeps them from stalling on a machine busy with other work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("throughput")

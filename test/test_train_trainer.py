@@ -41,7 +41,6 @@ def bags(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(bags, tmp_path_factory):
     """One tiny run shared by the tests below: 150 steps, losses recorded."""
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("model") / "base"
     logs: list[dict] = []
     cfg = load_config("tiny", steps=150)
