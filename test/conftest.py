@@ -3,7 +3,8 @@
 The machines that run the tests are usually busy with other work, and OpenMP threads then stall on each
 other at every barrier (measured: test_train_diagnostics.py took 656 s with torch's default 2 threads beside
 three busy processes on 2 cores, 11 s with one). So one thread in this process and, through
-OMP_NUM_THREADS, in every process a test starts; a test that needs more sets them itself.
+OMP_NUM_THREADS, in every process a test starts; a test that needs more sets them itself, and the next
+test starts on one again.
 """
 
 import os
@@ -18,6 +19,15 @@ from smp_ros.model.checkpoint import save_model
 from smp_ros.model.policy import build_policy
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts on one thread, whatever an earlier test left: an inference engine built with
+    runtime.threads = 0 takes all cores for the process (runtime/engine.py, configure_cpu_threads), and
+    in a full run the tests after it ran on two contending threads (with a training job beside the run, a
+    test that takes 4 s alone took 245 s)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
