@@ -2,6 +2,7 @@
 
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ _PUBLISHER = textwrap.dedent(
     qos = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
     pub = node.create_publisher(SkillState, "/smp/skill_state", qos)
     pub.publish(SkillState(gate=[0.75, 0.25], active_experts=[0], coverage=0.9, task="pour_beans", task_id=3))
+    print("published", flush=True)  # the test interrupts only after this line
     try:
         rclpy.spin(node)  # until the test interrupts it
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -93,9 +95,13 @@ def test_skill_state_crosses_processes():
     import rclpy
     from rclpy.qos import QoSDurabilityPolicy, QoSProfile
 
-    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER], env=dict(os.environ))
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER], env=dict(os.environ), stdout=subprocess.PIPE, text=True)
     rclpy.init()
     try:
+        # A SIGINT that lands while the publisher is still starting rclpy can leave it hung (measured once on a
+        # loaded machine: no exit 30 s after the signal), so it is sent only once the message is out.
+        ready, _, _ = select.select([proc.stdout], [], [], 60.0)
+        assert ready and proc.stdout.readline().strip() == "published", "the publisher process did not start"
         node = rclpy.create_node("skill_state_listener")
         got = []
         qos = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
@@ -108,7 +114,13 @@ def test_skill_state_crosses_processes():
     finally:
         rclpy.shutdown()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0, "the publisher process did not shut down cleanly"
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        proc.stdout.close()
+        assert code == 0, f"the publisher process did not shut down cleanly (exit {code})"
     assert got, "no SkillState arrived from the other process"
     assert list(got[0].gate) == [0.75, 0.25] and list(got[0].active_experts) == [0]
     assert got[0].task == "pour_beans" and got[0].task_id == 3
