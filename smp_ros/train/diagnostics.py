@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from smp_ros.config import ARM_JOINT_INDICES, ConfigError
+from smp_ros.config import ARM_JOINT_INDICES, ConfigError, SelectionConfig
 from smp_ros.model.gates import dirichlet_mean
+from smp_ros.model.selection import select_experts
 from smp_ros.data.cache import DatasetCache
 from smp_ros.data.dataset import WindowDataset, to_tensors
 from smp_ros.gate_trace_plot import plot_gate_trace
@@ -99,11 +100,11 @@ def episode_trace(policy: Any, cache: DatasetCache, episode: int, batch: int = 2
 
 def energy_set_size(energy: np.ndarray, tau: float) -> np.ndarray:
     """Per row of ``energy`` (N, K) >= 0, the size of the smallest set of columns whose sum reaches ``tau``
-    times the row's total (the largest first); 1 for a row without energy."""
-    ordered = -np.sort(-energy, axis=1)
-    total = ordered.sum(1, keepdims=True)
-    share = np.where(total > 0, np.cumsum(ordered, axis=1) / np.where(total > 0, total, 1.0), 1.0)
-    return 1 + np.sum(share[:, :-1] < tau - 1e-9, axis=1)
+    times the row's total (the largest first): the coverage rule of ``select_experts`` with the energy as the
+    mass, uncapped; 1 for a row without energy."""
+    rule = SelectionConfig(tau_m=tau, k=energy.shape[1], mass="linear")
+    active, _ = select_experts(torch.as_tensor(energy, dtype=torch.float64), rule)
+    return np.where(energy.sum(1) > 0, active.sum(-1).numpy(), 1)
 
 
 def read_phases(bag: str | Path, t0_ns: int) -> list[dict[str, Any]]:
