@@ -3,7 +3,6 @@
 import math
 import os
 import select
-import signal
 import subprocess
 import sys
 import textwrap
@@ -69,8 +68,10 @@ def test_skill_state_round_trips_through_cdr():
 
 _PUBLISHER = textwrap.dedent(
     """
+    import select
+    import sys
+
     import rclpy
-    from rclpy.executors import ExternalShutdownException
     from rclpy.qos import QoSDurabilityPolicy, QoSProfile
     from smp_ros.msg import SkillState
 
@@ -79,14 +80,12 @@ _PUBLISHER = textwrap.dedent(
     qos = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
     pub = node.create_publisher(SkillState, "/smp/skill_state", qos)
     pub.publish(SkillState(gate=[0.75, 0.25], active_experts=[0], coverage=0.9, task="pour_beans", task_id=3))
-    print("published", flush=True)  # the test interrupts only after this line
-    try:
-        rclpy.spin(node)  # until the test interrupts it
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    print("published", flush=True)
+    # Serve the late-joining subscriber until the test closes this process's stdin.
+    while not select.select([sys.stdin], [], [], 0.0)[0]:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    node.destroy_node()
+    rclpy.shutdown()
     """
 )
 
@@ -95,11 +94,12 @@ def test_skill_state_crosses_processes():
     import rclpy
     from rclpy.qos import QoSDurabilityPolicy, QoSProfile
 
-    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER], env=dict(os.environ), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER], env=dict(os.environ), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     rclpy.init()
     try:
-        # A SIGINT that lands while the publisher is still starting rclpy can leave it hung (measured once on a
-        # loaded machine: no exit 30 s after the signal), so it is sent only once the message is out.
+        # The publisher is stopped by closing its stdin, not by a signal: a SIGINT into rclpy.spin left it hung
+        # on a loaded machine (no exit 30 s after the signal, twice, once after the message was out).
         ready, _, _ = select.select([proc.stdout], [], [], 60.0)
         assert ready and proc.stdout.readline().strip() == "published", "the publisher process did not start"
         node = rclpy.create_node("skill_state_listener")
@@ -113,9 +113,9 @@ def test_skill_state_crosses_processes():
         node.destroy_node()
     finally:
         rclpy.shutdown()
-        proc.send_signal(signal.SIGINT)
+        proc.stdin.close()
         try:
-            code = proc.wait(timeout=30)
+            code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
